@@ -1,0 +1,16 @@
+"""Everything that speaks NATS: settings, connection, provisioning, the embedded server, the client."""
+
+from broker.client import MeshClient
+from broker.connection import Connection
+from broker.delivery import Delivery
+from broker.feed import PullFeed
+from broker.provision import ensure_buckets, ensure_consumer, ensure_stream, provision
+from broker.registry import Registry
+from broker.server import NatsServer
+from broker.settings import Settings
+
+__all__ = [
+    "Connection", "Delivery", "MeshClient", "NatsServer", "PullFeed", "Registry", "Settings",
+    "ensure_buckets", "ensure_consumer", "ensure_stream", "provision",
+]  # fmt: skip
+

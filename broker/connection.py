@@ -1,0 +1,86 @@
+"""Connect to NATS: one connection with its JetStream context, and the nats→MeshError boundary."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+
+from broker.settings import Settings
+from schemas.errors import MeshError, MeshUnavailable, Overloaded
+
+__all__ = ["Connection", "translate_error"]
+
+log = logging.getLogger(__name__)
+
+# JetStream API error codes that mean "the queue is full" rather than "something broke".
+_FULL_CODES = {10077, 10078, 10047, 10026}
+
+
+def translate_error(exc: BaseException, what: str) -> MeshError:
+    """Map a nats-py exception onto the servemesh error tree (the one place that knows both)."""
+    if isinstance(exc, MeshError):
+        return exc
+    if isinstance(exc, nats.js.errors.APIError):
+        if exc.err_code in _FULL_CODES:
+            return Overloaded(f"{what}: queue is full ({exc.description})", err_code=exc.err_code)
+        return MeshUnavailable(f"{what}: JetStream error {exc.code}/{exc.err_code}: {exc.description}")
+    if isinstance(exc, (nats.errors.TimeoutError, TimeoutError)):
+        return MeshUnavailable(f"{what}: NATS did not answer in time")
+    if isinstance(exc, (nats.errors.ConnectionClosedError, nats.errors.NoServersError, OSError)):
+        return MeshUnavailable(f"{what}: not connected to NATS ({exc})")
+    return MeshUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+
+
+@dataclass
+class Connection:
+    """A NATS connection; callbacks registered in ``on_reconnect`` run after every reconnect."""
+
+    nc: NatsClient
+    js: JetStreamContext
+    settings: Settings
+    on_reconnect: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    @classmethod
+    async def open(cls, settings: Settings, name: str = "servemesh") -> Connection:
+        holder: list[Connection] = []
+
+        async def reconnected() -> None:
+            log.info("reconnected to NATS at %s", nc.connected_url)
+            for callback in list(holder[0].on_reconnect) if holder else []:
+                await callback()
+
+        async def error_cb(exc: Exception) -> None:
+            log.warning("NATS connection error: %s", exc)
+
+        try:
+            nc = await nats.connect(
+                settings.nats_url,
+                name=name,
+                connect_timeout=settings.connect_timeout_s,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                reconnected_cb=reconnected,
+                error_cb=error_cb,
+                pending_size=64 * 1024 * 1024,
+            )
+        except Exception as exc:
+            raise translate_error(exc, f"connect to {settings.nats_url}") from exc
+        conn = cls(nc=nc, js=nc.jetstream(), settings=settings)
+        holder.append(conn)
+        return conn
+
+    async def close(self) -> None:
+        """Flush what is buffered and close; safe to call twice."""
+        if self.nc.is_closed:
+            return
+        try:
+            await self.nc.drain()
+        except Exception:  # a dead connection cannot drain; closing is all that is left
+            await self.nc.close()

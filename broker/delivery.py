@@ -1,0 +1,78 @@
+"""One request as a worker receives it: payload, headers, delivery count, and how to settle it."""
+
+from __future__ import annotations
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from schemas.subjects import HDR_DEADLINE, HDR_REPLY
+
+__all__ = ["Delivery"]
+
+_ACK = b"+ACK"
+_NAK = b"-NAK"
+_WPI = b"+WPI"
+_TERM = b"+TERM"
+
+
+class Delivery:
+    """A JetStream message on loan to a worker until it is acked, nak'ed or terminated.
+
+    Settling publishes on the ack subject without waiting for the server: replies go out
+    first, acks right after, both pipelined on the one connection.
+    """
+
+    __slots__ = ("_msg", "_nc", "deadline_ms", "num_delivered", "priority", "reply_to", "stored_ns")
+
+    def __init__(self, nc: NatsClient, msg: Msg, priority: str) -> None:
+        self._nc = nc
+        self._msg = msg
+        self.priority = priority
+        headers = msg.headers or {}
+        self.reply_to: str | None = headers.get(HDR_REPLY)
+        raw_deadline = headers.get(HDR_DEADLINE)
+        self.deadline_ms: int | None = int(raw_deadline) if raw_deadline and raw_deadline.isdigit() else None
+        self.num_delivered, self.stored_ns = _ack_metadata(msg.reply or "")
+
+    @property
+    def data(self) -> bytes:
+        return self._msg.data
+
+    @property
+    def subject(self) -> str:
+        return self._msg.subject
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self._msg.headers or {}
+
+    async def reply(self, payload: bytes) -> None:
+        if self.reply_to:
+            await self._nc.publish(self.reply_to, payload)
+
+    async def ack(self) -> None:
+        await self._settle(_ACK)
+
+    async def nak(self) -> None:
+        await self._settle(_NAK)
+
+    async def in_progress(self) -> None:
+        """Reset the server's ack timer for a request still being computed."""
+        await self._settle(_WPI)
+
+    async def term(self) -> None:
+        await self._settle(_TERM)
+
+    async def _settle(self, verb: bytes) -> None:
+        if self._msg.reply and not self._nc.is_closed:
+            await self._nc.publish(self._msg.reply, verb)
+
+
+def _ack_metadata(ack_subject: str) -> tuple[int, int]:
+    """(delivery count, stored-at ns) from ``$JS.ACK.[domain.hash.]stream.consumer.dlv.sseq.cseq.ts.pending``."""
+    tokens = ack_subject.split(".")
+    offset = 4 if len(tokens) == 9 else 6
+    try:
+        return int(tokens[offset]), int(tokens[offset + 3])
+    except (IndexError, ValueError):
+        return 1, 0

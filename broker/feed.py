@@ -1,0 +1,142 @@
+"""PullFeed: a continuous, credit-bounded pull from one durable consumer.
+
+The feed keeps at most ``window`` requests either asked for or held (received, not yet
+released by the worker), so a busy replica leaves the rest of the queue to its peers. Pull
+requests long-poll and expire; the server's 408 status tells how many of a request were never
+delivered, which keeps the count of outstanding credit exact without a round trip per pull.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from broker.connection import Connection
+from broker.delivery import Delivery
+
+__all__ = ["PullFeed"]
+
+log = logging.getLogger(__name__)
+
+_PENDING_HDR = "Nats-Pending-Messages"
+
+
+class PullFeed:
+    def __init__(
+        self,
+        conn: Connection,
+        stream: str,
+        consumer: str,
+        priority: str,
+        on_delivery: Callable[[Delivery], Awaitable[None]],
+        window: int,
+        expires_s: float = 2.0,
+    ) -> None:
+        self._conn = conn
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self.consumer = consumer
+        self.priority = priority
+        self._on_delivery = on_delivery
+        self.window = max(1, window)
+        self._expires_ns = int(expires_s * 1e9)
+        self._expires_s = expires_s
+        self.outstanding = 0  # asked for, not yet delivered or expired
+        self.held = 0  # delivered, not yet released
+        self._inbox = ""
+        self._sub: Subscription | None = None
+        self._stopping = False
+        self._last_heard = time.monotonic()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._retry_at = 0.0
+
+    async def start(self) -> None:
+        nc = self._conn.nc
+        self._inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        self._conn.on_reconnect.append(self._reset)
+        self._watchdog = asyncio.create_task(self._watch(), name=f"feed-watch-{self.consumer}")
+        await self._pull()
+
+    def release(self, count: int = 1) -> None:
+        """The worker finished with ``count`` deliveries: room for more."""
+        self.held -= count
+        if not self._stopping:
+            asyncio.ensure_future(self._pull())
+
+    async def _pull(self) -> None:
+        want = self.window - self.held - self.outstanding
+        # Top up in chunks once something is already asked for: fewer, larger pull requests.
+        if want <= 0 or self._stopping or (self.outstanding and want < self.window // 2):
+            return
+        if time.monotonic() < self._retry_at or self._conn.nc.is_closed:
+            return
+        self.outstanding += want
+        body = json.dumps({"batch": want, "expires": self._expires_ns}).encode()
+        try:
+            await self._conn.nc.publish(self._next_subject, body, reply=self._inbox)
+        except Exception as exc:  # disconnected: the reconnect hook asks again
+            self.outstanding -= want
+            log.debug("pull on %s failed: %s", self.consumer, exc)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._last_heard = time.monotonic()
+        headers = msg.headers
+        status = headers.get("Status") if headers else None
+        if status is None:
+            self.outstanding = max(0, self.outstanding - 1)
+            self.held += 1
+            delivery = Delivery(self._conn.nc, msg, self.priority)
+            if self._stopping:
+                # Asked for before the drain began: hand it straight back to the queue.
+                self.held -= 1
+                await delivery.nak()
+                return
+            await self._on_delivery(delivery)
+            return
+        if status == "100":  # idle heartbeat
+            return
+        pending = headers.get(_PENDING_HDR) if headers else None
+        if pending is not None:
+            self.outstanding = max(0, self.outstanding - int(pending))
+        else:
+            # 404/409 without a count: the request is gone as a whole; start afresh, not in a loop.
+            log.info("consumer %s answered %s %s", self.consumer, status, headers.get("Description", ""))
+            self.outstanding = 0
+            self._retry_at = time.monotonic() + 0.5
+        await self._pull()
+
+    async def _reset(self) -> None:
+        # Pull requests do not survive a reconnect.
+        self.outstanding = 0
+        self._retry_at = 0.0
+        await self._pull()
+
+    async def _watch(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(0.5)
+            silent = time.monotonic() - self._last_heard
+            if self.outstanding and silent > self._expires_s + 3.0:
+                log.info("pull requests on %s went unanswered; asking again", self.consumer)
+                self._last_heard = time.monotonic()
+                await self._reset()
+            else:
+                await self._pull()
+
+    async def stop(self) -> None:
+        """Ask for nothing more and wait until every open pull request has ended."""
+        self._stopping = True
+        deadline = time.monotonic() + self._expires_s + 1.0
+        while self.outstanding > 0 and time.monotonic() < deadline and not self._conn.nc.is_closed:
+            await asyncio.sleep(0.05)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._reset in self._conn.on_reconnect:
+            self._conn.on_reconnect.remove(self._reset)
+        if self._sub is not None and not self._conn.nc.is_closed:
+            await self._sub.unsubscribe()

@@ -1,0 +1,93 @@
+"""Idempotent provisioning of the inference stream, its per-subject consumers and KV buckets."""
+
+from __future__ import annotations
+
+import logging
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from broker.connection import Connection
+from broker.settings import Settings
+from schemas.subjects import BUCKET_MODELS, BUCKET_WORKERS, INFER_PREFIX, STREAM_INFER, consumer_name, infer_subject
+
+__all__ = ["HEARTBEAT_TTL_S", "ensure_buckets", "ensure_consumer", "ensure_stream", "provision"]
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_TTL_S = 10.0
+
+
+def _storage(settings: Settings) -> StorageType:
+    return StorageType.FILE if settings.storage == "file" else StorageType.MEMORY
+
+
+async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
+    """The work-queue stream of every inference subject, bounded per subject (full → 429)."""
+    config = StreamConfig(
+        name=STREAM_INFER,
+        subjects=[f"{INFER_PREFIX}.>"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=_storage(settings),
+        num_replicas=settings.replicas,
+        max_msgs_per_subject=settings.max_queue,
+        discard=DiscardPolicy.NEW,
+        discard_new_per_subject=True,
+        duplicate_window=120.0,
+    )
+    try:
+        info = await js.stream_info(STREAM_INFER)
+    except NotFoundError:
+        await js.add_stream(config)
+        log.info("created stream %s", STREAM_INFER)
+        return
+    if info.config.max_msgs_per_subject != settings.max_queue:
+        await js.update_stream(config)
+        log.info("updated stream %s (max_queue=%d)", STREAM_INFER, settings.max_queue)
+
+
+async def ensure_consumer(
+    js: JetStreamContext, model: str, version: str, priority: str, *, ack_wait_s: float, max_attempts: int
+) -> str:
+    """The durable pull consumer shared by all replicas of one subject; returns its name."""
+    name = consumer_name(model, version, priority)
+    config = ConsumerConfig(
+        durable_name=name,
+        filter_subject=infer_subject(model, version, priority),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_s,
+        # One delivery beyond max_attempts lets a worker answer "gave up" instead of the
+        # message sitting undeliverable in the work queue forever.
+        max_deliver=max_attempts + 1,
+        max_waiting=1024,
+        max_ack_pending=-1,
+    )
+    # Creating an existing durable with changed settings updates it in place.
+    await js.add_consumer(STREAM_INFER, config)
+    return name
+
+
+async def ensure_buckets(js: JetStreamContext, settings: Settings) -> None:
+    """The registry buckets; creating an existing bucket with the same config is a no-op."""
+    storage = _storage(settings)
+    await js.create_key_value(
+        KeyValueConfig(bucket=BUCKET_MODELS, history=5, storage=storage, replicas=settings.replicas)
+    )
+    await js.create_key_value(
+        KeyValueConfig(bucket=BUCKET_WORKERS, history=1, ttl=HEARTBEAT_TTL_S, storage=storage, replicas=settings.replicas)
+    )
+
+
+async def provision(conn: Connection) -> None:
+    """Create (or adopt) the stream and buckets a mesh needs; safe to run from every process."""
+    await ensure_stream(conn.js, conn.settings)
+    await ensure_buckets(conn.js, conn.settings)

@@ -1,0 +1,35 @@
+"""Settings of every servemesh process: a typed object, read from ``SERVEMESH_*`` only at entry points."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseModel):
+    nats_url: str = "nats://127.0.0.1:4222"
+    # Requests one model/version/priority subject may hold before publishes get 429.
+    max_queue: int = Field(default=10_000, ge=1)
+    # "file" survives a nats-server restart; "memory" is for throwaway meshes.
+    storage: str = Field(default="file", pattern="^(file|memory)$")
+    replicas: int = Field(default=1, ge=1, le=5)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> Settings:
+        return cls(nats_url=url, **overrides)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Read ``SERVEMESH_*`` variables; explicit overrides (e.g. CLI flags) win."""
+        values = _EnvSettings().model_dump()
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+class _EnvSettings(BaseSettings, Settings):
+    model_config = SettingsConfigDict(env_prefix="SERVEMESH_", extra="ignore")

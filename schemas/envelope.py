@@ -1,0 +1,84 @@
+"""Request and reply envelopes: small msgpack maps around tensors, checked cheaply by hand.
+
+Pydantic stays off this path on purpose: the envelope is decoded once per request on the
+worker and once per reply on the client, and its cost is part of every request's latency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from schemas.errors import BadInput, MeshError, ModelFailure, error_from_wire
+from schemas.tensors import decode_tensor, encode_tensor
+
+__all__ = ["Reply", "Timing", "decode_reply", "decode_request", "encode_error", "encode_outputs", "encode_request"]
+
+WIRE_VERSION = 1
+
+Tensors = dict[str, np.ndarray[Any, Any]]
+
+
+@dataclass(slots=True)
+class Timing:
+    """Where a request's time went, as the worker saw it (milliseconds)."""
+
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    batch_size: int = 0
+    worker: str = ""
+    attempt: int = 1
+
+
+@dataclass(slots=True)
+class Reply:
+    outputs: Tensors
+    timing: Timing
+
+
+def encode_request(inputs: dict[str, Any]) -> bytes:
+    if not isinstance(inputs, dict) or not inputs:
+        raise BadInput("inputs must be a non-empty mapping of name to array")
+    tensors = {str(name): encode_tensor(value) for name, value in inputs.items()}
+    return msgpack.packb({"v": WIRE_VERSION, "inputs": tensors})
+
+
+def decode_request(payload: bytes) -> Tensors:
+    """Decode a request body into named arrays, or raise BadInput naming what is wrong."""
+    try:
+        body = msgpack.unpackb(payload, raw=False)
+    except Exception as exc:  # msgpack raises many unrelated types for garbage
+        raise BadInput(f"malformed request payload: {exc}") from exc
+    if not isinstance(body, dict) or not isinstance(body.get("inputs"), dict):
+        raise BadInput("malformed request payload: expected a map with 'inputs'")
+    if body.get("v", WIRE_VERSION) != WIRE_VERSION:
+        raise BadInput(f"unsupported envelope version {body.get('v')!r}")
+    return {str(name): decode_tensor(obj, str(name)) for name, obj in body["inputs"].items()}
+
+
+def encode_outputs(outputs: dict[str, Any], timing: Timing) -> bytes:
+    tensors = {name: encode_tensor(value) for name, value in outputs.items()}
+    return msgpack.packb({"v": WIRE_VERSION, "outputs": tensors, "timing": asdict(timing)})
+
+
+def encode_error(error: MeshError, timing: Timing | None = None) -> bytes:
+    body: dict[str, Any] = {"v": WIRE_VERSION, "error": error.to_wire()}
+    if timing is not None:
+        body["timing"] = asdict(timing)
+    return msgpack.packb(body)
+
+
+def decode_reply(payload: bytes) -> Reply:
+    """Decode a reply; an error reply is raised as its typed MeshError."""
+    try:
+        body = msgpack.unpackb(payload, raw=False)
+        timing = Timing(**body.get("timing", {}))
+    except Exception as exc:
+        raise ModelFailure(f"unreadable reply from worker: {exc}") from exc
+    if "error" in body:
+        raise error_from_wire(body["error"])
+    outputs = {name: decode_tensor(obj, name) for name, obj in body.get("outputs", {}).items()}
+    return Reply(outputs, timing)

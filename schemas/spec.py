@@ -1,0 +1,92 @@
+"""ModelSpec: what a model is and how the mesh should serve it (stored in the registry)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from schemas.subjects import PRIORITIES, Priority, check_name
+from schemas.tensors import NUMERIC_DTYPES
+
+__all__ = ["ModelSpec", "TensorSpec", "VersionSpec"]
+
+_DTYPES = NUMERIC_DTYPES | {"bytes", "str"}
+
+
+class TensorSpec(BaseModel):
+    """One input or output. ``shape`` excludes the batch axis when the model batches; -1 = any."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...] = ()
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in _DTYPES:
+            raise ValueError(f"unknown dtype {value!r}; expected one of {sorted(_DTYPES)}")
+        return value
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d < -1 for d in value):
+            raise ValueError("dimensions are sizes >= 0, or -1 for any size")
+        return value
+
+
+class VersionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str
+    format: str = "onnx"
+    sha256: str | None = None
+    size: int | None = None
+    memory_mb: int | None = None
+
+
+class ModelSpec(BaseModel):
+    """A model with its versions, batching and serving limits (wire contract v1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec_version: Literal[1] = 1
+    name: str
+    versions: dict[str, VersionSpec] = Field(min_length=1)
+    default_version: str | None = None
+    max_batch_size: int = Field(default=0, ge=0, le=65536)
+    max_delay_ms: float = Field(default=2.0, ge=0)
+    inputs: list[TensorSpec] = []
+    outputs: list[TensorSpec] = []
+    priorities: list[Priority] = list(PRIORITIES)
+    max_attempts: int = Field(default=3, ge=1)
+    ack_wait_s: float = Field(default=30.0, gt=0)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    labels: dict[str, str] = {}
+    # Names of the classes a classifier's label output indexes, for people reading replies.
+    class_names: list[str] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        check_name(self.name)
+        for version in self.versions:
+            check_name(self.name, version)
+        if self.default_version is not None and self.default_version not in self.versions:
+            raise ValueError(f"default_version {self.default_version!r} is not among the versions")
+        return self
+
+    def resolve_version(self, version: str | None) -> str:
+        """The version a request goes to: the one asked for, else the default, else the newest."""
+        if version is not None:
+            return version
+        if self.default_version is not None:
+            return self.default_version
+        return max(self.versions, key=_version_key)
+
+
+def _version_key(version: str) -> tuple[int, int | str]:
+    return (1, int(version)) if version.isdigit() else (0, version)

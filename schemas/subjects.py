@@ -1,0 +1,55 @@
+"""Every NATS name servemesh uses: subjects, headers, stream, consumer and bucket names."""
+
+from __future__ import annotations
+
+import re
+from typing import Final, Literal
+
+__all__ = [
+    "BUCKET_MODELS", "BUCKET_WORKERS", "HDR_DEADLINE", "HDR_MSG_ID", "HDR_REPLY", "HDR_TRACEPARENT",
+    "HDR_TRACESTATE", "INFER_PREFIX", "PRIORITIES", "Priority", "STREAM_INFER",
+    "check_name", "consumer_name", "infer_subject", "parse_infer_subject",
+]  # fmt: skip
+
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: Final[tuple[Priority, ...]] = ("high", "normal", "low")
+
+STREAM_INFER: Final = "MESH_INFER"
+INFER_PREFIX: Final = "mesh.infer"
+BUCKET_MODELS: Final = "mesh-models"
+BUCKET_WORKERS: Final = "mesh-workers"
+
+HDR_MSG_ID: Final = "Nats-Msg-Id"
+HDR_REPLY: Final = "Mesh-Reply"
+HDR_DEADLINE: Final = "Mesh-Deadline"
+HDR_TRACEPARENT: Final = "traceparent"
+HDR_TRACESTATE: Final = "tracestate"
+
+# Versions carry no underscore, so a consumer name splits back into its parts unambiguously.
+_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+
+
+def check_name(model: str, version: str | None = None) -> None:
+    """Raise ValueError unless the model (and version) are valid subject tokens."""
+    if not _MODEL_RE.match(model):
+        raise ValueError(f"invalid model name {model!r}: use letters, digits, '_' and '-'")
+    if version is not None and not _VERSION_RE.match(version):
+        raise ValueError(f"invalid version {version!r}: use letters, digits and '-'")
+
+
+def infer_subject(model: str, version: str, priority: str) -> str:
+    return f"{INFER_PREFIX}.{model}.{version}.{priority}"
+
+
+def parse_infer_subject(subject: str) -> tuple[str, str, str]:
+    """``mesh.infer.<model>.<version>.<priority>`` → (model, version, priority)."""
+    parts = subject.split(".")
+    if len(parts) != 5 or ".".join(parts[:2]) != INFER_PREFIX:
+        raise ValueError(f"not an inference subject: {subject!r}")
+    return parts[2], parts[3], parts[4]
+
+
+def consumer_name(model: str, version: str, priority: str) -> str:
+    """The durable pull consumer shared by every replica serving this subject."""
+    return f"infer_{model}_{version}_{priority}"

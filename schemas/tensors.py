@@ -1,0 +1,89 @@
+"""Tensor codec: numpy arrays as msgpack maps of dtype, shape and raw little-endian bytes.
+
+Numeric and bool tensors decode zero-copy with ``np.frombuffer``; BYTES/str tensors travel as
+a flat list of items. Anything malformed raises :class:`schemas.errors.BadInput`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from schemas.errors import BadInput
+
+__all__ = ["NUMERIC_DTYPES", "decode_tensor", "encode_tensor", "dtype_name"]
+
+NUMERIC_DTYPES: frozenset[str] = frozenset(
+    {
+        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+        "float16", "float32", "float64", "complex64", "complex128",
+    }
+)  # fmt: skip
+_ITEM_DTYPES = frozenset({"bytes", "str"})
+
+
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """The wire name of a numpy dtype: ``float32``, ``bool``, ``bytes`` or ``str``."""
+    if dtype.kind == "U":
+        return "str"
+    if dtype.kind in ("S", "O"):
+        return "bytes"
+    return np.dtype(dtype).newbyteorder("=").name
+
+
+def encode_tensor(array: Any) -> dict[str, Any]:
+    arr = np.asarray(array)
+    if arr.dtype.kind == "U":
+        return {"dt": "str", "sh": list(arr.shape), "items": [str(x) for x in arr.reshape(-1)]}
+    if arr.dtype.kind in ("S", "O"):
+        return _encode_items(arr)
+    name = dtype_name(arr.dtype)
+    if name not in NUMERIC_DTYPES:
+        raise BadInput(f"dtype {arr.dtype} cannot be sent", dtype=str(arr.dtype))
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    arr = np.ascontiguousarray(arr)
+    # A uint8 view of the contiguous buffer packs as msgpack bin without a copy.
+    return {"dt": name, "sh": list(arr.shape), "b": memoryview(arr.reshape(-1).view(np.uint8))}
+
+
+def _encode_items(arr: np.ndarray[Any, Any]) -> dict[str, Any]:
+    items = list(arr.reshape(-1))
+    if all(isinstance(x, (bytes, np.bytes_)) for x in items):
+        return {"dt": "bytes", "sh": list(arr.shape), "items": [bytes(x) for x in items]}
+    if all(isinstance(x, (str, np.str_)) for x in items):
+        return {"dt": "str", "sh": list(arr.shape), "items": [str(x) for x in items]}
+    raise BadInput("object tensors must hold only bytes or only str items")
+
+
+def decode_tensor(obj: Any, name: str = "tensor") -> np.ndarray[Any, Any]:
+    """Rebuild an array from its wire form; numeric data is viewed in place, not copied."""
+    if not isinstance(obj, dict):
+        raise BadInput(f"{name}: a tensor must be a map of dt, sh and data", input=name)
+    dt, shape = obj.get("dt"), obj.get("sh")
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise BadInput(f"{name}: shape must be a list of non-negative integers", input=name)
+    count = math.prod(shape)
+    if dt in _ITEM_DTYPES:
+        items = obj.get("items")
+        if not isinstance(items, list) or len(items) != count:
+            raise BadInput(f"{name}: expected {count} items for shape {list(shape)}", input=name)
+        kind = str if dt == "str" else bytes
+        if not all(isinstance(x, kind) for x in items):
+            raise BadInput(f"{name}: every item of a {dt} tensor must be {dt}", input=name)
+        out = np.empty(count, dtype=object)
+        out[:] = items
+        return out.reshape(shape)
+    if dt not in NUMERIC_DTYPES:
+        raise BadInput(f"{name}: unknown dtype {dt!r}", input=name, dtype=str(dt))
+    data = obj.get("b")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BadInput(f"{name}: tensor data must be raw bytes", input=name)
+    dtype = np.dtype(dt).newbyteorder("<")
+    if len(data) != count * dtype.itemsize:
+        raise BadInput(
+            f"{name}: {len(data)} bytes do not fit dtype {dt} and shape {list(shape)}", input=name
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)

@@ -1,0 +1,252 @@
+"""ModelServer: serves one loaded model version — pulls its subjects, batches, computes, replies.
+
+Each request is checked alone on arrival (deadline, attempts, payload, signature) and answered
+with a typed error if it fails; only valid requests join a batch. Replies are published
+before acks; a batch that fails in the model is retried member by member, so one bad
+request never fails its batch-mates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from broker.connection import Connection
+from broker.delivery import Delivery
+from broker.feed import PullFeed
+from broker.provision import ensure_consumer
+from schemas.envelope import Timing, decode_request, encode_error, encode_outputs
+from schemas.errors import DeadlineExceeded, MeshError, ModelFailure
+from schemas.spec import ModelSpec
+from schemas.subjects import PRIORITIES, STREAM_INFER
+from workers.batcher import BatchQueue
+from workers.runtimes.base import Runtime, Tensors
+from workers.signature import Signature
+
+__all__ = ["ModelServer", "ServingStats"]
+
+log = logging.getLogger(__name__)
+
+_RANK = {p: i for i, p in enumerate(PRIORITIES)}
+
+
+@dataclass(slots=True)
+class _Request:
+    delivery: Delivery
+    inputs: Tensors
+    rows: int
+
+
+@dataclass
+class ServingStats:
+    """Counters a heartbeat carries, so operators and tests can see what a replica did."""
+
+    succeeded: int = 0
+    batches: int = 0
+    rows: int = 0
+    max_batch: int = 0
+    errors: Counter[int] = field(default_factory=Counter)
+    expired: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "succeeded": self.succeeded, "batches": self.batches, "rows": self.rows, "max_batch": self.max_batch,
+            "errors": {str(k): v for k, v in self.errors.items()}, "expired": self.expired,
+        }  # fmt: skip
+
+
+class ModelServer:
+    def __init__(
+        self, conn: Connection, spec: ModelSpec, version: str, runtime: Runtime, worker_id: str
+    ) -> None:
+        self._conn = conn
+        self.spec = spec
+        self.version = version
+        self.runtime = runtime
+        self.signature = Signature.of(spec, runtime)
+        self.worker_id = worker_id
+        self.stats = ServingStats()
+        max_rows = spec.max_batch_size if self.signature.batched else 1
+        self._queue: BatchQueue[_Request] = BatchQueue(max_rows, spec.max_delay_ms / 1000.0, levels=len(PRIORITIES))
+        self._feeds: dict[str, PullFeed] = {}
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{spec.name}")
+        self._loop_task: asyncio.Task[None] | None = None
+        self._draining = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.spec.name}:{self.version}"
+
+    async def start(self) -> None:
+        # Room for the batch being computed and the next one forming, and no more.
+        window = 2 * max(1, self.spec.max_batch_size)
+        for priority in self.spec.priorities:
+            name = await ensure_consumer(
+                self._conn.js, self.spec.name, self.version, priority,
+                ack_wait_s=self.spec.ack_wait_s, max_attempts=self.spec.max_attempts,
+            )  # fmt: skip
+            feed = PullFeed(self._conn, STREAM_INFER, name, priority, self._on_delivery, window)
+            self._feeds[priority] = feed
+        self._loop_task = asyncio.create_task(self._serve(), name=f"serve-{self.key}")
+        for feed in self._feeds.values():
+            await feed.start()
+        log.info("serving %s (batch ≤ %d, priorities %s)", self.key, self._queue.max_rows, ",".join(self._feeds))
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        now_wall_ms = time.time() * 1000
+        if delivery.deadline_ms is not None and delivery.deadline_ms <= now_wall_ms:
+            await self._expire(delivery)
+            return
+        if delivery.num_delivered > self.spec.max_attempts:
+            err = ModelFailure(
+                f"{self.key}: gave up after {self.spec.max_attempts} attempts", attempts=self.spec.max_attempts
+            )
+            await self._fail(delivery, err)
+            return
+        try:
+            inputs = decode_request(delivery.data)
+            rows = self.signature.validate(inputs)
+        except MeshError as err:
+            await self._fail(delivery, err)
+            return
+        deadline = None
+        if delivery.deadline_ms is not None:
+            deadline = time.monotonic() + (delivery.deadline_ms - now_wall_ms) / 1000.0
+        self._queue.put(_Request(delivery, inputs, rows), rows, _RANK[delivery.priority], time.monotonic(), deadline)
+        self._wake.set()
+
+    async def _serve(self) -> None:
+        while True:
+            due = self._queue.due_at()
+            if due is None:
+                if self._draining:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            wait = due - time.monotonic()
+            if wait > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                except TimeoutError:
+                    pass
+                continue
+            batch, expired = self._queue.take(time.monotonic())
+            for request in expired:
+                await self._expire(request.delivery)
+            if batch:
+                try:
+                    await self._run(batch)
+                except Exception:  # never let one batch end the serving loop
+                    log.exception("%s: batch of %d failed unexpectedly", self.key, len(batch))
+                    for request in batch:
+                        await self._fail(request.delivery, ModelFailure(f"{self.key}: internal error"))
+
+    async def _run(self, batch: list[_Request]) -> None:
+        loop = asyncio.get_running_loop()
+        started_ns = time.time_ns()
+        t0 = time.monotonic()
+        keepalive = asyncio.create_task(self._keep_alive(batch))
+        try:
+            results = await loop.run_in_executor(self._executor, self._compute, batch)
+        finally:
+            keepalive.cancel()
+        compute_ms = (time.monotonic() - t0) * 1000
+        rows = sum(r.rows for r in batch)
+        self.stats.batches += 1
+        self.stats.rows += rows
+        self.stats.max_batch = max(self.stats.max_batch, len(batch))
+        for request, result in zip(batch, results, strict=True):
+            queue_ms = max(0.0, (started_ns - request.delivery.stored_ns) / 1e6) if request.delivery.stored_ns else 0.0
+            timing = Timing(queue_ms, compute_ms, len(batch), self.worker_id, request.delivery.num_delivered)
+            if isinstance(result, MeshError):
+                self.stats.errors[result.status] += 1
+                await request.delivery.reply(encode_error(result, timing))
+            else:
+                self.stats.succeeded += 1
+                await request.delivery.reply(encode_outputs(result, timing))
+        for request in batch:
+            await request.delivery.ack()
+        self._release(batch)
+
+    def _compute(self, batch: list[_Request]) -> list[Tensors | MeshError]:
+        """Runs in the executor thread: the whole batch at once, else each member alone."""
+        if self.signature.batched and len(batch) > 1:
+            try:
+                return self._predict_batched(batch)
+            except Exception as exc:
+                log.warning("%s: batch of %d failed (%s); retrying members singly", self.key, len(batch), exc)
+        return [self._predict_one(r) for r in batch]
+
+    def _predict_batched(self, batch: list[_Request]) -> list[Tensors | MeshError]:
+        names = [t.name for t in self.signature.inputs]
+        merged = {name: np.concatenate([r.inputs[name] for r in batch]) for name in names}
+        outputs = self.runtime.predict(merged)
+        total = sum(r.rows for r in batch)
+        for name, value in outputs.items():
+            if value.ndim == 0 or value.shape[0] != total:
+                raise ModelFailure(f"output {name!r} has shape {list(value.shape)} for {total} input rows")
+        results: list[Tensors | MeshError] = []
+        offset = 0
+        for r in batch:
+            results.append({name: value[offset : offset + r.rows] for name, value in outputs.items()})
+            offset += r.rows
+        return results
+
+    def _predict_one(self, request: _Request) -> Tensors | MeshError:
+        try:
+            return self.runtime.predict(request.inputs)
+        except MeshError as err:
+            return err
+        except Exception as exc:
+            return ModelFailure(f"{self.key}: {type(exc).__name__}: {exc}", model=self.spec.name)
+
+    async def _keep_alive(self, batch: list[_Request]) -> None:
+        """Long batches tell the server they are still being worked on, so nothing is redelivered."""
+        interval = self.spec.ack_wait_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            for request in batch:
+                await request.delivery.in_progress()
+
+    async def _expire(self, delivery: Delivery) -> None:
+        self.stats.expired += 1
+        err = DeadlineExceeded(f"{self.key}: deadline passed while queued; not computed")
+        await delivery.reply(encode_error(err, Timing(worker=self.worker_id)))
+        await delivery.ack()
+        self._feeds[delivery.priority].release()
+
+    async def _fail(self, delivery: Delivery, err: MeshError) -> None:
+        self.stats.errors[err.status] += 1
+        await delivery.reply(encode_error(err, Timing(worker=self.worker_id, attempt=delivery.num_delivered)))
+        await delivery.ack()
+        self._feeds[delivery.priority].release()
+
+    def _release(self, batch: list[_Request]) -> None:
+        counts = Counter(r.delivery.priority for r in batch)
+        for priority, count in counts.items():
+            self._feeds[priority].release(count)
+
+    async def drain(self) -> None:
+        """Stop pulling, finish what was already taken, then free the runtime."""
+        self._draining = True
+        await asyncio.gather(*(feed.stop() for feed in self._feeds.values()))
+        self._wake.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        self._executor.shutdown(wait=True)
+        self.runtime.close()
+        log.info("drained %s", self.key)
+
+    def status(self) -> dict[str, Any]:
+        return {"model": self.spec.name, "version": self.version, "priorities": list(self._feeds),
+                "queued": len(self._queue), "stats": self.stats.as_dict()}  # fmt: skip
