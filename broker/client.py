@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from nats.aio.msg import Msg
+from nats.js.errors import BucketNotFoundError
 from nats.nuid import NUID
 
 from broker.connection import Connection, translate_error
@@ -30,9 +31,9 @@ _SPEC_TTL_S = 2.0
 
 
 class MeshClient:
-    def __init__(self, conn: Connection, registry: Registry) -> None:
+    def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        self._registry = registry
+        self._registry: Registry | None = None
         self._nuid = NUID()
         self._inbox = conn.nc.new_inbox()
         self._pending: dict[str, asyncio.Future[bytes]] = {}
@@ -42,12 +43,7 @@ class MeshClient:
     async def connect(cls, url: str | None = None, settings: Settings | None = None) -> MeshClient:
         settings = settings or Settings.from_url(url or Settings().nats_url)
         conn = await Connection.open(settings, name="servemesh-client")
-        try:
-            registry = await Registry.open(conn)
-        except Exception as exc:
-            await conn.close()
-            raise translate_error(exc, "open the model registry (is the mesh provisioned?)") from exc
-        client = cls(conn, registry)
+        client = cls(conn)
         await conn.nc.subscribe(f"{client._inbox}.*", cb=client._on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1)
         return client
 
@@ -122,7 +118,11 @@ class MeshClient:
         if cached is not None and now - cached[0] < _SPEC_TTL_S:
             return cached[1]
         try:
+            if self._registry is None:
+                self._registry = await Registry.open(self._conn)
             spec = await self._registry.get_spec(model)
+        except BucketNotFoundError:
+            raise UnknownModel(f"model {model!r}: no model registry on this NATS yet (is a worker running?)") from None
         except Exception as exc:
             raise translate_error(exc, f"look up model {model!r}") from exc
         if spec is None:
@@ -137,6 +137,8 @@ class MeshClient:
             future.set_result(msg.data)
 
     async def models(self) -> list[ModelSpec]:
+        if self._registry is None:
+            self._registry = await Registry.open(self._conn)
         return await self._registry.list_specs()
 
     async def close(self) -> None:

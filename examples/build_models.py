@@ -276,8 +276,14 @@ def build_identity_onnx(
     )
     _save_onnx(graph, repo, name, version)
     model_dir = Path(repo) / name
+    wire_dtype = "str" if dtype == "string" else dtype  # servemesh.yaml names ONNX strings "str"
     _write_config(
-        model_dir, "onnx", max_batch_size, max_delay_ms, [_spec("input", dtype, shape)], [_spec("output", dtype, shape)]
+        model_dir,
+        "onnx",
+        max_batch_size,
+        max_delay_ms,
+        [_spec("input", wire_dtype, shape)],
+        [_spec("output", wire_dtype, shape)],
     )
     return model_dir
 

@@ -51,6 +51,7 @@ class Worker:
         self._registry: Registry | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._started = time.time()
+        self.ready = False
 
     async def start(self) -> None:
         await provision(self.conn)
@@ -65,6 +66,8 @@ class Worker:
             self.failed[error.model] = error.reason
         for spec in specs:
             await self.serve(spec)
+        self.ready = True
+        await self.beat_now()
 
     async def serve(self, spec: ModelSpec, register: bool = True) -> None:
         assert self._registry is not None, "start() first"
@@ -87,7 +90,7 @@ class Worker:
 
     def status(self) -> dict[str, Any]:
         return {
-            "id": self.id, "pid": os.getpid(), "host": socket.gethostname(), "started": self._started,
+            "id": self.id, "pid": os.getpid(), "host": socket.gethostname(), "started": self._started, "ready": self.ready,
             "models": {key: server.status() for key, server in self.servers.items()}, "failed": self.failed,
         }  # fmt: skip
 

@@ -1,0 +1,138 @@
+"""The ``servemesh`` command: run the mesh's processes and send requests from a shell."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from broker.client import MeshClient
+from broker.server import NatsServer
+from broker.settings import Settings
+from schemas.errors import MeshError
+
+__all__ = ["main"]
+
+
+def _cmd_nats(args: argparse.Namespace) -> int:
+    with NatsServer(port=args.port, store_dir=args.store_dir) as server:
+        print(f"nats-server ready at {server.url} (JetStream data in {server.store_dir}); Ctrl-C stops it")
+        _wait_for_signal()
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from workers.process import run_worker
+
+    asyncio.run(run_worker(Settings.from_env(nats_url=args.nats), Path(args.models), args.id))
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from router.local import LocalMesh
+
+    state = Path(args.state_dir) if args.state_dir else None
+    mesh = LocalMesh(Path(args.models), workers=args.workers, port=args.port, state_dir=state)
+    asyncio.run(mesh.start())
+    try:
+        print(f"servemesh up: nats at {mesh.url}, {args.workers} worker(s) serving {args.models}")
+        print(f"logs in {mesh.log_dir}; try: servemesh infer MODEL --input NAME=FILE.npy --nats {mesh.url}")
+        _wait_for_signal()
+    finally:
+        mesh.stop()
+    return 0
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    inputs = {}
+    for item in args.input:
+        name, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--input takes NAME=FILE.npy, got {item!r}")
+        inputs[name] = np.load(path, allow_pickle=False)
+    try:
+        reply = asyncio.run(_infer(args, inputs))
+    except MeshError as err:
+        print(json.dumps(err.to_wire()) if args.json else f"error {err.status} ({err.code}): {err.message}")
+        return 1
+    if args.json:
+        outputs = {name: value.tolist() for name, value in reply.outputs.items()}
+        print(json.dumps({"outputs": outputs, "timing": _timing(reply)}))
+    else:
+        for name, value in reply.outputs.items():
+            print(f"{name} {value.dtype}{list(value.shape)}:\n{value}")
+        print("timing:", ", ".join(f"{k}={v}" for k, v in _timing(reply).items()))
+    return 0
+
+
+def _timing(reply: Any) -> dict[str, Any]:
+    t = reply.timing
+    return {"queue_ms": round(t.queue_ms, 3), "compute_ms": round(t.compute_ms, 3), "batch_size": t.batch_size,
+            "worker": t.worker, "attempt": t.attempt}  # fmt: skip
+
+
+async def _infer(args: argparse.Namespace, inputs: dict[str, np.ndarray[Any, Any]]) -> Any:
+    settings = Settings.from_env(nats_url=args.nats)
+    async with await MeshClient.connect(settings=settings) as client:
+        return await client.infer_reply(
+            args.model, inputs, version=args.version, priority=args.priority, timeout=args.timeout
+        )
+
+
+def _wait_for_signal() -> None:
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    while not received:
+        signal.pause()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="servemesh", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="embedded nats-server + workers on this machine, until Ctrl-C")
+    up.add_argument("--models", required=True, help="model repository directory")
+    up.add_argument("--workers", type=int, default=1)
+    up.add_argument("--port", type=int, default=4222, help="nats port (-1: any free port)")
+    up.add_argument("--state-dir", help="keep JetStream data and logs here (default: a temp dir)")
+    up.set_defaults(run=_cmd_up)
+
+    nats_cmd = sub.add_parser("nats", help="run the embedded nats-server alone")
+    nats_cmd.add_argument("--port", type=int, default=4222)
+    nats_cmd.add_argument("--store-dir")
+    nats_cmd.set_defaults(run=_cmd_nats)
+
+    worker = sub.add_parser("worker", help="serve every model of a repository")
+    worker.add_argument("--models", required=True)
+    worker.add_argument("--id", help="stable worker id (default: host-pid)")
+    worker.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
+    worker.set_defaults(run=_cmd_worker)
+
+    infer = sub.add_parser("infer", help="send one request and print the outputs")
+    infer.add_argument("model")
+    infer.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", required=True)
+    infer.add_argument("--version")
+    infer.add_argument("--priority", default="normal", choices=["high", "normal", "low"])
+    infer.add_argument("--timeout", type=float, default=5.0)
+    infer.add_argument("--json", action="store_true", help="machine-readable output")
+    infer.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
+    infer.set_defaults(run=_cmd_infer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    result: int = args.run(args)
+    return result
