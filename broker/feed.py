@@ -129,14 +129,17 @@ class PullFeed:
                 await self._pull()
 
     async def stop(self) -> None:
-        """Ask for nothing more and wait until every open pull request has ended."""
+        """Ask for nothing more. Dropping the inbox's interest ends our open pull requests on the
+        server; draining the subscription hands back (nak) whatever was already on its way."""
         self._stopping = True
-        deadline = time.monotonic() + self._expires_s + 1.0
-        while self.outstanding > 0 and time.monotonic() < deadline and not self._conn.nc.is_closed:
-            await asyncio.sleep(0.05)
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._reset in self._conn.on_reconnect:
             self._conn.on_reconnect.remove(self._reset)
-        if self._sub is not None and not self._conn.nc.is_closed:
-            await self._sub.unsubscribe()
+        nc = self._conn.nc
+        if self._sub is not None and not (nc.is_closed or nc.is_draining):
+            try:
+                await self._sub.drain()
+            except Exception as exc:  # connection lost meanwhile: the server forgets the pulls anyway
+                log.info("draining feed %s: %s", self.consumer, exc)
+        self.outstanding = 0

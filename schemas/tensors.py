@@ -44,9 +44,10 @@ def encode_tensor(array: Any) -> dict[str, Any]:
         raise BadInput(f"dtype {arr.dtype} cannot be sent", dtype=str(arr.dtype))
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    arr = np.ascontiguousarray(arr)
+    shape = list(arr.shape)  # taken first: ascontiguousarray turns a 0-d array into 1-d
+    flat = np.ascontiguousarray(arr).reshape(-1)
     # A uint8 view of the contiguous buffer packs as msgpack bin without a copy.
-    return {"dt": name, "sh": list(arr.shape), "b": memoryview(arr.reshape(-1).view(np.uint8))}
+    return {"dt": name, "sh": shape, "b": memoryview(flat.view(np.uint8))}
 
 
 def _encode_items(arr: np.ndarray[Any, Any]) -> dict[str, Any]:
@@ -75,7 +76,7 @@ def decode_tensor(obj: Any, name: str = "tensor") -> np.ndarray[Any, Any]:
             raise BadInput(f"{name}: every item of a {dt} tensor must be {dt}", input=name)
         out = np.empty(count, dtype=object)
         out[:] = items
-        return out.reshape(shape)
+        return out.reshape(tuple(shape))
     if dt not in NUMERIC_DTYPES:
         raise BadInput(f"{name}: unknown dtype {dt!r}", input=name, dtype=str(dt))
     data = obj.get("b")
@@ -86,4 +87,4 @@ def decode_tensor(obj: Any, name: str = "tensor") -> np.ndarray[Any, Any]:
         raise BadInput(
             f"{name}: {len(data)} bytes do not fit dtype {dt} and shape {list(shape)}", input=name
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(shape))

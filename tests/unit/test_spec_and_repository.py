@@ -1,0 +1,52 @@
+"""ModelSpec rules, subject names, and reading a model repository from disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from examples.build_models import build_identity_onnx
+from schemas.spec import ModelSpec, VersionSpec
+from schemas.subjects import check_name, consumer_name, infer_subject, parse_infer_subject
+from workers.repository import read_repository
+
+
+def test_version_resolution_prefers_explicit_then_default_then_newest() -> None:
+    versions = {v: VersionSpec(uri=f"file:///{v}") for v in ("1", "2", "10")}
+    spec = ModelSpec(name="m", versions=versions)
+    assert spec.resolve_version(None) == "10"
+    assert spec.resolve_version("2") == "2"
+    assert ModelSpec(name="m", versions=versions, default_version="2").resolve_version(None) == "2"
+    with pytest.raises(ValidationError):
+        ModelSpec(name="m", versions=versions, default_version="3")
+
+
+@pytest.mark.parametrize("bad", ["", "a.b", "a b", "a*", ">", "-lead"])
+def test_invalid_model_names_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        check_name(bad)
+
+
+def test_subjects_and_consumer_names_round_trip() -> None:
+    subject = infer_subject("my_model", "3", "high")
+    assert subject == "mesh.infer.my_model.3.high"
+    assert parse_infer_subject(subject) == ("my_model", "3", "high")
+    assert consumer_name("a_b", "1", "low") == "infer_a_b_1_low"
+    # consumer_name("a", "b_1", ...) would collide with it, which is why versions refuse "_".
+    with pytest.raises(ValueError):
+        check_name("a", "b_1")
+
+
+def test_repository_reads_good_models_and_reports_broken_ones(tmp_path: Path) -> None:
+    build_identity_onnx(tmp_path, "good", "int32", shape=(2,))
+    (tmp_path / "empty" / "1").mkdir(parents=True)
+    build_identity_onnx(tmp_path, "badconfig", "float32")
+    (tmp_path / "badconfig" / "servemesh.yaml").write_text("max_batch_size: -3\n")
+    specs, errors = read_repository(tmp_path)
+    assert [s.name for s in specs] == ["good"]
+    good = specs[0]
+    assert good.versions["1"].format == "onnx" and good.versions["1"].sha256 and good.max_batch_size == 64
+    assert good.inputs[0].dtype == "int32" and good.inputs[0].shape == (2,)
+    assert sorted(e.model for e in errors) == ["badconfig", "empty"]
