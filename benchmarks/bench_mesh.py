@@ -239,7 +239,7 @@ def direct_row(session: ort.InferenceSession, batch: int, opts: Options, meter: 
     runs_per_s = len(latencies) / (time.perf_counter() - start)
     p50, p99 = percentile_ms(latencies, 50), percentile_ms(latencies, 99)
     row = Row("direct onnxruntime mlp", batch, len(latencies), runs_per_s, runs_per_s * batch, p50, p99, float(batch))
-    row.cpu, row.compute_ms = meter.stop(), p50
+    row.cpu = meter.stop()
     _print_row(row)
     return row
 
@@ -322,49 +322,67 @@ async def _wait_worker(registry: Registry, proc: subprocess.Popen[bytes], timeou
     return beat
 
 
-async def measure_mesh(url: str, mlp_path: Path, pid: int, opts: Options, report: Report) -> None:
+@dataclass(frozen=True, slots=True)
+class Pids:
+    """The processes whose CPU each row reports: this load generator, nats-server, the echo and the worker."""
+
+    client: int
+    nats: int
+    echo: int
+    worker: int
+
+    def meter(self, server: int | None) -> CpuMeter:
+        pids = {"client": self.client, "nats": self.nats}
+        return CpuMeter(pids | {"server": server} if server is not None else pids)
+
+
+async def measure_mesh(url: str, mlp_path: Path, pids: Pids, opts: Options, report: Report) -> None:
     rng = np.random.default_rng(0)
     echo_pool = [rng.standard_normal((1, ECHO_WIDTH)).astype(np.float32) for _ in range(1024)]
     mlp_pool = [rng.standard_normal((1, MLP_WIDTH)).astype(np.float32) for _ in range(256)]
     print("(a) raw NATS core request/reply echo, same payload as a mesh echo_id request", flush=True)
-    report.rows += await measure_raw_echo(url, encode_request({"input": echo_pool[0]}), opts)
+    report.rows += await measure_raw_echo(url, encode_request({"input": echo_pool[0]}), opts, pids.meter(pids.echo))
     session = ort.InferenceSession(str(mlp_path), providers=["CPUExecutionProvider"])
+    meter = pids.meter(pids.worker)
     client = await MeshClient.connect(url)
     try:
         print("(b) mesh, identity model [1,16] float32", flush=True)
         for conc in (1, 64):
-            row, samples = await mesh_cell(client, ECHO_MODEL, echo_pool, conc, opts)
+            row, samples = await mesh_cell(client, ECHO_MODEL, echo_pool, conc, opts, meter)
             check_identity(samples)
             report.rows.append(row)
         print("(c) mesh, MLP 512→4096→512, one row per request", flush=True)
         for conc in (1, 64, 128):
-            row, samples = await mesh_cell(client, MLP_MODEL, mlp_pool, conc, opts)
+            row, samples = await mesh_cell(client, MLP_MODEL, mlp_pool, conc, opts, meter)
             check_mlp(session, samples)
             report.rows.append(row)
         formed = {max(1, round(r.mean_batch or 1)) for r in report.rows if r.path == "mesh mlp" and r.conc > 1}
         print("(c) direct onnxruntime MLP in this process, default threads", flush=True)
         for batch in sorted({1, 64, 128} | formed):
-            report.rows.append(await asyncio.to_thread(direct_row, session, batch, opts))
+            report.rows.append(await asyncio.to_thread(direct_row, session, batch, opts, pids.meter(None)))
         print("(e) worker memory", flush=True)
-        report.memory = await measure_memory(client, echo_pool, pid, opts.memory_requests)
+        report.memory = await measure_memory(client, echo_pool, pids.worker, opts.memory_requests)
     finally:
         await client.close()
     report.checks = ratio_checks(report.rows, report.memory)
 
 
-async def run(opts: Options, url: str, workdir: Path, mlp_path: Path, children: Children) -> Report:
+async def run(opts: Options, server: NatsServer, workdir: Path, mlp_path: Path, children: Children) -> Report:
     report = Report(machine=machine_info(opts))
+    url = server.url
     conn = await Connection.open(Settings.from_url(url, storage=opts.storage), name="bench-control")
     try:
         await provision(conn)
         registry = await Registry.open(conn)
         env = {"SERVEMESH_STORAGE": opts.storage}
         worker = children.add("worker", spawn_worker(url, workdir / "models", WORKER_ID, workdir / "worker.log", env))
-        await asyncio.to_thread(start_responder, children, url, workdir / "responder.log")
+        echo = await asyncio.to_thread(start_responder, children, url, workdir / "responder.log")
         beat = await _wait_worker(registry, worker)
         if beat["pid"] != worker.pid:
             raise RuntimeError(f"heartbeat pid {beat['pid']} is not the worker we started ({worker.pid})")
-        await measure_mesh(url, mlp_path, beat["pid"], opts, report)
+        assert server.proc is not None
+        pids = Pids(client=os.getpid(), nats=server.proc.pid, echo=echo.pid, worker=beat["pid"])
+        await measure_mesh(url, mlp_path, pids, opts, report)
     finally:
         await conn.close()
     return report
@@ -416,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("building models…", flush=True)
             mlp_path = build_models(workdir / "models")
             server = NatsServer().start()
-            report = asyncio.run(run(opts, server.url, workdir, mlp_path, children))
+            report = asyncio.run(run(opts, server, workdir, mlp_path, children))
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["CpuMeter", "cpu_seconds"]
+__all__ = ["CpuMeter", "cpu_seconds", "machine_busy_seconds"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -19,8 +19,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def machine_busy_seconds() -> float:
+    """CPU time every core spent on anything but idling, steal included: on a shared box, others' load shows here."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / _TICKS
+
+
 class CpuMeter:
-    """``start()`` then ``stop()``: each process's CPU over that time, in % of one core (200 = two cores busy)."""
+    """``start()`` then ``stop()``: each process's CPU over that time, in % of one core (200 = two cores busy).
+
+    The ``machine`` entry is every core's busy time, so ``machine`` minus the rest is load we did not start.
+    """
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
@@ -29,8 +39,10 @@ class CpuMeter:
 
     def start(self) -> None:
         self._c0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._c0["machine"] = machine_busy_seconds()
         self._t0 = time.monotonic()
 
     def stop(self) -> dict[str, float]:
         wall = time.monotonic() - self._t0
-        return {name: (cpu_seconds(pid) - self._c0[name]) / wall * 100 for name, pid in self.pids.items()}
+        now = {name: cpu_seconds(pid) for name, pid in self.pids.items()} | {"machine": machine_busy_seconds()}
+        return {name: (now[name] - self._c0[name]) / wall * 100 for name in now}

@@ -23,6 +23,9 @@ class Row:
     p50_ms: float
     p99_ms: float
     mean_batch: float | None = None
+    queue_ms: float | None = None  # the worker's mean: stored in the stream → its batch started
+    compute_ms: float | None = None  # the worker's mean time in the model per batch
+    cpu: dict[str, float] = field(default_factory=dict)  # % of one core, by process
 
 
 @dataclass(slots=True)
@@ -61,6 +64,10 @@ def _num(value: float | None, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _cpu(cpu: dict[str, float]) -> str:
+    return "/".join(_num(cpu.get(name)) for name in ("client", "nats", "server", "machine"))
+
+
 def _verdict(passed: bool | None) -> str:
     return "info" if passed is None else ("PASS" if passed else "FAIL")
 
@@ -77,11 +84,16 @@ def render(report: Report) -> str:
     ]
     rows = [
         [r.path, str(r.conc), _num(r.requests), _num(r.req_per_s), _num(r.samples_per_s), _num(r.p50_ms, 2),
-         _num(r.p99_ms, 2), _num(r.mean_batch, 1)]
+         _num(r.p99_ms, 2), _num(r.mean_batch, 1), _num(r.queue_ms, 2), _num(r.compute_ms, 2), _cpu(r.cpu)]
         for r in report.rows
     ]  # fmt: skip
-    headers = ["path", "conc/batch", "requests", "req/s", "samples/s", "p50 ms", "p99 ms", "mean batch"]
-    out += _table(headers, rows, right=set(range(1, 8)))
+    headers = ["path", "conc/batch", "requests", "req/s", "samples/s", "p50 ms", "p99 ms", "mean batch",
+               "queue ms", "compute ms", "CPU% client/nats/server/all"]  # fmt: skip
+    out += _table(headers, rows, right=set(range(1, 11)))
+    out += [
+        "req/s of a direct run counts session.run calls; queue/compute ms are the worker's own timing (means); "
+        "CPU% is per process, 100 = one core; server = echo responder or worker; all = every process on the machine"
+    ]
     mem = report.memory
     if mem:
         out += [
