@@ -86,6 +86,7 @@ class ModelServer:
         return f"{self.spec.name}:{self.version}"
 
     async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._warm_up)
         # Room for the batch being computed and the next one forming, and no more.
         window = 2 * max(1, self.spec.max_batch_size)
         for priority in self.spec.priorities:
@@ -99,6 +100,20 @@ class ModelServer:
         for feed in self._feeds.values():
             await feed.start()
         log.info("serving %s (batch ≤ %d, priorities %s)", self.key, self._queue.max_rows, ",".join(self._feeds))
+
+    def _warm_up(self) -> None:
+        """One tiny prediction before subscribing, so the first real request does not pay for lazy init."""
+        sample = {}
+        for t in self.signature.inputs:
+            shape = ((1,) if self.signature.batched else ()) + tuple(max(d, 1) for d in t.shape)
+            if t.dtype in ("str", "bytes"):
+                sample[t.name] = np.full(shape, "" if t.dtype == "str" else b"", dtype=object)
+            else:
+                sample[t.name] = np.zeros(shape, dtype=t.dtype)
+        try:
+            self.runtime.predict(sample)
+        except Exception as exc:  # zeros may be invalid for some models; serving can still work
+            log.warning("%s: warm-up prediction failed: %s", self.key, exc)
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         now_wall_ms = time.time() * 1000
