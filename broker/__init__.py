@@ -13,4 +13,3 @@ __all__ = [
     "Connection", "Delivery", "MeshClient", "NatsServer", "PullFeed", "Registry", "Settings",
     "ensure_buckets", "ensure_consumer", "ensure_stream", "provision",
 ]  # fmt: skip
-

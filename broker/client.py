@@ -44,7 +44,9 @@ class MeshClient:
         settings = settings or Settings.from_url(url or Settings().nats_url)
         conn = await Connection.open(settings, name="servemesh-client")
         client = cls(conn)
-        await conn.nc.subscribe(f"{client._inbox}.*", cb=client._on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        await conn.nc.subscribe(
+            f"{client._inbox}.*", cb=client._on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
         return client
 
     async def infer(

@@ -63,11 +63,10 @@ class PullFeed:
         self._watchdog = asyncio.create_task(self._watch(), name=f"feed-watch-{self.consumer}")
         await self._pull()
 
-    def release(self, count: int = 1) -> None:
+    async def release(self, count: int = 1) -> None:
         """The worker finished with ``count`` deliveries: room for more."""
         self.held -= count
-        if not self._stopping:
-            asyncio.ensure_future(self._pull())
+        await self._pull()
 
     async def _pull(self) -> None:
         want = self.window - self.held - self.outstanding
@@ -101,7 +100,8 @@ class PullFeed:
             return
         if status == "100":  # idle heartbeat
             return
-        pending = headers.get(_PENDING_HDR) if headers else None
+        assert headers is not None  # a status always comes in headers
+        pending = headers.get(_PENDING_HDR)
         if pending is not None:
             self.outstanding = max(0, self.outstanding - int(pending))
         else:
@@ -139,7 +139,7 @@ class PullFeed:
         nc = self._conn.nc
         if self._sub is not None and not (nc.is_closed or nc.is_draining):
             try:
-                await self._sub.drain()
+                await self._sub.drain()  # type: ignore[no-untyped-call]
             except Exception as exc:  # connection lost meanwhile: the server forgets the pulls anyway
                 log.info("draining feed %s: %s", self.consumer, exc)
         self.outstanding = 0

@@ -83,7 +83,9 @@ async def ensure_buckets(js: JetStreamContext, settings: Settings) -> None:
         KeyValueConfig(bucket=BUCKET_MODELS, history=5, storage=storage, replicas=settings.replicas)
     )
     await js.create_key_value(
-        KeyValueConfig(bucket=BUCKET_WORKERS, history=1, ttl=HEARTBEAT_TTL_S, storage=storage, replicas=settings.replicas)
+        KeyValueConfig(
+            bucket=BUCKET_WORKERS, history=1, ttl=HEARTBEAT_TTL_S, storage=storage, replicas=settings.replicas
+        )
     )
 
 

@@ -13,10 +13,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker import MeshClient  # noqa: E402
-from examples.build_models import build_digits_torchscript, build_iris_onnx  # noqa: E402
-from router.local import LocalMesh  # noqa: E402
-from schemas.errors import MeshError  # noqa: E402
+from broker import MeshClient
+from examples.build_models import build_digits_torchscript, build_iris_onnx
+from router.local import LocalMesh
+from schemas.errors import MeshError
 
 
 def _timing(t: object) -> str:
@@ -34,7 +34,9 @@ async def _iris(client: MeshClient) -> None:
         reply = await client.infer_reply("iris", {"input": x})
         label = int(reply.outputs["label"][0])
         p = float(reply.outputs["probabilities"][0, label])
-        print(f"  flower {i:3d}: {names[label]:<10} p={p:.3f} (true: {names[data.target[i]]:<10}) {_timing(reply.timing)}")
+        print(
+            f"  flower {i:3d}: {names[label]:<10} p={p:.3f} (true: {names[data.target[i]]:<10}) {_timing(reply.timing)}"
+        )
     print("\niris — 150 concurrent requests (the worker batches them):")
     start = time.perf_counter()
     replies = await asyncio.gather(

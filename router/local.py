@@ -108,5 +108,7 @@ class LocalMesh:
     async def __aenter__(self) -> LocalMesh:
         return await self.start()
 
-    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

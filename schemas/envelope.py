@@ -39,11 +39,16 @@ class Reply:
     timing: Timing
 
 
+def _pack(body: dict[str, Any]) -> bytes:
+    packed: bytes = msgpack.packb(body)
+    return packed
+
+
 def encode_request(inputs: dict[str, Any]) -> bytes:
     if not isinstance(inputs, dict) or not inputs:
         raise BadInput("inputs must be a non-empty mapping of name to array")
     tensors = {str(name): encode_tensor(value) for name, value in inputs.items()}
-    return msgpack.packb({"v": WIRE_VERSION, "inputs": tensors})
+    return _pack({"v": WIRE_VERSION, "inputs": tensors})
 
 
 def decode_request(payload: bytes) -> Tensors:
@@ -61,14 +66,14 @@ def decode_request(payload: bytes) -> Tensors:
 
 def encode_outputs(outputs: dict[str, Any], timing: Timing) -> bytes:
     tensors = {name: encode_tensor(value) for name, value in outputs.items()}
-    return msgpack.packb({"v": WIRE_VERSION, "outputs": tensors, "timing": asdict(timing)})
+    return _pack({"v": WIRE_VERSION, "outputs": tensors, "timing": asdict(timing)})
 
 
 def encode_error(error: MeshError, timing: Timing | None = None) -> bytes:
     body: dict[str, Any] = {"v": WIRE_VERSION, "error": error.to_wire()}
     if timing is not None:
         body["timing"] = asdict(timing)
-    return msgpack.packb(body)
+    return _pack(body)
 
 
 def decode_reply(payload: bytes) -> Reply:

@@ -6,9 +6,21 @@ import re
 from typing import Final, Literal
 
 __all__ = [
-    "BUCKET_MODELS", "BUCKET_WORKERS", "HDR_DEADLINE", "HDR_MSG_ID", "HDR_REPLY", "HDR_TRACEPARENT",
-    "HDR_TRACESTATE", "INFER_PREFIX", "PRIORITIES", "Priority", "STREAM_INFER",
-    "check_name", "consumer_name", "infer_subject", "parse_infer_subject",
+    "BUCKET_MODELS",
+    "BUCKET_WORKERS",
+    "HDR_DEADLINE",
+    "HDR_MSG_ID",
+    "HDR_REPLY",
+    "HDR_TRACEPARENT",
+    "HDR_TRACESTATE",
+    "INFER_PREFIX",
+    "PRIORITIES",
+    "STREAM_INFER",
+    "Priority",
+    "check_name",
+    "consumer_name",
+    "infer_subject",
+    "parse_infer_subject",
 ]  # fmt: skip
 
 Priority = Literal["high", "normal", "low"]

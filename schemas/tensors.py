@@ -13,7 +13,7 @@ import numpy as np
 
 from schemas.errors import BadInput
 
-__all__ = ["NUMERIC_DTYPES", "decode_tensor", "encode_tensor", "dtype_name"]
+__all__ = ["NUMERIC_DTYPES", "decode_tensor", "dtype_name", "encode_tensor"]
 
 NUMERIC_DTYPES: frozenset[str] = frozenset(
     {
@@ -47,7 +47,7 @@ def encode_tensor(array: Any) -> dict[str, Any]:
     shape = list(arr.shape)  # taken first: ascontiguousarray turns a 0-d array into 1-d
     flat = np.ascontiguousarray(arr).reshape(-1)
     # A uint8 view of the contiguous buffer packs as msgpack bin without a copy.
-    return {"dt": name, "sh": shape, "b": memoryview(flat.view(np.uint8))}
+    return {"dt": name, "sh": shape, "b": memoryview(flat.view(np.uint8))}  # type: ignore[arg-type]
 
 
 def _encode_items(arr: np.ndarray[Any, Any]) -> dict[str, Any]:
@@ -84,7 +84,5 @@ def decode_tensor(obj: Any, name: str = "tensor") -> np.ndarray[Any, Any]:
         raise BadInput(f"{name}: tensor data must be raw bytes", input=name)
     dtype = np.dtype(dt).newbyteorder("<")
     if len(data) != count * dtype.itemsize:
-        raise BadInput(
-            f"{name}: {len(data)} bytes do not fit dtype {dt} and shape {list(shape)}", input=name
-        )
+        raise BadInput(f"{name}: {len(data)} bytes do not fit dtype {dt} and shape {list(shape)}", input=name)
     return np.frombuffer(data, dtype=dtype).reshape(tuple(shape))

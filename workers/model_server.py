@@ -9,6 +9,7 @@ request never fails its batch-mates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -34,7 +35,7 @@ __all__ = ["ModelServer", "ServingStats"]
 
 log = logging.getLogger(__name__)
 
-_RANK = {p: i for i, p in enumerate(PRIORITIES)}
+_RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
 
 
 @dataclass(slots=True)
@@ -63,9 +64,7 @@ class ServingStats:
 
 
 class ModelServer:
-    def __init__(
-        self, conn: Connection, spec: ModelSpec, version: str, runtime: Runtime, worker_id: str
-    ) -> None:
+    def __init__(self, conn: Connection, spec: ModelSpec, version: str, runtime: Runtime, worker_id: str) -> None:
         self._conn = conn
         self.spec = spec
         self.version = version
@@ -150,10 +149,8 @@ class ModelServer:
             wait = due - time.monotonic()
             if wait > 0:
                 self._wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
-                except TimeoutError:
-                    pass
                 continue
             batch, expired = self._queue.take(time.monotonic())
             for request in expired:
@@ -191,7 +188,7 @@ class ModelServer:
                 await request.delivery.reply(encode_outputs(result, timing))
         for request in batch:
             await request.delivery.ack()
-        self._release(batch)
+        await self._release(batch)
 
     def _compute(self, batch: list[_Request]) -> list[Tensors | MeshError]:
         """Runs in the executor thread: the whole batch at once, else each member alone."""
@@ -238,18 +235,18 @@ class ModelServer:
         err = DeadlineExceeded(f"{self.key}: deadline passed while queued; not computed")
         await delivery.reply(encode_error(err, Timing(worker=self.worker_id)))
         await delivery.ack()
-        self._feeds[delivery.priority].release()
+        await self._feeds[delivery.priority].release()
 
     async def _fail(self, delivery: Delivery, err: MeshError) -> None:
         self.stats.errors[err.status] += 1
         await delivery.reply(encode_error(err, Timing(worker=self.worker_id, attempt=delivery.num_delivered)))
         await delivery.ack()
-        self._feeds[delivery.priority].release()
+        await self._feeds[delivery.priority].release()
 
-    def _release(self, batch: list[_Request]) -> None:
+    async def _release(self, batch: list[_Request]) -> None:
         counts = Counter(r.delivery.priority for r in batch)
         for priority, count in counts.items():
-            self._feeds[priority].release(count)
+            await self._feeds[priority].release(count)
 
     async def drain(self) -> None:
         """Stop pulling, finish what was already taken, then free the runtime."""

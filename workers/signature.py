@@ -69,7 +69,9 @@ class Signature:
             if rows not in (-1, shape[0]):
                 raise BadInput(f"inputs disagree on the batch size ({rows} vs {shape[0]})", input=spec.name)
             rows, item_shape = shape[0], shape[1:]
-        fits = len(item_shape) == len(spec.shape) and all(w < 0 or w == d for w, d in zip(spec.shape, item_shape))
+        fits = len(item_shape) == len(spec.shape) and all(
+            w < 0 or w == d for w, d in zip(spec.shape, item_shape, strict=True)
+        )
         if not fits:
             axis = "[batch] + " if self.batched else ""
             raise BadInput(

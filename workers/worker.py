@@ -90,7 +90,8 @@ class Worker:
 
     def status(self) -> dict[str, Any]:
         return {
-            "id": self.id, "pid": os.getpid(), "host": socket.gethostname(), "started": self._started, "ready": self.ready,
+            "id": self.id, "pid": os.getpid(), "host": socket.gethostname(),
+            "started": self._started, "ready": self.ready,
             "models": {key: server.status() for key, server in self.servers.items()}, "failed": self.failed,
         }  # fmt: skip
 

@@ -25,7 +25,9 @@ def ident(tmp_path: Path) -> tuple[Path, str]:
     return tmp_path, name
 
 
-async def test_unknown_model_and_version_are_404(client: MeshClient, nats_server: NatsServer, ident: tuple[Path, str]) -> None:
+async def test_unknown_model_and_version_are_404(
+    client: MeshClient, nats_server: NatsServer, ident: tuple[Path, str]
+) -> None:
     repo, name = ident
     x = np.zeros((1, 4), np.float32)
     async with serving(nats_server.url, repo, [name]):
@@ -73,7 +75,9 @@ async def test_bad_inputs_are_400_and_batch_mates_still_succeed(
     assert max_batch > 1
 
 
-async def test_bad_priority_is_rejected_by_the_client(client: MeshClient, nats_server: NatsServer, ident: tuple[Path, str]) -> None:
+async def test_bad_priority_is_rejected_by_the_client(
+    client: MeshClient, nats_server: NatsServer, ident: tuple[Path, str]
+) -> None:
     repo, name = ident
     async with serving(nats_server.url, repo, [name]):
         with pytest.raises(BadInput):

@@ -65,7 +65,9 @@ def test_unbatched_signature_checks_exact_shapes() -> None:
 
 
 def test_signature_from_runtime_drops_the_dynamic_batch_axis() -> None:
-    meta = _Meta([TensorSpec(name="x", dtype="float32", shape=(-1, 4))], [TensorSpec(name="y", dtype="int64", shape=(-1,))])
+    meta = _Meta(
+        [TensorSpec(name="x", dtype="float32", shape=(-1, 4))], [TensorSpec(name="y", dtype="int64", shape=(-1,))]
+    )
     sig = Signature.of(_spec(max_batch_size=16), meta)
     assert sig.inputs[0].shape == (4,) and sig.outputs[0].shape == ()
     with pytest.raises(ModelFailure):

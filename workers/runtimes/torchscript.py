@@ -34,7 +34,7 @@ class TorchScriptRuntime:
         self._torch = torch
         self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            self._module = torch.jit.load(str(artifact), map_location=self._device).eval()
+            self._module = torch.jit.load(str(artifact), map_location=self._device).eval()  # type: ignore[no-untyped-call]
         except Exception as exc:
             raise ModelFailure(f"torch cannot load {artifact.name}: {exc}", model=spec.name) from exc
         log.info("loaded %s on %s", artifact, self._device)
