@@ -91,7 +91,8 @@ def render(report: Report) -> str:
                "queue ms", "compute ms", "CPU% client/nats/server/all"]  # fmt: skip
     out += _table(headers, rows, right=set(range(1, 11)))
     out += [
-        "req/s of a direct run counts session.run calls; queue/compute ms are the worker's own timing (means); "
+        "direct runs: req/s = session.run calls/s from the median run time (other load on the machine discounted); "
+        "queue/compute ms are the worker's own timing (means); "
         "CPU% is per process, 100 = one core; server = echo responder or worker; all = every process on the machine"
     ]
     mem = report.memory

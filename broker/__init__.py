@@ -8,8 +8,9 @@ from broker.provision import ensure_buckets, ensure_consumer, ensure_stream, pro
 from broker.registry import Registry
 from broker.server import NatsServer
 from broker.settings import Settings
+from broker.sync_client import SyncMeshClient
 
 __all__ = [
-    "Connection", "Delivery", "MeshClient", "NatsServer", "PullFeed", "Registry", "Settings",
+    "Connection", "Delivery", "MeshClient", "NatsServer", "PullFeed", "Registry", "Settings", "SyncMeshClient",
     "ensure_buckets", "ensure_consumer", "ensure_stream", "provision",
 ]  # fmt: skip

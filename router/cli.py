@@ -42,8 +42,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     mesh = LocalMesh(Path(args.models), workers=args.workers, port=args.port, state_dir=state)
     asyncio.run(mesh.start())
     try:
-        print(f"servemesh up: nats at {mesh.url}, {args.workers} worker(s) serving {args.models}")
-        print(f"logs in {mesh.log_dir}; try: servemesh infer MODEL --input NAME=FILE.npy --nats {mesh.url}")
+        print(f"servemesh up: nats at {mesh.url}, {args.workers} worker(s) serving {args.models}", flush=True)
+        print(f"logs in {mesh.log_dir}; try: servemesh infer MODEL --input NAME=FILE.npy --nats {mesh.url}", flush=True)
         _wait_for_signal()
     finally:
         mesh.stop()

@@ -29,3 +29,30 @@ async def test_concurrent_requests_are_batched_and_routed_to_their_callers(
     assert stats.rows == sum(x.shape[0] for x in rows)
     # A batch never holds more rows than max_batch_size allows (each request here has ≤ 3 rows).
     assert stats.max_batch <= 32
+
+
+async def test_a_busy_worker_leaves_unclaimed_requests_in_the_queue(
+    nats_server: NatsServer, tmp_path: Path, client: MeshClient
+) -> None:
+    from examples.build_models import build_slow_onnx
+    from schemas.subjects import STREAM_INFER, consumer_name
+
+    name = unique("slow")
+    build_slow_onnx(tmp_path, name, max_batch_size=2, max_delay_ms=1)
+    x = np.ones((1, 256), np.float32)
+    async with serving(nats_server.url, tmp_path, [name]) as worker:
+        tasks = [asyncio.create_task(client.infer(name, {"input": x}, timeout=60)) for _ in range(200)]
+        js = worker.conn.js
+        claimed, unclaimed = [], []
+        while not all(t.done() for t in tasks):
+            info = await js.consumer_info(STREAM_INFER, consumer_name(name, "1", "normal"))
+            claimed.append(info.num_ack_pending)
+            unclaimed.append(info.num_pending)
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+    # The worker holds about two batches (window = 2 × max_batch_size); the rest waits in the
+    # stream where another replica could take it.
+    assert sorted(claimed)[len(claimed) // 2] <= 4
+    # Acks are applied by the server a moment after the next pull arrives, hence the slack.
+    assert max(claimed) <= 8
+    assert max(unclaimed) > 100
