@@ -91,9 +91,10 @@ def render(report: Report) -> str:
                "queue ms", "compute ms", "CPU% client/nats/server/all"]  # fmt: skip
     out += _table(headers, rows, right=set(range(1, 11)))
     out += [
-        "direct runs: req/s = session.run calls/s from the median run time (other load on the machine discounted); "
-        "queue/compute ms are the worker's own timing (means); "
-        "CPU% is per process, 100 = one core; server = echo responder or worker; all = every process on the machine"
+        "notes: direct runs: req/s = session.run calls/s, from the median run time (other load on the machine",
+        "       discounted). queue ms (stored in the stream → batch started) and compute ms are the worker's own",
+        "       timing, as means. CPU% is per process, 100 = one core: server = echo responder or worker,",
+        "       all = every process on the machine (so all minus the rest = load this benchmark did not start).",
     ]
     mem = report.memory
     if mem:

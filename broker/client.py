@@ -94,7 +94,8 @@ class MeshClient:
         try:
             await self._publish(infer_subject(model, version, priority), payload, headers, deadline)
             try:
-                data = await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+                async with asyncio.timeout_at(asyncio.get_running_loop().time() + deadline - time.monotonic()):
+                    data = await future
             except TimeoutError:
                 raise DeadlineExceeded(
                     f"no reply from {model}:{version} within {timeout:.3g}s", model=model, request_id=request_id
