@@ -129,11 +129,16 @@ def _raise_on_errors(what: str, result: LoadResult) -> None:
 # --- (a) the transport ceiling: bare core request/reply against an echo in another process ---
 
 
-def start_responder(children: Children, url: str, log_path: Path, timeout: float = 30.0) -> subprocess.Popen[bytes]:
+def start_responder(
+    children: Children, url: str, log_path: Path, loop: str, timeout: float = 30.0
+) -> subprocess.Popen[bytes]:
     script = Path(__file__).with_name("echo_responder.py")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, str(script), url, ECHO_SUBJECT], stdout=subprocess.PIPE, stderr=log, start_new_session=True
+            [sys.executable, str(script), url, ECHO_SUBJECT, loop],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,
         )
     children.add("echo responder", proc)
     assert proc.stdout is not None
@@ -379,9 +384,10 @@ async def run(opts: Options, server: NatsServer, workdir: Path, mlp_path: Path, 
     try:
         await provision(conn)
         registry = await Registry.open(conn)
-        env = {"SERVEMESH_STORAGE": opts.storage}
+        # Every process of the run — load generator, worker, echo responder — uses the same event loop.
+        env = {"SERVEMESH_STORAGE": opts.storage, "SERVEMESH_LOOP": opts.loop, **dict(os.environ)}
         worker = children.add("worker", spawn_worker(url, workdir / "models", WORKER_ID, workdir / "worker.log", env))
-        echo = await asyncio.to_thread(start_responder, children, url, workdir / "responder.log")
+        echo = await asyncio.to_thread(start_responder, children, url, workdir / "responder.log", opts.loop)
         beat = await _wait_worker(registry, worker)
         if beat["pid"] != worker.pid:
             raise RuntimeError(f"heartbeat pid {beat['pid']} is not the worker we started ({worker.pid})")
@@ -408,7 +414,9 @@ def machine_info(opts: Options) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None) -> Options:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 s cells and 20,000 memory requests")
-    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="load generator's loop")
+    parser.add_argument(
+        "--loop", choices=["asyncio", "uvloop"], default="uvloop", help="event loop of every process in the run"
+    )
     parser.add_argument("--storage", choices=["file", "memory"], default="file", help="JetStream storage")
     parser.add_argument("--json-out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)

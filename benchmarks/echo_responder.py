@@ -1,6 +1,7 @@
 """A bare NATS core echo in its own process: the transport ceiling bench_mesh.py compares the mesh with.
 
-Usage: ``python benchmarks/echo_responder.py NATS_URL SUBJECT``; prints ``ready`` once subscribed, stops on SIGTERM.
+Usage: ``python benchmarks/echo_responder.py NATS_URL SUBJECT [asyncio|uvloop]``; prints ``ready`` once subscribed,
+stops on SIGTERM. The loop argument matches the worker's, so both sides run the same event loop.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import sys
 
 import nats
 from nats.aio.msg import Msg
+
+from broker.loop import run
 
 
 async def serve(url: str, subject: str) -> None:
@@ -32,10 +35,11 @@ async def serve(url: str, subject: str) -> None:
 
 
 def main() -> int:
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4):
         print(__doc__, file=sys.stderr)
         return 2
-    asyncio.run(serve(sys.argv[1], sys.argv[2]))
+    loop = sys.argv[3] if len(sys.argv) == 4 else "asyncio"
+    run(serve(sys.argv[1], sys.argv[2]), loop)
     return 0
 
 

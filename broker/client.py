@@ -8,6 +8,7 @@ or rejected (full queue → Overloaded). Replies are matched by id; duplicates a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from types import TracebackType
 from typing import Any
@@ -17,11 +18,11 @@ from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError
 from nats.nuid import NUID
 
-from broker.connection import Connection, translate_error
+from broker.connection import Connection, pub_ack_error, translate_error
 from broker.registry import Registry
 from broker.settings import Settings
 from schemas.envelope import Reply, decode_reply, encode_request
-from schemas.errors import BadInput, DeadlineExceeded, UnknownModel
+from schemas.errors import BadInput, DeadlineExceeded, MeshError, UnknownModel
 from schemas.spec import ModelSpec
 from schemas.subjects import HDR_DEADLINE, HDR_MSG_ID, HDR_REPLY, PRIORITIES, infer_subject
 
@@ -30,14 +31,27 @@ __all__ = ["MeshClient"]
 _SPEC_TTL_S = 2.0
 
 
+class _Pending:
+    __slots__ = ("future", "queued", "subject", "timeout")
+
+    def __init__(self, future: asyncio.Future[bytes], subject: str, timeout: float) -> None:
+        self.future = future
+        self.subject = subject
+        self.timeout = timeout
+        self.queued = False
+
+
 class MeshClient:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._registry: Registry | None = None
-        self._nuid = NUID()
         self._inbox = conn.nc.new_inbox()
-        self._pending: dict[str, asyncio.Future[bytes]] = {}
+        # Request ids: a client-unique prefix and a counter (unique across clients for de-duplication).
+        self._id_prefix = NUID().next().decode()
+        self._counter = itertools.count()
+        self._pending: dict[str, _Pending] = {}
         self._specs: dict[str, tuple[float, ModelSpec]] = {}
+        self._subjects: dict[tuple[str, str | None, str], tuple[float, str]] = {}
 
     @classmethod
     async def connect(cls, url: str | None = None, settings: Settings | None = None) -> MeshClient:
@@ -45,7 +59,7 @@ class MeshClient:
         conn = await Connection.open(settings, name="servemesh-client")
         client = cls(conn)
         await conn.nc.subscribe(
-            f"{client._inbox}.*", cb=client._on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1
+            f"{client._inbox}.*.*", cb=client._on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1
         )
         return client
 
@@ -70,50 +84,61 @@ class MeshClient:
         timeout: float = 5.0,
     ) -> Reply:
         """Like :meth:`infer`, with the worker's timing (queue wait, compute, batch size)."""
-        deadline = time.monotonic() + timeout
         if priority not in PRIORITIES:
             raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
-        spec = await self._spec(model)
-        version = spec.resolve_version(version)
-        if version not in spec.versions:
-            raise UnknownModel(f"model {model!r} has no version {version!r}", model=model, version=version)
+        subject = await self._subject(model, version, priority)
         payload = encode_request(inputs)
         if len(payload) > self._conn.nc.max_payload:
             raise BadInput(
                 f"request is {len(payload)} bytes; the server accepts at most {self._conn.nc.max_payload}",
                 size=len(payload),
             )
-        request_id = self._nuid.next().decode()
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+        loop = asyncio.get_running_loop()
+        request_id = f"{self._id_prefix}{next(self._counter)}"
+        pending = _Pending(loop.create_future(), subject, timeout)
+        self._pending[request_id] = pending
+        timer = loop.call_later(timeout, self._expire, request_id)
         headers = {
             HDR_MSG_ID: request_id,
-            HDR_REPLY: f"{self._inbox}.{request_id}",
+            HDR_REPLY: f"{self._inbox}.r.{request_id}",
             HDR_DEADLINE: str(int(time.time() * 1000 + timeout * 1000)),
         }
         try:
-            await self._publish(infer_subject(model, version, priority), payload, headers, deadline)
-            try:
-                async with asyncio.timeout_at(asyncio.get_running_loop().time() + deadline - time.monotonic()):
-                    data = await future
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"no reply from {model}:{version} within {timeout:.3g}s", model=model, request_id=request_id
-                ) from None
-        finally:
-            self._pending.pop(request_id, None)
-        return decode_reply(data)
-
-    async def _publish(self, subject: str, payload: bytes, headers: dict[str, str], deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceeded("deadline passed before the request was queued")
-        try:
-            await self._conn.js.publish(subject, payload, timeout=remaining, headers=headers)
-        except TimeoutError as exc:
-            raise DeadlineExceeded(f"{subject}: the stream did not acknowledge in time") from exc
+            # The stream's PubAck comes to our own inbox too: no round trip is awaited on its own,
+            # yet a rejection (full queue, no stream) still fails the call at once.
+            await self._conn.nc.publish(subject, payload, reply=f"{self._inbox}.a.{request_id}", headers=headers)
+            data = await pending.future
+        except MeshError:
+            raise
         except Exception as exc:
             raise translate_error(exc, f"queue request on {subject}") from exc
+        finally:
+            timer.cancel()
+            del self._pending[request_id]
+        return decode_reply(data)
+
+    def _expire(self, request_id: str) -> None:
+        pending = self._pending.get(request_id)
+        if pending is not None and not pending.future.done():
+            what = "no reply" if pending.queued else "the stream did not acknowledge the request"
+            pending.future.set_exception(
+                DeadlineExceeded(f"{pending.subject}: {what} within {pending.timeout:.3g}s", request_id=request_id)
+            )
+
+    async def _subject(self, model: str, version: str | None, priority: str) -> str:
+        """The subject a request goes to (the version resolved through the registry, cached briefly)."""
+        key = (model, version, priority)
+        cached = self._subjects.get(key)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < _SPEC_TTL_S:
+            return cached[1]
+        spec = await self._spec(model)
+        resolved = spec.resolve_version(version)
+        if resolved not in spec.versions:
+            raise UnknownModel(f"model {model!r} has no version {resolved!r}", model=model, version=resolved)
+        subject = infer_subject(model, resolved, priority)
+        self._subjects[key] = (now, subject)
+        return subject
 
     async def _spec(self, model: str) -> ModelSpec:
         cached = self._specs.get(model)
@@ -134,10 +159,18 @@ class MeshClient:
         return spec
 
     async def _on_reply(self, msg: Msg) -> None:
-        request_id = msg.subject.rsplit(".", 1)[-1]
-        future = self._pending.pop(request_id, None)
-        if future is not None and not future.done():
-            future.set_result(msg.data)
+        kind, _, request_id = msg.subject[len(self._inbox) + 1 :].partition(".")
+        pending = self._pending.get(request_id)
+        if pending is None or pending.future.done():
+            return  # a late or duplicate reply (delivery is at-least-once)
+        if kind == "r":
+            pending.future.set_result(msg.data)
+            return
+        error = pub_ack_error(msg)
+        if error is None:
+            pending.queued = True
+        else:
+            pending.future.set_exception(error)
 
     async def models(self) -> list[ModelSpec]:
         if self._registry is None:
@@ -145,8 +178,8 @@ class MeshClient:
         return await self._registry.list_specs()
 
     async def close(self) -> None:
-        for future in self._pending.values():
-            future.cancel()
+        for pending in self._pending.values():
+            pending.future.cancel()
         await self._conn.close()
 
     async def __aenter__(self) -> MeshClient:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -10,12 +11,13 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from broker.settings import Settings
 from schemas.errors import MeshError, MeshUnavailable, Overloaded
 
-__all__ = ["Connection", "translate_error"]
+__all__ = ["Connection", "pub_ack_error", "translate_error"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,24 @@ def translate_error(exc: BaseException, what: str) -> MeshError:
     if isinstance(exc, (nats.errors.ConnectionClosedError, nats.errors.NoServersError, OSError)):
         return MeshUnavailable(f"{what}: not connected to NATS ({exc})")
     return MeshUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def pub_ack_error(msg: Msg) -> MeshError | None:
+    """The error in a JetStream publish acknowledgement, or None when the message was stored."""
+    status = msg.headers.get("Status") if msg.headers else None
+    if status == "503":
+        return MeshUnavailable(f"no stream accepts {msg.subject!r}: is the mesh provisioned?")
+    if b'"error"' not in msg.data:
+        return None
+    try:
+        error = json.loads(msg.data)["error"]
+    except (ValueError, KeyError, TypeError):
+        return MeshUnavailable(f"unreadable acknowledgement: {msg.data[:200]!r}")
+    err_code = error.get("err_code")
+    description = error.get("description", "")
+    if err_code in _FULL_CODES:
+        return Overloaded(f"queue is full ({description})", err_code=err_code)
+    return MeshUnavailable(f"JetStream refused the request: {description}", err_code=err_code)
 
 
 @dataclass

@@ -22,7 +22,7 @@ class Delivery:
     first, acks right after, both pipelined on the one connection.
     """
 
-    __slots__ = ("_msg", "_nc", "deadline_ms", "num_delivered", "priority", "reply_to", "stored_ns")
+    __slots__ = ("_msg", "_nc", "deadline_ms", "num_delivered", "num_pending", "priority", "reply_to", "stored_ns")
 
     def __init__(self, nc: NatsClient, msg: Msg, priority: str) -> None:
         self._nc = nc
@@ -32,7 +32,8 @@ class Delivery:
         self.reply_to: str | None = headers.get(HDR_REPLY)
         raw_deadline = headers.get(HDR_DEADLINE)
         self.deadline_ms: int | None = int(raw_deadline) if raw_deadline and raw_deadline.isdigit() else None
-        self.num_delivered, self.stored_ns = _ack_metadata(msg.reply or "")
+        # num_pending: messages left in the consumer after this one, as the server saw it.
+        self.num_delivered, self.stored_ns, self.num_pending = _ack_metadata(msg.reply or "")
 
     @property
     def data(self) -> bytes:
@@ -68,11 +69,12 @@ class Delivery:
             await self._nc.publish(self._msg.reply, verb)
 
 
-def _ack_metadata(ack_subject: str) -> tuple[int, int]:
-    """(delivery count, stored-at ns) from ``$JS.ACK.[domain.hash.]stream.consumer.dlv.sseq.cseq.ts.pending``."""
+def _ack_metadata(ack_subject: str) -> tuple[int, int, int]:
+    """(delivery count, stored-at ns, pending), read from the ack subject:
+    ``$JS.ACK.[domain.hash.]stream.consumer.delivered.sseq.cseq.ts.pending``."""
     tokens = ack_subject.split(".")
     offset = 4 if len(tokens) == 9 else 6
     try:
-        return int(tokens[offset]), int(tokens[offset + 3])
+        return int(tokens[offset]), int(tokens[offset + 3]), int(tokens[offset + 4])
     except (IndexError, ValueError):
-        return 1, 0
+        return 1, 0, 0

@@ -18,6 +18,10 @@ class Settings(BaseModel):
     storage: str = Field(default="file", pattern="^(file|memory)$")
     replicas: int = Field(default=1, ge=1, le=5)
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Compute threads per model runtime (0: the runtime's default, usually one per core).
+    runtime_threads: int = Field(default=0, ge=0)
+    # Event loop of servemesh processes: uvloop when installed ("auto"), or force one.
+    loop: str = Field(default="auto", pattern="^(auto|asyncio|uvloop)$")
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> Settings:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from broker.client import MeshClient
+from broker.loop import run
 from broker.server import NatsServer
 from broker.settings import Settings
 from schemas.errors import MeshError
@@ -31,7 +32,8 @@ def _cmd_nats(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from workers.process import run_worker
 
-    asyncio.run(run_worker(Settings.from_env(nats_url=args.nats), Path(args.models), args.id))
+    settings = Settings.from_env(nats_url=args.nats)
+    run(run_worker(settings, Path(args.models), args.id), settings.loop)
     return 0
 
 

@@ -30,7 +30,13 @@ def dtype_name(dtype: np.dtype[Any]) -> str:
         return "str"
     if dtype.kind in ("S", "O"):
         return "bytes"
-    return np.dtype(dtype).newbyteorder("=").name
+    name = _NAMES.get(dtype)
+    if name is None:  # a handful of numeric dtypes exist, so the cache stays tiny
+        name = _NAMES[dtype] = np.dtype(dtype).newbyteorder("=").name
+    return name
+
+
+_NAMES: dict[np.dtype[Any], str] = {}
 
 
 def encode_tensor(array: Any) -> dict[str, Any]:

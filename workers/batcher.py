@@ -1,8 +1,9 @@
 """BatchQueue: the dynamic batcher's decisions, with time as an input and no I/O.
 
-A batch is due when it is full (``max_rows``) or ``max_delay_s`` after its oldest request
-arrived. Requests leave in priority order (high, normal, low), but every ``aging_s`` a request
-waits lifts it one priority level, so low priority is slowed under load, never starved.
+A batch is due when it is full (``max_rows``), when nothing more is waiting upstream to join
+it, or ``max_delay_s`` after its oldest request arrived. Requests leave in priority order
+(high, normal, low), but every ``aging_s`` a request waits lifts it one priority level, so
+low priority is slowed under load, never starved.
 Requests past their deadline are handed back as expired and never reach the model.
 """
 
@@ -43,12 +44,13 @@ class BatchQueue(Generic[T]):
         self._levels[rank].append(Queued(item, rows, rank, now, deadline))
         self.rows += rows
 
-    def due_at(self) -> float | None:
-        """When the next batch should leave: now if full, else oldest arrival + max delay."""
+    def due_at(self, more_coming: bool = True) -> float | None:
+        """When the next batch should leave: now if full or if nothing more is on its way
+        (``more_coming`` false: waiting would only add latency), else oldest arrival + max delay."""
         heads = [level[0].arrived for level in self._levels if level]
         if not heads:
             return None
-        if self.rows >= self.max_rows:
+        if self.rows >= self.max_rows or not more_coming:
             return float("-inf")
         return min(heads) + self.max_delay_s
 

@@ -79,6 +79,8 @@ class ModelServer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{spec.name}")
         self._loop_task: asyncio.Task[None] | None = None
         self._draining = False
+        # Per priority: requests still waiting in the stream when our latest delivery left it.
+        self._upstream: dict[str, int] = {}
 
     @property
     def key(self) -> str:
@@ -115,6 +117,7 @@ class ModelServer:
             log.warning("%s: warm-up prediction failed: %s", self.key, exc)
 
     async def _on_delivery(self, delivery: Delivery) -> None:
+        self._upstream[delivery.priority] = delivery.num_pending
         now_wall_ms = time.time() * 1000
         if delivery.deadline_ms is not None and delivery.deadline_ms <= now_wall_ms:
             await self._expire(delivery)
@@ -139,7 +142,7 @@ class ModelServer:
 
     async def _serve(self) -> None:
         while True:
-            due = self._queue.due_at()
+            due = self._queue.due_at(more_coming=any(self._upstream.values()))
             if due is None:
                 if self._draining:
                     return

@@ -9,9 +9,12 @@ import numpy as np
 
 from schemas.errors import BadInput, ModelFailure
 from schemas.spec import ModelSpec, TensorSpec
+from schemas.tensors import NUMERIC_DTYPES
 from workers.runtimes.base import Runtime
 
 __all__ = ["Signature"]
+
+_NUMPY = {name: np.dtype(name) for name in NUMERIC_DTYPES}
 
 
 def _dims(shape: tuple[int, ...]) -> str:
@@ -44,18 +47,22 @@ class Signature:
 
     def validate(self, inputs: dict[str, np.ndarray[Any, Any]]) -> int:
         """Check one request; return its row count (1 for an unbatched model) or raise BadInput."""
-        expected = {t.name for t in self.inputs}
-        unknown = sorted(set(inputs) - expected)
-        if unknown:
-            raise BadInput(f"unknown input(s) {unknown}; the model takes {sorted(expected)}", inputs=unknown)
+        if len(inputs) != len(self.inputs) or not all(t.name in inputs for t in self.inputs):
+            self._check_names(inputs)
         rows = -1
         for spec in self.inputs:
-            if spec.name not in inputs:
-                raise BadInput(f"missing input {spec.name!r}", input=spec.name)
             array = inputs[spec.name]
             _check_dtype(spec, array)
             rows = self._check_shape(spec, array.shape, rows)
         return max(rows, 1)
+
+    def _check_names(self, inputs: dict[str, np.ndarray[Any, Any]]) -> None:
+        expected = {t.name for t in self.inputs}
+        unknown = sorted(set(inputs) - expected)
+        if unknown:
+            raise BadInput(f"unknown input(s) {unknown}; the model takes {sorted(expected)}", inputs=unknown)
+        missing = sorted(expected - set(inputs))
+        raise BadInput(f"missing input {missing[0]!r}", input=missing[0])
 
     def _check_shape(self, spec: TensorSpec, shape: tuple[int, ...], rows: int) -> int:
         item_shape = shape
@@ -86,7 +93,10 @@ def _check_dtype(spec: TensorSpec, array: np.ndarray[Any, Any]) -> None:
     if spec.dtype in ("str", "bytes"):
         ok = array.dtype == object
     else:
-        ok = array.dtype.kind not in "OUS" and array.dtype.newbyteorder("=").name == spec.dtype
+        # Wire arrays are little-endian, which compares equal to the native dtype on every supported host.
+        ok = array.dtype == _NUMPY.get(spec.dtype) or (
+            array.dtype.kind not in "OUS" and array.dtype.newbyteorder("=").name == spec.dtype
+        )
     if not ok:
         got = "str/bytes" if array.dtype == object else array.dtype.newbyteorder("=").name
         raise BadInput(f"input {spec.name!r} must be {spec.dtype}, not {got}", input=spec.name, dtype=got)

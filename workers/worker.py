@@ -77,7 +77,7 @@ class Worker:
             key = f"{spec.name}:{version}"
             try:
                 runtime = await asyncio.get_running_loop().run_in_executor(
-                    None, load_runtime, vspec.format, artifact_path(vspec.uri), spec
+                    None, load_runtime, vspec.format, artifact_path(vspec.uri), spec, self.conn.settings.runtime_threads
                 )
                 server = ModelServer(self.conn, spec, version, runtime, self.id)
                 await server.start()

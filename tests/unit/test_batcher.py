@@ -69,3 +69,10 @@ def test_expired_requests_are_returned_not_batched() -> None:
     assert expired == ["late"]
     assert batch == ["ok", "forever"]
     assert q.rows == 0
+
+
+def test_batch_leaves_at_once_when_nothing_more_is_coming() -> None:
+    q: BatchQueue[str] = BatchQueue(max_rows=8, max_delay_s=0.010)
+    q.put("only", 1, NORMAL, now=1.0)
+    assert q.due_at(more_coming=True) == pytest.approx(1.010)
+    assert q.due_at(more_coming=False) == float("-inf")

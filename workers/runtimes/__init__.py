@@ -27,7 +27,7 @@ def _builtin(fmt: str) -> RuntimeFactory | None:
     return None
 
 
-def load_runtime(fmt: str, artifact: Path, spec: ModelSpec) -> Runtime:
+def load_runtime(fmt: str, artifact: Path, spec: ModelSpec, threads: int = 0) -> Runtime:
     """Load ``artifact`` in the runtime for ``fmt`` (blocking: call it from an executor)."""
     factory = _builtin(fmt)
     if factory is None:
@@ -36,7 +36,7 @@ def load_runtime(fmt: str, artifact: Path, spec: ModelSpec) -> Runtime:
             raise ModelFailure(f"no runtime for format {fmt!r}", format=fmt)
         factory = plugins[fmt].load()
     try:
-        return factory(artifact, spec)
+        return factory(artifact, spec, threads)
     except ModelFailure:
         raise
     except ImportError as exc:

@@ -30,4 +30,6 @@ class Runtime(Protocol):
 
 
 class RuntimeFactory(Protocol):
-    def __call__(self, artifact: Path, spec: ModelSpec) -> Runtime: ...
+    """Loads an artifact; ``threads`` caps the runtime's compute threads (0: its own default)."""
+
+    def __call__(self, artifact: Path, spec: ModelSpec, threads: int = 0) -> Runtime: ...

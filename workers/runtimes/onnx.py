@@ -37,6 +37,8 @@ class OnnxRuntime:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Idle pool threads must not spin: they share the cores with the event loop and nats-server.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         providers = [p for p in wanted if p in ort.get_available_providers()]
         try:
