@@ -35,6 +35,10 @@ __all__ = ["ModelServer", "ServingStats"]
 
 log = logging.getLogger(__name__)
 
+# A batch expected to compute faster than this runs on the event loop: handing it to a thread
+# and back would cost more than the computation (tiny models, pre/post-processing stages).
+INLINE_BUDGET_S = 0.0002
+
 _RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
 
 
@@ -79,6 +83,8 @@ class ModelServer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{spec.name}")
         self._loop_task: asyncio.Task[None] | None = None
         self._draining = False
+        # Seconds per row, smoothed: tells whether a batch is cheap enough to run on the loop.
+        self._row_cost_s: float | None = None
         # Per priority: requests still waiting in the stream when our latest delivery left it.
         self._upstream: dict[str, int] = {}
 
@@ -111,8 +117,10 @@ class ModelServer:
                 sample[t.name] = np.full(shape, "" if t.dtype == "str" else b"", dtype=object)
             else:
                 sample[t.name] = np.zeros(shape, dtype=t.dtype)
+        start = time.perf_counter()
         try:
             self.runtime.predict(sample)
+            self._learn_cost(time.perf_counter() - start, 1)
         except Exception as exc:  # zeros may be invalid for some models; serving can still work
             log.warning("%s: warm-up prediction failed: %s", self.key, exc)
 
@@ -167,16 +175,18 @@ class ModelServer:
                         await self._fail(request.delivery, ModelFailure(f"{self.key}: internal error"))
 
     async def _run(self, batch: list[_Request]) -> None:
-        loop = asyncio.get_running_loop()
         started_ns = time.time_ns()
         t0 = time.monotonic()
-        keepalive = asyncio.create_task(self._keep_alive(batch))
-        try:
-            results = await loop.run_in_executor(self._executor, self._compute, batch)
-        finally:
-            keepalive.cancel()
-        compute_ms = (time.monotonic() - t0) * 1000
         rows = sum(r.rows for r in batch)
+        if self._row_cost_s is not None and self._row_cost_s * rows < INLINE_BUDGET_S:
+            results = self._compute(batch)
+        else:
+            keepalive = asyncio.create_task(self._keep_alive(batch))
+            try:
+                results = await asyncio.get_running_loop().run_in_executor(self._executor, self._compute, batch)
+            finally:
+                keepalive.cancel()
+        compute_ms = (time.monotonic() - t0) * 1000
         self.stats.batches += 1
         self.stats.rows += rows
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
@@ -194,13 +204,23 @@ class ModelServer:
         await self._release(batch)
 
     def _compute(self, batch: list[_Request]) -> list[Tensors | MeshError]:
-        """Runs in the executor thread: the whole batch at once, else each member alone."""
+        """The whole batch at once, else each member alone (usually in the executor thread)."""
+        start = time.perf_counter()
+        results: list[Tensors | MeshError] | None = None
         if self.signature.batched and len(batch) > 1:
             try:
-                return self._predict_batched(batch)
+                results = self._predict_batched(batch)
             except Exception as exc:
                 log.warning("%s: batch of %d failed (%s); retrying members singly", self.key, len(batch), exc)
-        return [self._predict_one(r) for r in batch]
+        if results is None:
+            results = [self._predict_one(r) for r in batch]
+        self._learn_cost(time.perf_counter() - start, sum(r.rows for r in batch))
+        return results
+
+    def _learn_cost(self, seconds: float, rows: int) -> None:
+        per_row = seconds / max(rows, 1)
+        previous = self._row_cost_s
+        self._row_cost_s = per_row if previous is None else 0.8 * previous + 0.2 * per_row
 
     def _predict_batched(self, batch: list[_Request]) -> list[Tensors | MeshError]:
         names = [t.name for t in self.signature.inputs]
