@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from types import TracebackType
 from typing import Any
@@ -21,12 +22,14 @@ from nats.nuid import NUID
 from broker.connection import Connection, pub_ack_error, translate_error
 from broker.registry import Registry
 from broker.settings import Settings
-from schemas.envelope import Reply, decode_reply, encode_request
+from schemas.envelope import Reply, decode_bundle, decode_reply, encode_request
 from schemas.errors import BadInput, DeadlineExceeded, MeshError, UnknownModel
 from schemas.spec import ModelSpec
-from schemas.subjects import HDR_DEADLINE, HDR_MSG_ID, HDR_REPLY, PRIORITIES, infer_subject
+from schemas.subjects import HDR_DEADLINE, HDR_MSG_ID, HDR_REPLY, HDR_REPLY_INBOX, PRIORITIES, infer_subject
 
 __all__ = ["MeshClient"]
+
+log = logging.getLogger(__name__)
 
 _SPEC_TTL_S = 2.0
 
@@ -101,6 +104,7 @@ class MeshClient:
         headers = {
             HDR_MSG_ID: request_id,
             HDR_REPLY: f"{self._inbox}.r.{request_id}",
+            HDR_REPLY_INBOX: self._inbox,
             HDR_DEADLINE: str(int(time.time() * 1000 + timeout * 1000)),
         }
         try:
@@ -160,17 +164,31 @@ class MeshClient:
 
     async def _on_reply(self, msg: Msg) -> None:
         kind, _, request_id = msg.subject[len(self._inbox) + 1 :].partition(".")
+        if kind == "m":
+            try:
+                bundle = decode_bundle(msg.data)
+            except MeshError as err:  # its callers time out; nothing else is affected
+                log.warning("dropping a reply bundle: %s", err.message)
+                return
+            for bundled_id, data in bundle:
+                self._resolve(bundled_id, data)
+            return
+        if kind == "r":
+            self._resolve(request_id, msg.data)
+            return
         pending = self._pending.get(request_id)
         if pending is None or pending.future.done():
-            return  # a late or duplicate reply (delivery is at-least-once)
-        if kind == "r":
-            pending.future.set_result(msg.data)
             return
         error = pub_ack_error(msg)
         if error is None:
             pending.queued = True
         else:
             pending.future.set_exception(error)
+
+    def _resolve(self, request_id: str, data: bytes) -> None:
+        pending = self._pending.get(request_id)
+        if pending is not None and not pending.future.done():  # else late or duplicate (at-least-once)
+            pending.future.set_result(data)
 
     async def models(self) -> list[ModelSpec]:
         if self._registry is None:

@@ -102,9 +102,9 @@ class Connection:
             await nc.connect(
                 settings.nats_url,
                 name=name,
-                connect_timeout=settings.connect_timeout_s,
+                connect_timeout=settings.connect_timeout_s,  # type: ignore[arg-type]  # seconds, floats work
                 max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]
                 reconnected_cb=reconnected,
                 error_cb=error_cb,
                 pending_size=64 * 1024 * 1024,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from schemas.subjects import HDR_DEADLINE, HDR_REPLY
+from schemas.subjects import HDR_DEADLINE, HDR_MSG_ID, HDR_REPLY, HDR_REPLY_INBOX
 
 __all__ = ["Delivery"]
 
@@ -22,7 +22,10 @@ class Delivery:
     first, acks right after, both pipelined on the one connection.
     """
 
-    __slots__ = ("_msg", "_nc", "deadline_ms", "num_delivered", "num_pending", "priority", "reply_to", "stored_ns")
+    __slots__ = (
+        "_msg", "_nc", "deadline_ms", "num_delivered", "num_pending", "priority", "reply_inbox", "reply_to",
+        "request_id", "stored_ns",
+    )  # fmt: skip
 
     def __init__(self, nc: NatsClient, msg: Msg, priority: str) -> None:
         self._nc = nc
@@ -30,6 +33,8 @@ class Delivery:
         self.priority = priority
         headers = msg.headers or {}
         self.reply_to: str | None = headers.get(HDR_REPLY)
+        self.reply_inbox: str | None = headers.get(HDR_REPLY_INBOX)
+        self.request_id: str | None = headers.get(HDR_MSG_ID)
         raw_deadline = headers.get(HDR_DEADLINE)
         self.deadline_ms: int | None = int(raw_deadline) if raw_deadline and raw_deadline.isdigit() else None
         # num_pending: messages left in the consumer after this one, as the server saw it.

@@ -15,7 +15,10 @@ import numpy as np
 from schemas.errors import BadInput, MeshError, ModelFailure, error_from_wire
 from schemas.tensors import decode_tensor, encode_tensor
 
-__all__ = ["Reply", "Timing", "decode_reply", "decode_request", "encode_error", "encode_outputs", "encode_request"]
+__all__ = [
+    "Reply", "Timing", "decode_bundle", "decode_reply", "decode_request", "encode_bundle", "encode_error",
+    "encode_outputs", "encode_request",
+]  # fmt: skip
 
 WIRE_VERSION = 1
 
@@ -80,6 +83,19 @@ def encode_error(error: MeshError, timing: Timing | None = None) -> bytes:
     if timing is not None:
         body["timing"] = _timing_map(timing)
     return _pack(body)
+
+
+def encode_bundle(replies: list[tuple[str, bytes]]) -> bytes:
+    """Several encoded replies for one client, as (request id, reply) pairs."""
+    return _pack({"v": WIRE_VERSION, "replies": replies})
+
+
+def decode_bundle(payload: bytes) -> list[tuple[str, bytes]]:
+    try:
+        body = msgpack.unpackb(payload, raw=False)
+        return [(str(request_id), bytes(reply)) for request_id, reply in body["replies"]]
+    except Exception as exc:
+        raise ModelFailure(f"unreadable reply bundle from worker: {exc}") from exc
 
 
 def decode_reply(payload: bytes) -> Reply:

@@ -11,12 +11,14 @@ __all__ = [
     "HDR_DEADLINE",
     "HDR_MSG_ID",
     "HDR_REPLY",
+    "HDR_REPLY_INBOX",
     "HDR_TRACEPARENT",
     "HDR_TRACESTATE",
     "INFER_PREFIX",
     "PRIORITIES",
     "STREAM_INFER",
     "Priority",
+    "bundle_subject",
     "check_name",
     "consumer_name",
     "infer_subject",
@@ -33,6 +35,8 @@ BUCKET_WORKERS: Final = "mesh-workers"
 
 HDR_MSG_ID: Final = "Nats-Msg-Id"
 HDR_REPLY: Final = "Mesh-Reply"
+# Optional: the client's inbox, where a worker may send several replies as one bundle.
+HDR_REPLY_INBOX: Final = "Mesh-Reply-Inbox"
 HDR_DEADLINE: Final = "Mesh-Deadline"
 HDR_TRACEPARENT: Final = "traceparent"
 HDR_TRACESTATE: Final = "tracestate"
@@ -48,6 +52,11 @@ def check_name(model: str, version: str | None = None) -> None:
         raise ValueError(f"invalid model name {model!r}: use letters, digits, '_' and '-'")
     if version is not None and not _VERSION_RE.match(version):
         raise ValueError(f"invalid version {version!r}: use letters, digits and '-'")
+
+
+def bundle_subject(inbox: str) -> str:
+    """Where a worker sends a bundle of replies for one client (see HDR_REPLY_INBOX)."""
+    return f"{inbox}.m.bundle"
 
 
 def infer_subject(model: str, version: str, priority: str) -> str:

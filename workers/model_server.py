@@ -23,6 +23,7 @@ from broker.connection import Connection
 from broker.delivery import Delivery
 from broker.feed import PullFeed
 from broker.provision import ensure_consumer
+from broker.replies import ReplySender
 from schemas.envelope import Timing, decode_request, encode_error, encode_outputs
 from schemas.errors import DeadlineExceeded, MeshError, ModelFailure
 from schemas.spec import ModelSpec
@@ -190,15 +191,17 @@ class ModelServer:
         self.stats.batches += 1
         self.stats.rows += rows
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
+        sender = ReplySender(self._conn.nc)
         for request, result in zip(batch, results, strict=True):
             queue_ms = max(0.0, (started_ns - request.delivery.stored_ns) / 1e6) if request.delivery.stored_ns else 0.0
             timing = Timing(queue_ms, compute_ms, len(batch), self.worker_id, request.delivery.num_delivered)
             if isinstance(result, MeshError):
                 self.stats.errors[result.status] += 1
-                await request.delivery.reply(encode_error(result, timing))
+                sender.add(request.delivery, encode_error(result, timing))
             else:
                 self.stats.succeeded += 1
-                await request.delivery.reply(encode_outputs(result, timing))
+                sender.add(request.delivery, encode_outputs(result, timing))
+        await sender.send()
         for request in batch:
             await request.delivery.ack()
         await self._release(batch)

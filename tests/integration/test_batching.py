@@ -56,3 +56,36 @@ async def test_a_busy_worker_leaves_unclaimed_requests_in_the_queue(
     # Acks are applied by the server a moment after the next pull arrives, hence the slack.
     assert max(claimed) <= 8
     assert max(unclaimed) > 100
+
+
+async def test_clients_that_do_not_take_bundles_get_one_reply_per_request(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A plain NATS client (no Mesh-Reply-Inbox header) still gets each reply on its own subject."""
+    import nats
+
+    from schemas.envelope import decode_reply, encode_request
+    from schemas.subjects import HDR_DEADLINE, HDR_MSG_ID, HDR_REPLY, infer_subject
+
+    name = unique("ident")
+    build_identity_onnx(tmp_path, name, "int64", max_batch_size=16, max_delay_ms=50, shape=(2,))
+    nc = await nats.connect(nats_server.url)
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(f"{inbox}.>")
+        async with serving(nats_server.url, tmp_path, [name]) as worker:
+            for i in range(10):
+                headers = {HDR_MSG_ID: unique("raw"), HDR_REPLY: f"{inbox}.{i}", HDR_DEADLINE: "9999999999999"}
+                payload = encode_request({"input": np.full((1, 2), i, np.int64)})
+                # Core publishes, flushed together: they reach the stream as one burst and batch.
+                await nc.publish(infer_subject(name, "1", "normal"), payload, headers=headers)
+            await nc.flush()
+            got = {}
+            for _ in range(10):
+                msg = await sub.next_msg(timeout=10)
+                got[msg.subject.rsplit(".", 1)[-1]] = decode_reply(msg.data).outputs["output"]
+            assert worker.servers[f"{name}:1"].stats.max_batch > 1  # they were batched together
+    finally:
+        await nc.close()
+    for i in range(10):
+        np.testing.assert_array_equal(got[str(i)], np.full((1, 2), i, np.int64))
