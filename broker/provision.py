@@ -18,13 +18,25 @@ from nats.js.errors import NotFoundError
 
 from broker.connection import Connection
 from broker.settings import Settings
-from schemas.subjects import BUCKET_MODELS, BUCKET_WORKERS, INFER_PREFIX, STREAM_INFER, consumer_name, infer_subject
+from schemas.subjects import (
+    BUCKET_ASSIGNMENTS,
+    BUCKET_LEADER,
+    BUCKET_MODELS,
+    BUCKET_STATUS,
+    BUCKET_WORKERS,
+    INFER_PREFIX,
+    STREAM_INFER,
+    consumer_name,
+    infer_subject,
+)
 
-__all__ = ["HEARTBEAT_TTL_S", "ensure_buckets", "ensure_consumer", "ensure_stream", "provision"]
+__all__ = ["HEARTBEAT_TTL_S", "LEASE_TTL_S", "ensure_buckets", "ensure_consumer", "ensure_stream", "provision"]
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_TTL_S = 10.0
+# A router that stops renewing loses the lead after this long; a standby takes over then.
+LEASE_TTL_S = 3.0
 
 
 def _storage(settings: Settings) -> StorageType:
@@ -78,15 +90,15 @@ async def ensure_consumer(
 
 async def ensure_buckets(js: JetStreamContext, settings: Settings) -> None:
     """The registry buckets; creating an existing bucket with the same config is a no-op."""
-    storage = _storage(settings)
-    await js.create_key_value(
-        KeyValueConfig(bucket=BUCKET_MODELS, history=5, storage=storage, replicas=settings.replicas)
-    )
-    await js.create_key_value(
-        KeyValueConfig(
-            bucket=BUCKET_WORKERS, history=1, ttl=HEARTBEAT_TTL_S, storage=storage, replicas=settings.replicas
-        )
-    )
+    storage, replicas = _storage(settings), settings.replicas
+    for config in (
+        KeyValueConfig(bucket=BUCKET_MODELS, history=5, storage=storage, replicas=replicas),
+        KeyValueConfig(bucket=BUCKET_WORKERS, history=1, ttl=HEARTBEAT_TTL_S, storage=storage, replicas=replicas),
+        KeyValueConfig(bucket=BUCKET_ASSIGNMENTS, history=1, storage=storage, replicas=replicas),
+        KeyValueConfig(bucket=BUCKET_LEADER, history=1, ttl=LEASE_TTL_S, storage=storage, replicas=replicas),
+        KeyValueConfig(bucket=BUCKET_STATUS, history=1, storage=storage, replicas=replicas),
+    ):
+        await js.create_key_value(config)
 
 
 async def provision(conn: Connection) -> None:

@@ -1,8 +1,12 @@
-"""The model registry and worker heartbeats, kept in NATS KV (never in process memory alone)."""
+"""The mesh's shared state in NATS KV: model specs, worker heartbeats, assignments, router status.
+
+Values are JSON (specs: the ModelSpec wire form). Nothing here lives only in process memory.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from nats.js.errors import KeyNotFoundError, NoKeysError
@@ -10,64 +14,112 @@ from nats.js.kv import KeyValue
 
 from broker.connection import Connection
 from schemas.spec import ModelSpec
-from schemas.subjects import BUCKET_MODELS, BUCKET_WORKERS
+from schemas.subjects import BUCKET_ASSIGNMENTS, BUCKET_MODELS, BUCKET_STATUS, BUCKET_WORKERS
 
 __all__ = ["Registry"]
 
+Json = dict[str, Any]
+
 
 class Registry:
-    def __init__(self, models: KeyValue, workers: KeyValue) -> None:
+    def __init__(self, models: KeyValue, workers: KeyValue, assignments: KeyValue, status: KeyValue) -> None:
         self._models = models
         self._workers = workers
+        self._assignments = assignments
+        self._status = status
 
     @classmethod
     async def open(cls, conn: Connection) -> Registry:
-        return cls(await conn.js.key_value(BUCKET_MODELS), await conn.js.key_value(BUCKET_WORKERS))
+        js = conn.js
+        buckets = [await js.key_value(b) for b in (BUCKET_MODELS, BUCKET_WORKERS, BUCKET_ASSIGNMENTS, BUCKET_STATUS)]
+        return cls(*buckets)
+
+    # -- model specs ---------------------------------------------------------------------------
 
     async def put_spec(self, spec: ModelSpec) -> None:
         await self._models.put(spec.name, spec.model_dump_json().encode())
 
     async def get_spec(self, name: str) -> ModelSpec | None:
-        try:
-            entry = await self._models.get(name)
-        except KeyNotFoundError:
-            return None
-        if entry.value is None or entry.operation is not None:
-            return None  # deleted or purged
-        return ModelSpec.model_validate_json(entry.value)
+        value = await _get(self._models, name)
+        return None if value is None else ModelSpec.model_validate_json(value)
 
     async def delete_spec(self, name: str) -> None:
         await self._models.delete(name)
 
     async def list_specs(self) -> list[ModelSpec]:
-        specs = []
-        for name in await _keys(self._models):
-            spec = await self.get_spec(name)
-            if spec is not None:
-                specs.append(spec)
-        return specs
+        return [ModelSpec.model_validate_json(v) for v in (await _all(self._models)).values()]
 
-    async def put_heartbeat(self, worker_id: str, status: dict[str, Any]) -> None:
+    # -- worker heartbeats (the bucket's TTL removes dead workers) --------------------------------
+
+    async def put_heartbeat(self, worker_id: str, status: Json) -> None:
         await self._workers.put(worker_id, json.dumps(status).encode())
 
-    async def heartbeats(self) -> dict[str, dict[str, Any]]:
-        """The live workers (their heartbeats expire with the bucket's TTL)."""
-        beats: dict[str, dict[str, Any]] = {}
-        for key in await _keys(self._workers):
-            try:
-                entry = await self._workers.get(key)
-            except KeyNotFoundError:
-                continue
-            if entry.value:
-                beats[key] = json.loads(entry.value)
-        return beats
+    async def heartbeats(self) -> dict[str, Json]:
+        return {k: json.loads(v) for k, v in (await _all(self._workers)).items()}
 
     async def remove_worker(self, worker_id: str) -> None:
         await self._workers.delete(worker_id)
 
+    # -- assignments (written by the leader router only) -----------------------------------------
 
-async def _keys(kv: KeyValue) -> list[str]:
+    async def put_assignment(self, worker_id: str, units: list[Json]) -> None:
+        await self._assignments.put(worker_id, json.dumps({"units": units}).encode())
+
+    async def get_assignment(self, worker_id: str) -> list[Json] | None:
+        value = await _get(self._assignments, worker_id)
+        return None if value is None else list(json.loads(value)["units"])
+
+    async def assignments(self) -> dict[str, list[Json]]:
+        return {k: list(json.loads(v)["units"]) for k, v in (await _all(self._assignments)).items()}
+
+    async def delete_assignment(self, worker_id: str) -> None:
+        await self._assignments.delete(worker_id)
+
+    async def watch_assignment(self, worker_id: str) -> AsyncIterator[list[Json] | None]:
+        """Yields the worker's assignment now and on every change (None: no assignment)."""
+        watcher = await self._assignments.watch(worker_id)
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    continue  # "caught up" marker
+                if entry.operation is not None or not entry.value:
+                    yield None
+                else:
+                    yield list(json.loads(entry.value)["units"])
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+
+    # -- router status per model (replicas, lag, last decision) ------------------------------------
+
+    async def put_status(self, model: str, status: Json) -> None:
+        await self._status.put(model, json.dumps(status).encode())
+
+    async def get_status(self, model: str) -> Json | None:
+        value = await _get(self._status, model)
+        return None if value is None else dict(json.loads(value))
+
+    async def delete_status(self, model: str) -> None:
+        await self._status.delete(model)
+
+
+async def _get(kv: KeyValue, key: str) -> bytes | None:
     try:
-        return list(await kv.keys())
+        entry = await kv.get(key)
+    except KeyNotFoundError:
+        return None
+    if entry.value is None or entry.operation is not None:
+        return None  # deleted or purged
+    return entry.value
+
+
+async def _all(kv: KeyValue) -> dict[str, bytes]:
+    try:
+        keys = await kv.keys()
     except NoKeysError:
-        return []
+        return {}
+    values = {}
+    for key in keys:
+        value = await _get(kv, key)
+        if value:
+            values[key] = value
+    return values

@@ -66,7 +66,11 @@ class ModelSpec(BaseModel):
     ack_wait_s: float = Field(default=30.0, gt=0)
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, ge=1)
+    # Memory one loaded replica needs; unset: estimated from the artifact's size.
+    memory_mb: int | None = Field(default=None, ge=1)
     labels: dict[str, str] = {}
+    # priority → labels a worker must carry to serve it, e.g. {"high": {"tier": "fast"}}.
+    placement: dict[Priority, dict[str, str]] = {}
     # Names of the classes a classifier's label output indexes, for people reading replies.
     class_names: list[str] = []
 
@@ -77,7 +81,22 @@ class ModelSpec(BaseModel):
             check_name(self.name, version)
         if self.default_version is not None and self.default_version not in self.versions:
             raise ValueError(f"default_version {self.default_version!r} is not among the versions")
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} exceeds max_replicas {self.max_replicas}")
+        unknown = set(self.placement) - set(self.priorities)
+        if unknown:
+            raise ValueError(f"placement names priorities the model does not serve: {sorted(unknown)}")
         return self
+
+    def memory_of(self, version: str) -> int:
+        """Memory (MiB) one replica of ``version`` is planned with."""
+        vspec = self.versions[version]
+        if vspec.memory_mb is not None:
+            return vspec.memory_mb
+        if self.memory_mb is not None:
+            return self.memory_mb
+        # A loaded runtime typically takes about twice its artifact, plus a fixed overhead.
+        return 16 + 2 * (vspec.size or 0) // (1024 * 1024)
 
     def resolve_version(self, version: str | None) -> str:
         """The version a request goes to: the one asked for, else the default, else the newest."""

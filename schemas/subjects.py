@@ -6,7 +6,10 @@ import re
 from typing import Final, Literal
 
 __all__ = [
+    "BUCKET_ASSIGNMENTS",
+    "BUCKET_LEADER",
     "BUCKET_MODELS",
+    "BUCKET_STATUS",
     "BUCKET_WORKERS",
     "HDR_DEADLINE",
     "HDR_MSG_ID",
@@ -32,6 +35,9 @@ STREAM_INFER: Final = "MESH_INFER"
 INFER_PREFIX: Final = "mesh.infer"
 BUCKET_MODELS: Final = "mesh-models"
 BUCKET_WORKERS: Final = "mesh-workers"
+BUCKET_ASSIGNMENTS: Final = "mesh-assignments"
+BUCKET_LEADER: Final = "mesh-leader"
+BUCKET_STATUS: Final = "mesh-status"
 
 HDR_MSG_ID: Final = "Nats-Msg-Id"
 HDR_REPLY: Final = "Mesh-Reply"

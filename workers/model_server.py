@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,8 +70,17 @@ class ServingStats:
 
 
 class ModelServer:
-    def __init__(self, conn: Connection, spec: ModelSpec, version: str, runtime: Runtime, worker_id: str) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        spec: ModelSpec,
+        version: str,
+        runtime: Runtime,
+        worker_id: str,
+        priorities: Iterable[str] | None = None,
+    ) -> None:
         self._conn = conn
+        self.priorities = [p for p in PRIORITIES if p in set(priorities or spec.priorities)]
         self.spec = spec
         self.version = version
         self.runtime = runtime
@@ -80,6 +90,7 @@ class ModelServer:
         max_rows = spec.max_batch_size if self.signature.batched else 1
         self._queue: BatchQueue[_Request] = BatchQueue(max_rows, spec.max_delay_ms / 1000.0, levels=len(PRIORITIES))
         self._feeds: dict[str, PullFeed] = {}
+        self._retired: dict[str, PullFeed] = {}  # stopped feeds whose requests may still be in flight
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{spec.name}")
         self._loop_task: asyncio.Task[None] | None = None
@@ -88,6 +99,8 @@ class ModelServer:
         self._row_cost_s: float | None = None
         # Per priority: requests still waiting in the stream when our latest delivery left it.
         self._upstream: dict[str, int] = {}
+        self.last_used = 0.0  # wall-clock time of the latest request
+        self._computing = 0
 
     @property
     def key(self) -> str:
@@ -95,19 +108,42 @@ class ModelServer:
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._warm_up)
+        self._loop_task = asyncio.create_task(self._serve(), name=f"serve-{self.key}")
+        for priority in self.priorities:
+            await self._open_feed(priority)
+        log.info("serving %s (batch ≤ %d, priorities %s)", self.key, self._queue.max_rows, ",".join(self._feeds))
+
+    async def _open_feed(self, priority: str) -> None:
+        name = await ensure_consumer(
+            self._conn.js, self.spec.name, self.version, priority,
+            ack_wait_s=self.spec.ack_wait_s, max_attempts=self.spec.max_attempts,
+        )  # fmt: skip
         # Room for the batch being computed and the next one forming, and no more.
         window = 2 * max(1, self.spec.max_batch_size)
-        for priority in self.spec.priorities:
-            name = await ensure_consumer(
-                self._conn.js, self.spec.name, self.version, priority,
-                ack_wait_s=self.spec.ack_wait_s, max_attempts=self.spec.max_attempts,
-            )  # fmt: skip
-            feed = PullFeed(self._conn, STREAM_INFER, name, priority, self._on_delivery, window)
-            self._feeds[priority] = feed
-        self._loop_task = asyncio.create_task(self._serve(), name=f"serve-{self.key}")
-        for feed in self._feeds.values():
-            await feed.start()
-        log.info("serving %s (batch ≤ %d, priorities %s)", self.key, self._queue.max_rows, ",".join(self._feeds))
+        feed = PullFeed(self._conn, STREAM_INFER, name, priority, self._on_delivery, window)
+        self._feeds[priority] = feed
+        self._retired.pop(priority, None)
+        await feed.start()
+
+    async def set_priorities(self, priorities: Iterable[str]) -> None:
+        """Serve another set of this version's priorities: open new feeds, stop dropped ones."""
+        wanted = [p for p in PRIORITIES if p in set(priorities)]
+        for priority in [p for p in self._feeds if p not in wanted]:
+            feed = self._feeds.pop(priority)
+            self._retired[priority] = feed
+            await feed.stop()
+        for priority in [p for p in wanted if p not in self._feeds]:
+            await self._open_feed(priority)
+        self.priorities = wanted
+        log.info("%s now serves priorities %s", self.key, ",".join(wanted))
+
+    def _feed(self, priority: str) -> PullFeed:
+        return self._feeds.get(priority) or self._retired[priority]
+
+    @property
+    def in_flight(self) -> int:
+        """Requests this replica holds: queued here or computing."""
+        return len(self._queue) + self._computing
 
     def _warm_up(self) -> None:
         """One tiny prediction before subscribing, so the first real request does not pay for lazy init."""
@@ -127,7 +163,8 @@ class ModelServer:
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         self._upstream[delivery.priority] = delivery.num_pending
-        now_wall_ms = time.time() * 1000
+        self.last_used = time.time()
+        now_wall_ms = self.last_used * 1000
         if delivery.deadline_ms is not None and delivery.deadline_ms <= now_wall_ms:
             await self._expire(delivery)
             return
@@ -179,6 +216,7 @@ class ModelServer:
         started_ns = time.time_ns()
         t0 = time.monotonic()
         rows = sum(r.rows for r in batch)
+        self._computing = len(batch)
         if self._row_cost_s is not None and self._row_cost_s * rows < INLINE_BUDGET_S:
             results = self._compute(batch)
         else:
@@ -204,6 +242,7 @@ class ModelServer:
         await sender.send()
         for request in batch:
             await request.delivery.ack()
+        self._computing = 0
         await self._release(batch)
 
     def _compute(self, batch: list[_Request]) -> list[Tensors | MeshError]:
@@ -261,23 +300,25 @@ class ModelServer:
         err = DeadlineExceeded(f"{self.key}: deadline passed while queued; not computed")
         await delivery.reply(encode_error(err, Timing(worker=self.worker_id)))
         await delivery.ack()
-        await self._feeds[delivery.priority].release()
+        await self._feed(delivery.priority).release()
 
     async def _fail(self, delivery: Delivery, err: MeshError) -> None:
         self.stats.errors[err.status] += 1
         await delivery.reply(encode_error(err, Timing(worker=self.worker_id, attempt=delivery.num_delivered)))
         await delivery.ack()
-        await self._feeds[delivery.priority].release()
+        await self._feed(delivery.priority).release()
 
     async def _release(self, batch: list[_Request]) -> None:
         counts = Counter(r.delivery.priority for r in batch)
         for priority, count in counts.items():
-            await self._feeds[priority].release(count)
+            await self._feed(priority).release(count)
 
     async def drain(self) -> None:
         """Stop pulling, finish what was already taken, then free the runtime."""
         self._draining = True
         await asyncio.gather(*(feed.stop() for feed in self._feeds.values()))
+        self._retired.update(self._feeds)
+        self._feeds.clear()
         self._wake.set()
         if self._loop_task is not None:
             await self._loop_task
@@ -286,5 +327,5 @@ class ModelServer:
         log.info("drained %s", self.key)
 
     def status(self) -> dict[str, Any]:
-        return {"model": self.spec.name, "version": self.version, "priorities": list(self._feeds),
-                "queued": len(self._queue), "stats": self.stats.as_dict()}  # fmt: skip
+        return {"model": self.spec.name, "version": self.version, "priorities": self.priorities,
+                "in_flight": self.in_flight, "last_used": self.last_used, "stats": self.stats.as_dict()}  # fmt: skip

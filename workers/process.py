@@ -1,4 +1,5 @@
-"""The worker as a process: connect, serve a repository, drain on SIGTERM/SIGINT."""
+"""The worker as a process: connect, serve (a repository, or what the router assigns), drain on
+SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -16,17 +17,28 @@ __all__ = ["run_worker"]
 log = logging.getLogger(__name__)
 
 
-async def run_worker(settings: Settings, models: Path, worker_id: str | None = None) -> None:
+async def run_worker(
+    settings: Settings,
+    models: Path | None = None,
+    worker_id: str | None = None,
+    memory_mb: int = 4096,
+    labels: dict[str, str] | None = None,
+) -> None:
+    """``models`` set: serve that repository as it is; unset: follow the router's assignments."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     conn = await Connection.open(settings, name=f"servemesh-worker-{worker_id or ''}")
-    worker = Worker(conn, worker_id)
+    worker = Worker(conn, worker_id, memory_mb=memory_mb, labels=labels)
     try:
         await worker.start()
-        await worker.serve_repository(models)
-        log.info("worker %s ready: %s", worker.id, ", ".join(worker.servers) or "no models")
+        if models is not None:
+            await worker.serve_repository(models)
+            log.info("worker %s ready: %s", worker.id, ", ".join(s.key for s in worker.servers.values()) or "none")
+        else:
+            await worker.follow_assignments()
+            log.info("worker %s following its assignment (memory %d MiB, labels %s)", worker.id, memory_mb, labels)
         await stop.wait()
         log.info("worker %s draining", worker.id)
         await worker.drain()

@@ -1,23 +1,22 @@
-"""The worker process: loads models, serves them through ModelServers, heartbeats, drains.
-
-Until the router assigns models, a worker serves every model of the repository it is given
-and registers their specs, so clients can resolve them.
-"""
+"""The worker: loads model versions into ModelServers, heartbeats what it holds, and either
+serves a fixed repository or follows the assignment the leader router writes for it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from broker.connection import Connection
 from broker.provision import provision
-from broker.registry import Registry
+from broker.registry import Json, Registry
 from schemas.errors import MeshError, ModelFailure
 from schemas.spec import ModelSpec
 from workers.model_server import ModelServer
@@ -28,7 +27,10 @@ __all__ = ["Worker", "default_worker_id"]
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL_S = 2.0
+HEARTBEAT_INTERVAL_S = 1.0
+_RETRY_MIN_S, _RETRY_MAX_S = 1.0, 60.0
+
+Key = tuple[str, str]  # (model, version)
 
 
 def default_worker_id() -> str:
@@ -43,25 +45,44 @@ def artifact_path(uri: str) -> Path:
 
 
 class Worker:
-    def __init__(self, conn: Connection, worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        worker_id: str | None = None,
+        memory_mb: int = 4096,
+        labels: dict[str, str] | None = None,
+    ) -> None:
         self.conn = conn
         self.id = worker_id or default_worker_id()
-        self.servers: dict[str, ModelServer] = {}
+        self.memory_mb = memory_mb
+        self.labels = labels or {}
+        self.servers: dict[Key, ModelServer] = {}
         self.failed: dict[str, str] = {}
-        self._registry: Registry | None = None
-        self._heartbeat: asyncio.Task[None] | None = None
-        self._started = time.time()
+        self.cached: set[Key] = set()  # versions loaded here before: their artifacts are on local disk
         self.ready = False
+        self._retry: dict[Key, tuple[float, float]] = {}  # key → (retry at, current backoff)
+        self._registry: Registry | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = time.time()
+        self._rates: dict[Key, tuple[float, int]] = {}
+        self._desired: list[Json] = []
+        self._changed = asyncio.Event()
+
+    @property
+    def registry(self) -> Registry:
+        assert self._registry is not None, "start() first"
+        return self._registry
 
     async def start(self) -> None:
         await provision(self.conn)
         self._registry = await Registry.open(self.conn)
-        self._heartbeat = asyncio.create_task(self._beat(), name="heartbeat")
+        self._tasks.append(asyncio.create_task(self._beat(), name="heartbeat"))
+
+    # -- serving a fixed repository ---------------------------------------------------------------
 
     async def serve_repository(self, repo: Path) -> None:
         """Register and serve every model in ``repo``; broken models are reported, not fatal."""
-        loop = asyncio.get_running_loop()
-        specs, errors = await loop.run_in_executor(None, read_repository, repo)
+        specs, errors = await asyncio.get_running_loop().run_in_executor(None, read_repository, repo)
         for error in errors:
             self.failed[error.model] = error.reason
         for spec in specs:
@@ -70,36 +91,114 @@ class Worker:
         await self.beat_now()
 
     async def serve(self, spec: ModelSpec, register: bool = True) -> None:
-        assert self._registry is not None, "start() first"
+        """Serve every version of ``spec`` (registering it first, so clients can resolve it)."""
         if register:
-            await self._registry.put_spec(spec)
-        for version, vspec in spec.versions.items():
-            key = f"{spec.name}:{version}"
-            try:
-                runtime = await asyncio.get_running_loop().run_in_executor(
-                    None, load_runtime, vspec.format, artifact_path(vspec.uri), spec, self.conn.settings.runtime_threads
-                )
-                server = ModelServer(self.conn, spec, version, runtime, self.id)
-                await server.start()
-            except MeshError as err:
-                log.error("cannot serve %s: %s", key, err.message)
-                self.failed[key] = err.message
-                continue
-            self.servers[key] = server
-            self.failed.pop(key, None)
+            await self.registry.put_spec(spec)
+        for version in spec.versions:
+            await self.load(spec, version, spec.priorities)
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "pid": os.getpid(), "host": socket.gethostname(),
-            "started": self._started, "ready": self.ready,
-            "models": {key: server.status() for key, server in self.servers.items()}, "failed": self.failed,
-        }  # fmt: skip
+    # -- loading and unloading one version ------------------------------------------------------
 
-    async def _beat(self) -> None:
-        assert self._registry is not None
+    async def load(self, spec: ModelSpec, version: str, priorities: Sequence[str]) -> bool:
+        """Load, warm up, then start pulling; a failure is recorded and retried with backoff."""
+        key, label = (spec.name, version), f"{spec.name}:{version}"
+        vspec = spec.versions[version]
+        threads = self.conn.settings.runtime_threads
+        try:
+            runtime = await asyncio.get_running_loop().run_in_executor(
+                None, load_runtime, vspec.format, artifact_path(vspec.uri), spec, threads
+            )
+            server = ModelServer(self.conn, spec, version, runtime, self.id, priorities)
+            await server.start()
+        except MeshError as err:
+            wait = min(_RETRY_MAX_S, self._retry.get(key, (0.0, _RETRY_MIN_S / 2))[1] * 2)
+            self._retry[key] = (time.monotonic() + wait, wait)
+            self.failed[label] = err.message
+            log.error("cannot serve %s (retry in %.0fs): %s", label, wait, err.message)
+            return False
+        self.servers[key] = server
+        self.cached.add(key)
+        self.failed.pop(label, None)
+        self._retry.pop(key, None)
+        return True
+
+    async def unload(self, key: Key) -> None:
+        server = self.servers.pop(key)
+        await server.drain()
+
+    # -- following the router's assignment ------------------------------------------------------
+
+    async def follow_assignments(self) -> None:
+        """Serve what the leader router assigns this worker, from now until drain()."""
+        self._tasks.append(asyncio.create_task(self._watch(), name="assignment-watch"))
+        self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconcile"))
+
+    async def _watch(self) -> None:
         while True:
             try:
-                await self._registry.put_heartbeat(self.id, self.status())
+                async for units in self.registry.watch_assignment(self.id):
+                    self._desired = units or []
+                    self._changed.set()
+            except Exception as exc:  # the watch dies with the connection; the loop restarts it
+                log.info("assignment watch interrupted: %s", exc)
+            await asyncio.sleep(1.0)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=_RETRY_MIN_S)
+            self._changed.clear()
+            try:
+                await self.apply(self._desired)
+            except Exception:
+                log.exception("reconciling the assignment failed; trying again")
+
+    async def apply(self, units: list[Json]) -> None:
+        """Make the loaded set equal ``units``: drain and unload what went, load what came."""
+        desired: dict[Key, list[str]] = {(u["model"], u["version"]): list(u["priorities"]) for u in units}
+        for key in [k for k in self.servers if k not in desired]:
+            log.info("unassigned %s:%s; draining", *key)
+            await self.unload(key)
+        for key, priorities in desired.items():
+            server = self.servers.get(key)
+            if server is not None:
+                if set(server.priorities) != set(priorities):
+                    await server.set_priorities(priorities)
+                continue
+            if self._retry.get(key, (0.0, 0.0))[0] > time.monotonic():
+                continue
+            spec = await self.registry.get_spec(key[0])
+            if spec is None or key[1] not in spec.versions:
+                self.failed[f"{key[0]}:{key[1]}"] = "not registered"
+                continue
+            await self.load(spec, key[1], priorities)
+        was_ready, self.ready = self.ready, all(key in self.servers for key in desired)
+        if self.ready != was_ready or desired:
+            await self.beat_now()
+
+    # -- heartbeat and drain -------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        used = sum(server.spec.memory_of(server.version) for server in self.servers.values())
+        return {
+            "id": self.id, "pid": os.getpid(), "host": socket.gethostname(), "started": self._started,
+            "ready": self.ready, "memory_mb": self.memory_mb, "memory_used_mb": used, "labels": self.labels,
+            "models": {server.key: {**server.status(), "rps": self._rate(key, server)}
+                       for key, server in self.servers.items()},
+            "cached": sorted(f"{m}:{v}" for m, v in self.cached), "failed": self.failed,
+        }  # fmt: skip
+
+    def _rate(self, key: Key, server: ModelServer) -> float:
+        """Requests completed per second since the previous heartbeat."""
+        now, done = time.monotonic(), server.stats.succeeded + sum(server.stats.errors.values())
+        then, before = self._rates.get(key, (now, done))
+        self._rates[key] = (now, done)
+        return (done - before) / (now - then) if now > then else 0.0
+
+    async def _beat(self) -> None:
+        while True:
+            try:
+                await self.beat_now()
             except Exception as exc:  # NATS away: keep serving, beat again later
                 log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
@@ -110,10 +209,11 @@ class Worker:
 
     async def drain(self) -> None:
         """Stop pulling everywhere, finish in-flight batches, ack, then leave the registry."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(server.drain() for server in self.servers.values()))
         self.servers.clear()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
         if self._registry is not None and not self.conn.nc.is_closed:
             try:
                 await self._registry.remove_worker(self.id)

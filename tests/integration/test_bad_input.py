@@ -65,7 +65,7 @@ async def test_bad_inputs_are_400_and_batch_mates_still_succeed(
             *(client.infer(name, {"input": g}) for g in good[3:]),
             return_exceptions=True,
         )
-        max_batch = worker.servers[f"{name}:1"].stats.max_batch
+        max_batch = worker.servers[(name, "1")].stats.max_batch
     bad = results[3]
     assert isinstance(bad, BadInput), bad
     assert bad.status == 400 and fragment in bad.message

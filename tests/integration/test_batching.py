@@ -20,7 +20,7 @@ async def test_concurrent_requests_are_batched_and_routed_to_their_callers(
     rows = [np.full((1 + i % 3, 8), i, dtype=np.float32) for i in range(300)]
     async with serving(nats_server.url, tmp_path, [name]) as worker:
         replies = await asyncio.gather(*(client.infer_reply(name, {"input": x}, timeout=30) for x in rows))
-        stats = worker.servers[f"{name}:1"].stats
+        stats = worker.servers[(name, "1")].stats
     for x, reply in zip(rows, replies, strict=True):
         np.testing.assert_array_equal(reply.outputs["output"], x)
     sizes = [r.timing.batch_size for r in replies]
@@ -84,7 +84,7 @@ async def test_clients_that_do_not_take_bundles_get_one_reply_per_request(
             for _ in range(10):
                 msg = await sub.next_msg(timeout=10)
                 got[msg.subject.rsplit(".", 1)[-1]] = decode_reply(msg.data).outputs["output"]
-            assert worker.servers[f"{name}:1"].stats.max_batch > 1  # they were batched together
+            assert worker.servers[(name, "1")].stats.max_batch > 1  # they were batched together
     finally:
         await nc.close()
     for i in range(10):

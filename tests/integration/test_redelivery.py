@@ -90,7 +90,7 @@ async def test_long_batch_is_kept_alive_and_not_redelivered(
         )
         elapsed = time.monotonic() - start
         await asyncio.sleep(0.5)  # room for a wrongful redelivery to show up in the stats
-        stats = worker.servers[f"{name}:1"].stats
+        stats = worker.servers[(name, "1")].stats
     assert elapsed > 1.0, "the model must outlast several ack waits for this test to mean anything"
     assert reply.timing.attempt == 1
     assert stats.succeeded == 1 and stats.batches == 1

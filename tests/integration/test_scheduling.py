@@ -55,7 +55,7 @@ async def test_expired_request_is_not_computed_and_caller_gets_504(
             await client.infer(name, {"input": x}, timeout=0.2)
         assert excinfo.value.status == 504
         await asyncio.gather(*backlog)
-        stats = worker.servers[f"{name}:1"].stats
+        stats = worker.servers[(name, "1")].stats
     # The expired request was dropped by the worker, not computed: rows computed = answered requests.
     assert stats.expired >= 1
     assert stats.rows == stats.succeeded == 151
