@@ -9,7 +9,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from broker.connection import Connection
@@ -21,8 +22,13 @@ __all__ = ["Registry"]
 Json = dict[str, Any]
 
 
+class _Bucket:
+    def __init__(self, js: JetStreamContext, name: str, kv: KeyValue) -> None:
+        self.js, self.name, self.kv = js, name, kv
+
+
 class Registry:
-    def __init__(self, models: KeyValue, workers: KeyValue, assignments: KeyValue, status: KeyValue) -> None:
+    def __init__(self, models: _Bucket, workers: _Bucket, assignments: _Bucket, status: _Bucket) -> None:
         self._models = models
         self._workers = workers
         self._assignments = assignments
@@ -31,20 +37,20 @@ class Registry:
     @classmethod
     async def open(cls, conn: Connection) -> Registry:
         js = conn.js
-        buckets = [await js.key_value(b) for b in (BUCKET_MODELS, BUCKET_WORKERS, BUCKET_ASSIGNMENTS, BUCKET_STATUS)]
-        return cls(*buckets)
+        names = (BUCKET_MODELS, BUCKET_WORKERS, BUCKET_ASSIGNMENTS, BUCKET_STATUS)
+        return cls(*[_Bucket(js, name, await js.key_value(name)) for name in names])
 
     # -- model specs ---------------------------------------------------------------------------
 
     async def put_spec(self, spec: ModelSpec) -> None:
-        await self._models.put(spec.name, spec.model_dump_json().encode())
+        await self._models.kv.put(spec.name, spec.model_dump_json().encode())
 
     async def get_spec(self, name: str) -> ModelSpec | None:
         value = await _get(self._models, name)
         return None if value is None else ModelSpec.model_validate_json(value)
 
     async def delete_spec(self, name: str) -> None:
-        await self._models.delete(name)
+        await self._models.kv.delete(name)
 
     async def list_specs(self) -> list[ModelSpec]:
         return [ModelSpec.model_validate_json(v) for v in (await _all(self._models)).values()]
@@ -52,18 +58,18 @@ class Registry:
     # -- worker heartbeats (the bucket's TTL removes dead workers) --------------------------------
 
     async def put_heartbeat(self, worker_id: str, status: Json) -> None:
-        await self._workers.put(worker_id, json.dumps(status).encode())
+        await self._workers.kv.put(worker_id, json.dumps(status).encode())
 
     async def heartbeats(self) -> dict[str, Json]:
         return {k: json.loads(v) for k, v in (await _all(self._workers)).items()}
 
     async def remove_worker(self, worker_id: str) -> None:
-        await self._workers.delete(worker_id)
+        await self._workers.kv.delete(worker_id)
 
     # -- assignments (written by the leader router only) -----------------------------------------
 
     async def put_assignment(self, worker_id: str, units: list[Json]) -> None:
-        await self._assignments.put(worker_id, json.dumps({"units": units}).encode())
+        await self._assignments.kv.put(worker_id, json.dumps({"units": units}).encode())
 
     async def get_assignment(self, worker_id: str) -> list[Json] | None:
         value = await _get(self._assignments, worker_id)
@@ -73,11 +79,11 @@ class Registry:
         return {k: list(json.loads(v)["units"]) for k, v in (await _all(self._assignments)).items()}
 
     async def delete_assignment(self, worker_id: str) -> None:
-        await self._assignments.delete(worker_id)
+        await self._assignments.kv.delete(worker_id)
 
     async def watch_assignment(self, worker_id: str) -> AsyncIterator[list[Json] | None]:
         """Yields the worker's assignment now and on every change (None: no assignment)."""
-        watcher = await self._assignments.watch(worker_id)
+        watcher = await self._assignments.kv.watch(worker_id)
         try:
             async for entry in watcher:
                 if entry is None:
@@ -92,19 +98,19 @@ class Registry:
     # -- router status per model (replicas, lag, last decision) ------------------------------------
 
     async def put_status(self, model: str, status: Json) -> None:
-        await self._status.put(model, json.dumps(status).encode())
+        await self._status.kv.put(model, json.dumps(status).encode())
 
     async def get_status(self, model: str) -> Json | None:
         value = await _get(self._status, model)
         return None if value is None else dict(json.loads(value))
 
     async def delete_status(self, model: str) -> None:
-        await self._status.delete(model)
+        await self._status.kv.delete(model)
 
 
-async def _get(kv: KeyValue, key: str) -> bytes | None:
+async def _get(bucket: _Bucket, key: str) -> bytes | None:
     try:
-        entry = await kv.get(key)
+        entry = await bucket.kv.get(key)
     except KeyNotFoundError:
         return None
     if entry.value is None or entry.operation is not None:
@@ -112,14 +118,15 @@ async def _get(kv: KeyValue, key: str) -> bytes | None:
     return entry.value
 
 
-async def _all(kv: KeyValue) -> dict[str, bytes]:
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return {}
+async def _all(bucket: _Bucket) -> dict[str, bytes]:
+    """Every live key's value. Keys come from one stream-info call rather than ``kv.keys()``,
+    which builds a consumer per call and can come back empty under load — and an empty registry
+    read as "every model was deleted" would unload the mesh."""
+    info = await bucket.js.stream_info(f"KV_{bucket.name}", subjects_filter=f"$KV.{bucket.name}.>")
+    prefix = len(f"$KV.{bucket.name}.")
     values = {}
-    for key in keys:
-        value = await _get(kv, key)
+    for subject in info.state.subjects or {}:
+        value = await _get(bucket, subject[prefix:])
         if value:
-            values[key] = value
+            values[subject[prefix:]] = value
     return values

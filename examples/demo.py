@@ -61,6 +61,23 @@ async def _digits(client: MeshClient) -> None:
     print(f"  {_timing(reply.timing)}")
 
 
+async def _placement(url: str) -> None:
+    from broker import Connection, Registry, Settings
+
+    conn = await Connection.open(Settings.from_url(url))
+    try:
+        registry = await Registry.open(conn)
+        print("\nplacement (decided by the router from the registry, heartbeats and queue lag):")
+        for name in ("iris", "digits"):
+            status = await registry.get_status(name) or {}
+            for version, st in status.get("versions", {}).items():
+                decision = st.get("last_decision") or {}
+                print(f"  {name}:{version} ready on {', '.join(st.get('ready', [])) or '-'}"
+                      f" — {decision.get('action', '?')}: {decision.get('reason', '')}")  # fmt: skip
+    finally:
+        await conn.close()
+
+
 async def _errors(client: MeshClient) -> None:
     print("\ntyped errors:")
     for label, call in (
@@ -83,18 +100,19 @@ async def main() -> None:
     for build, artifact in ((build_iris_onnx, "iris/1/model.onnx"), (build_digits_torchscript, "digits/1/model.pt")):
         if not (repo / artifact).exists():
             build(repo)
-    print("starting the embedded mesh: nats-server (JetStream) + 1 worker ...")
+    print("starting the embedded mesh: nats-server (JetStream) + router + 1 worker ...")
     mesh = LocalMesh(repo, workers=1, port=args.port, state_dir=Path(args.state) / "run", storage="memory")
     await mesh.start()
     try:
         print(f"mesh up at {mesh.url}")
         async with await MeshClient.connect(mesh.url) as client:
+            await _placement(mesh.url)
             await _iris(client)
             await _digits(client)
             await _errors(client)
     finally:
         mesh.stop()
-    print("\nmesh stopped (worker drained, nats-server stopped).")
+    print("\nmesh stopped (worker drained, router released its lease, nats-server stopped).")
 
 
 if __name__ == "__main__":

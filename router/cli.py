@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -33,7 +34,38 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from workers.process import run_worker
 
     settings = Settings.from_env(nats_url=args.nats)
-    run(run_worker(settings, Path(args.models), args.id), settings.loop)
+    models = Path(args.models) if args.models else None
+    labels = _labels(args.labels)
+    run(run_worker(settings, models, args.id, memory_mb=args.memory_mb, labels=labels), settings.loop)
+    return 0
+
+
+def _labels(text: str | None) -> dict[str, str]:
+    pairs = [item.partition("=") for item in (text or "").split(",") if item]
+    if any(not sep for _, sep, _ in pairs):
+        raise SystemExit(f"--labels takes k=v,..., got {text!r}")
+    return {k.strip(): v.strip() for k, _, v in pairs}
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    from router.process import run_router
+
+    settings = Settings.from_env(nats_url=args.nats)
+    run(run_router(settings, args.id, args.tick), settings.loop)
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from router.model_commands import run as run_models
+
+    return run(run_models(args), "asyncio")
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    from router.top import run_top
+
+    with contextlib.suppress(KeyboardInterrupt):
+        run(run_top(Settings.from_env(nats_url=args.nats), args.interval, args.once), "asyncio")
     return 0
 
 
@@ -41,10 +73,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from router.local import LocalMesh
 
     state = Path(args.state_dir) if args.state_dir else None
-    mesh = LocalMesh(Path(args.models), workers=args.workers, port=args.port, state_dir=state)
+    mesh = LocalMesh(Path(args.models), workers=args.workers, routers=args.routers, port=args.port, state_dir=state)
     asyncio.run(mesh.start())
     try:
-        print(f"servemesh up: nats at {mesh.url}, {args.workers} worker(s) serving {args.models}", flush=True)
+        print(f"servemesh up: nats at {mesh.url}, {args.workers} worker(s), {args.routers} router(s), "
+              f"models from {args.models}", flush=True)  # fmt: skip
         print(f"logs in {mesh.log_dir}; try: servemesh infer MODEL --input NAME=FILE.npy --nats {mesh.url}", flush=True)
         _wait_for_signal()
     finally:
@@ -104,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="embedded nats-server + workers on this machine, until Ctrl-C")
     up.add_argument("--models", required=True, help="model repository directory")
     up.add_argument("--workers", type=int, default=1)
+    up.add_argument("--routers", type=int, default=1)
     up.add_argument("--port", type=int, default=4222, help="nats port (-1: any free port)")
     up.add_argument("--state-dir", help="keep JetStream data and logs here (default: a temp dir)")
     up.set_defaults(run=_cmd_up)
@@ -113,11 +147,30 @@ def _parser() -> argparse.ArgumentParser:
     nats_cmd.add_argument("--store-dir")
     nats_cmd.set_defaults(run=_cmd_nats)
 
-    worker = sub.add_parser("worker", help="serve every model of a repository")
-    worker.add_argument("--models", required=True)
+    worker = sub.add_parser("worker", help="serve what the router assigns (or, with --models, a repository)")
+    worker.add_argument("--models", help="serve every model of this repository instead of following the router")
     worker.add_argument("--id", help="stable worker id (default: host-pid)")
+    worker.add_argument("--memory-mb", type=int, default=4096, help="memory budget for loaded models")
+    worker.add_argument("--labels", help="k=v,... (e.g. tier=fast,zone=a) for placement rules")
     worker.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
     worker.set_defaults(run=_cmd_worker)
+
+    router = sub.add_parser("router", help="placement and autoscaling (run 2+ for HA; one leads)")
+    router.add_argument("--id", help="router id (default: host-pid)")
+    router.add_argument("--tick", type=float, default=0.5, help="seconds between placement rounds")
+    router.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
+    router.set_defaults(run=_cmd_router)
+
+    top = sub.add_parser("top", help="live view of models and workers")
+    top.add_argument("--interval", type=float, default=1.0)
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
+    top.set_defaults(run=_cmd_top)
+
+    from router.model_commands import add_parsers
+
+    add_parsers(sub)
+    sub.choices["models"].set_defaults(run=_cmd_models)
 
     infer = sub.add_parser("infer", help="send one request and print the outputs")
     infer.add_argument("model")

@@ -1,7 +1,6 @@
-"""LocalMesh: a whole mesh on one machine — embedded nats-server plus worker processes.
-
-``servemesh up`` and the demo use it. Every child is started and stopped by its PID.
-"""
+"""LocalMesh: a whole mesh on one machine — embedded nats-server, router(s) and worker processes,
+with a local model repository registered. ``servemesh up`` and the demo use it. Every child is
+started and stopped by its PID."""
 
 from __future__ import annotations
 
@@ -20,24 +19,47 @@ from broker.provision import provision
 from broker.registry import Registry
 from broker.server import NatsServer
 from broker.settings import Settings
+from workers.repository import read_repository
 
-__all__ = ["LocalMesh", "spawn_worker"]
+__all__ = ["LocalMesh", "spawn_router", "spawn_worker", "wait_models_ready", "wait_workers_ready"]
 
 log = logging.getLogger(__name__)
 
 
-def spawn_worker(
-    url: str, models: Path, worker_id: str, log_path: Path | None = None, extra_env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    """Start ``servemesh worker`` as a child process (its own process group, so signals stay ours)."""
-    cmd = [sys.executable, "-m", "router", "worker", "--models", str(models), "--id", worker_id, "--nats", url]
+def _spawn(args: list[str], log_path: Path | None, extra_env: dict[str, str] | None) -> subprocess.Popen[bytes]:
+    """``python -m router ARGS`` as a child in its own process group (signals stay ours to send)."""
     env = {**os.environ, **(extra_env or {})}
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
     try:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "router", *args], stdout=out, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )  # fmt: skip
     finally:
         if log_path:
             out.close()  # type: ignore[union-attr]
+
+
+def spawn_worker(
+    url: str,
+    models: Path | None,
+    worker_id: str,
+    log_path: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+    memory_mb: int = 4096,
+    labels: str = "",
+) -> subprocess.Popen[bytes]:
+    """A worker process: serving ``models`` as they are, or (None) following the router."""
+    args = ["worker", "--id", worker_id, "--nats", url, "--memory-mb", str(memory_mb)]
+    args += ["--models", str(models)] if models is not None else []
+    args += ["--labels", labels] if labels else []
+    return _spawn(args, log_path, extra_env)
+
+
+def spawn_router(
+    url: str, router_id: str, log_path: Path | None = None, extra_env: dict[str, str] | None = None, tick_s: float = 0.5
+) -> subprocess.Popen[bytes]:
+    return _spawn(["router", "--id", router_id, "--nats", url, "--tick", str(tick_s)], log_path, extra_env)
 
 
 async def wait_workers_ready(registry: Registry, worker_ids: list[str], timeout: float) -> None:
@@ -51,16 +73,38 @@ async def wait_workers_ready(registry: Registry, worker_ids: list[str], timeout:
     raise TimeoutError(f"workers {worker_ids} not ready after {timeout}s")
 
 
+async def wait_models_ready(registry: Registry, models: list[str], timeout: float, replicas: int = 1) -> None:
+    """Until every version of ``models`` is loaded on at least ``replicas`` workers, or TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        loaded: dict[str, int] = {}
+        for beat in (await registry.heartbeats()).values():
+            for key in beat.get("models", {}):
+                loaded[key] = loaded.get(key, 0) + 1
+        specs = [await registry.get_spec(m) for m in models]
+        wanted = [f"{s.name}:{v}" for s in specs if s is not None for v in s.versions]
+        if len(wanted) >= len(models) and all(loaded.get(k, 0) >= replicas for k in wanted):
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"models {models} not ready after {timeout}s")
+
+
 class LocalMesh:
     def __init__(
-        self, models: Path, workers: int = 1, port: int = -1, state_dir: Path | None = None, storage: str = "file"
+        self,
+        models: Path,
+        workers: int = 1,
+        routers: int = 1,
+        port: int = -1,
+        state_dir: Path | None = None,
+        storage: str = "file",
     ) -> None:
         self.models = models
         self.n_workers = workers
-        self.state_dir = state_dir
-        self.settings_storage = storage
+        self.n_routers = routers
+        self.storage = storage
         self.server = NatsServer(port=port, store_dir=state_dir / "nats" if state_dir else None)
-        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
     def url(self) -> str:
@@ -72,17 +116,23 @@ class LocalMesh:
 
     async def start(self, timeout: float = 120.0) -> LocalMesh:
         self.server.start()
-        settings = Settings.from_url(self.url, storage=self.settings_storage)
-        conn = await Connection.open(settings)
+        env = {"SERVEMESH_STORAGE": self.storage}
+        conn = await Connection.open(Settings.from_url(self.url, storage=self.storage))
         try:
             await provision(conn)
+            registry = await Registry.open(conn)
+            specs, errors = await asyncio.get_running_loop().run_in_executor(None, read_repository, self.models)
+            for error in errors:
+                log.error("not registering %s: %s", error.model, error.reason)
+            for spec in specs:
+                await registry.put_spec(spec)
+            for i in range(self.n_routers):
+                name = f"router-{i + 1}"
+                self.children[name] = spawn_router(self.url, name, self.log_dir / f"{name}.log", env)
             for i in range(self.n_workers):
-                worker_id = f"local-{i + 1}"
-                self.workers[worker_id] = spawn_worker(
-                    self.url, self.models, worker_id, self.log_dir / f"{worker_id}.log",
-                    {"SERVEMESH_STORAGE": self.settings_storage},
-                )  # fmt: skip
-            await wait_workers_ready(await Registry.open(conn), list(self.workers), timeout)
+                name = f"worker-{i + 1}"
+                self.children[name] = spawn_worker(self.url, None, name, self.log_dir / f"{name}.log", env)
+            await wait_models_ready(registry, [s.name for s in specs if s.min_replicas > 0], timeout)
         except BaseException:
             await conn.close()
             self.stop()
@@ -91,18 +141,18 @@ class LocalMesh:
         return self
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM every worker (they drain), SIGKILL stragglers, then stop nats-server."""
-        for proc in self.workers.values():
+        """SIGTERM every child (workers drain, routers release the lease), SIGKILL stragglers, stop NATS."""
+        for proc in self.children.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for worker_id, proc in self.workers.items():
+        for name, proc in self.children.items():
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                log.warning("worker %s did not drain in %ss; killing it", worker_id, timeout)
+                log.warning("%s did not stop in %ss; killing it", name, timeout)
                 proc.kill()
                 proc.wait()
-        self.workers.clear()
+        self.children.clear()
         self.server.close()
 
     async def __aenter__(self) -> LocalMesh:

@@ -88,6 +88,6 @@ class Decision:
 
     model: str
     version: str
-    action: str  # "scale_up", "scale_down", "place", "evict", "replace", "unplaceable"
+    action: str  # "scale_up", "scale_down", "place", "evict", "replace", "remove", "unplaceable"
     reason: str
     worker: str | None = None

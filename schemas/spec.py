@@ -68,6 +68,7 @@ class ModelSpec(BaseModel):
     max_replicas: int = Field(default=1, ge=1)
     # Memory one loaded replica needs; unset: estimated from the artifact's size.
     memory_mb: int | None = Field(default=None, ge=1)
+    # Labels every worker serving this model must carry (e.g. {"gpu": "true"}).
     labels: dict[str, str] = {}
     # priority → labels a worker must carry to serve it, e.g. {"high": {"tier": "fast"}}.
     placement: dict[Priority, dict[str, str]] = {}

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -61,12 +61,21 @@ class ServingStats:
     max_batch: int = 0
     errors: Counter[int] = field(default_factory=Counter)
     expired: int = 0
+    busy_s: float = 0.0  # time spent computing
+    # Recent latencies inside the mesh (stored in the stream → reply sent), for p50/p99.
+    recent_ms: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
 
     def as_dict(self) -> dict[str, Any]:
+        ordered = sorted(self.recent_ms)
         return {
             "succeeded": self.succeeded, "batches": self.batches, "rows": self.rows, "max_batch": self.max_batch,
             "errors": {str(k): v for k, v in self.errors.items()}, "expired": self.expired,
+            "busy_s": round(self.busy_s, 4), "p50_ms": _quantile(ordered, 0.5), "p99_ms": _quantile(ordered, 0.99),
         }  # fmt: skip
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) if ordered else None
 
 
 class ModelServer:
@@ -226,6 +235,7 @@ class ModelServer:
             finally:
                 keepalive.cancel()
         compute_ms = (time.monotonic() - t0) * 1000
+        self.stats.busy_s += compute_ms / 1000
         self.stats.batches += 1
         self.stats.rows += rows
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
@@ -240,6 +250,8 @@ class ModelServer:
                 self.stats.succeeded += 1
                 sender.add(request.delivery, encode_outputs(result, timing))
         await sender.send()
+        sent_ns = time.time_ns()
+        self.stats.recent_ms.extend((sent_ns - r.delivery.stored_ns) / 1e6 for r in batch if r.delivery.stored_ns)
         for request in batch:
             await request.delivery.ack()
         self._computing = 0

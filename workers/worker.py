@@ -64,9 +64,10 @@ class Worker:
         self._registry: Registry | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._started = time.time()
-        self._rates: dict[Key, tuple[float, int]] = {}
+        self._rates: dict[Key, tuple[float, int, float]] = {}
         self._desired: list[Json] = []
         self._changed = asyncio.Event()
+        self.managed = False  # True once it follows the router's assignments
 
     @property
     def registry(self) -> Registry:
@@ -130,6 +131,7 @@ class Worker:
 
     async def follow_assignments(self) -> None:
         """Serve what the leader router assigns this worker, from now until drain()."""
+        self.managed = True
         self._tasks.append(asyncio.create_task(self._watch(), name="assignment-watch"))
         self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconcile"))
 
@@ -182,18 +184,30 @@ class Worker:
         used = sum(server.spec.memory_of(server.version) for server in self.servers.values())
         return {
             "id": self.id, "pid": os.getpid(), "host": socket.gethostname(), "started": self._started,
-            "ready": self.ready, "memory_mb": self.memory_mb, "memory_used_mb": used, "labels": self.labels,
-            "models": {server.key: {**server.status(), "rps": self._rate(key, server)}
+            "time": time.time(),
+            "ready": self.ready, "managed": self.managed, "labels": self.labels,
+            "memory_mb": self.memory_mb, "memory_used_mb": used,
+            "models": {server.key: {**server.status(), **self._rates_of(key, server)}
                        for key, server in self.servers.items()},
             "cached": sorted(f"{m}:{v}" for m, v in self.cached), "failed": self.failed,
         }  # fmt: skip
 
-    def _rate(self, key: Key, server: ModelServer) -> float:
-        """Requests completed per second since the previous heartbeat."""
-        now, done = time.monotonic(), server.stats.succeeded + sum(server.stats.errors.values())
-        then, before = self._rates.get(key, (now, done))
-        self._rates[key] = (now, done)
-        return (done - before) / (now - then) if now > then else 0.0
+    def _rates_of(self, key: Key, server: ModelServer) -> dict[str, float]:
+        """Requests completed per second and the busy fraction since the previous heartbeat."""
+        now, done, busy = (
+            time.monotonic(),
+            server.stats.succeeded + sum(server.stats.errors.values()),
+            server.stats.busy_s,
+        )
+        then, done_before, busy_before = self._rates.get(key, (now, done, busy))
+        self._rates[key] = (now, done, busy)
+        elapsed = now - then
+        if elapsed <= 0:
+            return {"rps": 0.0, "busy": 0.0}
+        return {
+            "rps": round((done - done_before) / elapsed, 2),
+            "busy": round(min(1.0, (busy - busy_before) / elapsed), 3),
+        }
 
     async def _beat(self) -> None:
         while True:

@@ -1,0 +1,185 @@
+"""``servemesh models ...``: register, inspect and remove models in the mesh's registry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from broker.connection import Connection
+from broker.provision import provision
+from broker.registry import Registry
+from broker.settings import Settings
+from schemas.spec import ModelSpec, VersionSpec
+from schemas.subjects import PRIORITIES
+from workers.repository import read_model, read_repository
+
+__all__ = ["add_parsers", "run"]
+
+
+def _kv_pairs(text: str | None) -> dict[str, str]:
+    pairs = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected key=value, got {item!r}")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _placement(items: list[str]) -> dict[str, dict[str, str]]:
+    rules: dict[str, dict[str, str]] = {}
+    for item in items:
+        priority, _, labels = item.partition(":")
+        rules.setdefault(priority, {}).update(_kv_pairs(labels))
+    return rules
+
+
+def _from_source(name: str, source: str, version: str | None) -> ModelSpec:
+    path = Path(source)
+    if path.is_dir():
+        spec = read_model(path)
+        return spec.model_copy(update={"name": name})
+    if path.is_file():
+        fmt = "torchscript" if path.suffix in (".pt", ".pth") else "onnx"
+        vspec = VersionSpec(uri=path.resolve().as_uri(), format=fmt, size=path.stat().st_size)
+        return ModelSpec(name=name, versions={version or "1": vspec})
+    raise SystemExit(f"--from {source}: no such model directory or artifact file")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "min_replicas": args.min_replicas, "max_replicas": args.max_replicas, "memory_mb": args.memory_mb,
+        "max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms,
+    }  # fmt: skip
+    if args.priorities:
+        values["priorities"] = [p for p in args.priorities.split(",") if p]
+    if args.labels:
+        values["labels"] = _kv_pairs(args.labels)
+    if args.placement:
+        values["placement"] = _placement(args.placement)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+async def _add(registry: Registry, args: argparse.Namespace) -> Any:
+    new = _from_source(args.name, args.source, args.version)
+    existing = await registry.get_spec(args.name)
+    merged = new.model_dump()
+    if existing is not None:  # a new version of a known model keeps the model's settings
+        merged = {**existing.model_dump(), "versions": {**existing.model_dump()["versions"], **merged["versions"]}}
+    merged.update(_overrides(args))
+    if merged.get("max_replicas", 1) < merged.get("min_replicas", 1):
+        merged["max_replicas"] = merged["min_replicas"]
+    spec = ModelSpec.model_validate(merged)
+    await registry.put_spec(spec)
+    return {"added": spec.name, "versions": sorted(spec.versions)}
+
+
+async def _add_repo(registry: Registry, args: argparse.Namespace) -> Any:
+    specs, errors = read_repository(Path(args.dir))
+    for spec in specs:
+        await registry.put_spec(spec)
+    return {"added": [s.name for s in specs], "skipped": {e.model: e.reason for e in errors}}
+
+
+def _summary(spec: ModelSpec, status: dict[str, Any] | None) -> dict[str, Any]:
+    versions = (status or {}).get("versions", {})
+    return {
+        "name": spec.name, "versions": sorted(spec.versions), "default": spec.resolve_version(None),
+        "replicas": {"min": spec.min_replicas, "max": spec.max_replicas},
+        "ready": {v: len(s.get("ready", [])) for v, s in versions.items()},
+        "lag": {v: sum(p["messages"] for p in s.get("lag", {}).values()) for v, s in versions.items()},
+    }  # fmt: skip
+
+
+async def _list(registry: Registry, args: argparse.Namespace) -> Any:
+    return [_summary(spec, await registry.get_status(spec.name)) for spec in await registry.list_specs()]
+
+
+async def _show(registry: Registry, args: argparse.Namespace) -> Any:
+    spec = await registry.get_spec(args.name)
+    if spec is None:
+        raise SystemExit(f"no model {args.name!r}")
+    status = await registry.get_status(args.name) or {}
+    return {"spec": json.loads(spec.model_dump_json()), "status": status.get("versions", {}),
+            "leader": status.get("leader")}  # fmt: skip
+
+
+async def _rm(registry: Registry, args: argparse.Namespace) -> Any:
+    if await registry.get_spec(args.name) is None:
+        raise SystemExit(f"no model {args.name!r}")
+    await registry.delete_spec(args.name)
+    return {"removed": args.name}
+
+
+def _print_human(command: str, result: Any) -> None:
+    if command == "list":
+        print(f"{'MODEL':<24} {'VERSIONS':<12} {'REPLICAS':<9} {'READY':<12} LAG")
+        for m in result:
+            ready = ",".join(f"{v}:{n}" for v, n in m["ready"].items()) or "-"
+            lag = ",".join(f"{v}:{n}" for v, n in m["lag"].items()) or "-"
+            print(f"{m['name']:<24} {','.join(m['versions']):<12} {m['replicas']['min']}..{m['replicas']['max']:<6} "
+                  f"{ready:<12} {lag}")  # fmt: skip
+    elif command == "show":
+        spec = result["spec"]
+        print(f"{spec['name']}: batch ≤ {spec['max_batch_size']}, delay {spec['max_delay_ms']} ms, replicas "
+              f"{spec['min_replicas']}..{spec['max_replicas']}, priorities {','.join(spec['priorities'])}")  # fmt: skip
+        for version in sorted(spec["versions"]):
+            st = result["status"].get(version, {})
+            print(f"  version {version}: ready on {', '.join(st.get('ready', [])) or 'no worker'}; "
+                  f"assigned to {', '.join(st.get('desired', [])) or 'none'}; {st.get('rps', 0)} req/s")  # fmt: skip
+            for priority, lag in st.get("lag", {}).items():
+                print(f"    {priority:<7} lag {lag['messages']} msgs, oldest {lag['age_s']} s")
+            if st.get("last_decision"):
+                d = st["last_decision"]
+                print(
+                    f"    last decision: {d['action']}{' on ' + d['worker'] if d.get('worker') else ''}: {d['reason']}"
+                )
+    else:
+        print(json.dumps(result))
+
+
+_COMMANDS = {"add": _add, "add-repo": _add_repo, "list": _list, "show": _show, "rm": _rm}
+
+
+async def run(args: argparse.Namespace) -> int:
+    conn = await Connection.open(Settings.from_env(nats_url=args.nats), name="servemesh-cli")
+    try:
+        await provision(conn)
+        result = await _COMMANDS[args.models_command](await Registry.open(conn), args)
+    finally:
+        await conn.close()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_human(args.models_command, result)
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    models = sub.add_parser("models", help="register, list, show and remove models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    add = msub.add_parser("add", help="register a model (or a new version of one)")
+    add.add_argument("name")
+    add.add_argument("--from", dest="source", required=True, help="model directory or artifact file")
+    add.add_argument("--version")
+    add.add_argument("--min-replicas", type=int)
+    add.add_argument("--max-replicas", type=int)
+    add.add_argument("--memory-mb", type=int)
+    add.add_argument("--max-batch-size", type=int)
+    add.add_argument("--max-delay-ms", type=float)
+    add.add_argument("--priorities", help=f"subset of {','.join(PRIORITIES)}")
+    add.add_argument("--labels", help="worker labels the model needs, k=v,...")
+    add.add_argument("--placement", action="append", default=[], metavar="PRIORITY:k=v,...",
+                     help="worker labels one priority needs, e.g. high:tier=fast")  # fmt: skip
+    repo = msub.add_parser("add-repo", help="register every model of a repository directory")
+    repo.add_argument("dir")
+    msub.add_parser("list", help="registered models with ready replicas and lag")
+    show = msub.add_parser("show", help="one model: replicas, workers, lag, rps, last decision")
+    show.add_argument("name")
+    rm = msub.add_parser("rm", help="unregister a model (its replicas are unloaded)")
+    rm.add_argument("name")
+    for parser in msub.choices.values():
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+        parser.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")

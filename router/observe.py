@@ -1,0 +1,90 @@
+"""Build the policy's Snapshot from the mesh's shared state: specs, heartbeats, lag, assignments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker.connection import Connection
+from broker.lag import read_lag
+from broker.registry import Json, Registry
+from router.snapshot import Lag, LoadedUnit, ModelVersion, Snapshot, Unit, WorkerState
+from schemas.spec import ModelSpec
+
+__all__ = ["STALE_AFTER_S", "observe", "unit_from_json", "unit_to_json"]
+
+# Workers beat every second; one silent this long is treated as dead (its KV entry expires later).
+STALE_AFTER_S = 3.0
+
+
+def unit_to_json(unit: Unit) -> Json:
+    return {"model": unit.model, "version": unit.version, "priorities": sorted(unit.priorities)}
+
+
+def unit_from_json(raw: Json) -> Unit:
+    return Unit(str(raw["model"]), str(raw["version"]), frozenset(raw["priorities"]))
+
+
+def model_versions(specs: list[ModelSpec]) -> dict[tuple[str, str], ModelVersion]:
+    versions = {}
+    for spec in specs:
+        for version in spec.versions:
+            versions[(spec.name, version)] = ModelVersion(
+                model=spec.name, version=version, memory_mb=spec.memory_of(version),
+                min_replicas=spec.min_replicas, max_replicas=spec.max_replicas,
+                priorities=tuple(spec.priorities), placement=_placement(spec),
+            )  # fmt: skip
+    return versions
+
+
+def _placement(spec: ModelSpec) -> dict[str, dict[str, str]]:
+    """Worker labels each priority needs: the model's labels, plus the priority's own rule."""
+    rules: dict[str, dict[str, str]] = {}
+    for priority in spec.priorities:
+        required = {**spec.labels, **spec.placement.get(priority, {})}
+        if required:
+            rules[priority] = required
+    return rules
+
+
+def worker_state(beat: dict[str, Any]) -> WorkerState:
+    loaded = tuple(
+        LoadedUnit(
+            unit=Unit(m["model"], m["version"], frozenset(m["priorities"])),
+            last_used=float(m.get("last_used", 0.0)),
+            in_flight=int(m.get("in_flight", 0)),
+            rps=float(m.get("rps", 0.0)),
+        )
+        for m in beat.get("models", {}).values()
+    )
+    return WorkerState(
+        id=beat["id"],
+        memory_mb=int(beat.get("memory_mb", 0)),
+        labels=dict(beat.get("labels", {})),
+        loaded=loaded,
+        cached=frozenset(_key(k) for k in beat.get("cached", [])),
+        failed=frozenset(_key(k) for k in beat.get("failed", {}) if ":" in k),
+    )
+
+
+def _key(label: str) -> tuple[str, str]:
+    model, _, version = label.rpartition(":")
+    return (model, version)
+
+
+async def observe(conn: Connection, registry: Registry, now: float) -> Snapshot:
+    specs = await registry.list_specs()
+    beats = await registry.heartbeats()
+    lag = await read_lag(conn.js, now)
+    assigned = await registry.assignments()
+    return Snapshot(
+        now=now,
+        models=model_versions(specs),
+        # Workers serving a fixed repository ignore assignments, so the policy leaves them out.
+        workers={
+            w: worker_state(b)
+            for w, b in beats.items()
+            if b.get("managed") and now - float(b.get("time", 0.0)) < STALE_AFTER_S
+        },
+        lag={k: Lag(v.messages, v.age_s) for k, v in lag.items()},
+        assigned={w: frozenset(unit_from_json(u) for u in units) for w, units in assigned.items()},
+    )

@@ -1,0 +1,133 @@
+"""The router process: one leader (KV lease) ticks the placement policy; standbys wait.
+
+Each tick reads a snapshot, plans, writes the assignments that changed and each model's
+status (replicas, lag, last decision and its reason). Workers never wait for the router:
+with no leader they keep serving their current assignments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import defaultdict
+from typing import Any
+
+from broker.connection import Connection
+from broker.lease import Lease
+from broker.provision import provision
+from broker.registry import Json, Registry
+from router.observe import observe, unit_to_json
+from router.policy import PolicyConfig, PolicyState, plan
+from router.snapshot import Assignments, Decision, Snapshot
+
+__all__ = ["Router"]
+
+log = logging.getLogger(__name__)
+
+LEASE_KEY = "router"
+
+
+class Router:
+    def __init__(self, conn: Connection, router_id: str | None = None, config: PolicyConfig | None = None,
+                 tick_s: float = 0.5) -> None:  # fmt: skip
+        self.conn = conn
+        self.id = router_id or f"router-{socket.gethostname()}-{os.getpid()}"
+        self.config = config or PolicyConfig()
+        self.tick_s = tick_s
+        self.state = PolicyState()
+        self.leading = False
+        self._registry: Registry | None = None
+        self._last_decisions: dict[tuple[str, str], Decision] = {}
+        self._written: dict[str, Json] = {}  # status last written per model, to write only changes
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await provision(self.conn)
+        self._registry = await Registry.open(self.conn)
+        lease = await Lease.open(self.conn, LEASE_KEY, self.id)
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                leading = await lease.tick()
+                if leading != self.leading:
+                    log.info("%s is %s", self.id, "now the leader" if leading else "a standby")
+                    self.leading = leading
+                    self.state = PolicyState()  # a new term starts from what KV says, not stale memory
+                    self._written.clear()
+                if leading:
+                    try:
+                        await self.tick()
+                    except Exception:
+                        log.exception("router tick failed; next tick retries")
+                await _sleep_until(stop, started + self.tick_s)
+        finally:
+            await lease.release()
+
+    async def tick(self) -> list[Decision]:
+        assert self._registry is not None
+        snapshot = await observe(self.conn, self._registry, time.time())
+        assignments, self.state, decisions = plan(snapshot, self.state, self.config)
+        await self._write_assignments(snapshot, assignments)
+        for decision in decisions:
+            log.info("%s:%s %s%s: %s", decision.model, decision.version, decision.action,
+                     f" on {decision.worker}" if decision.worker else "", decision.reason)  # fmt: skip
+            self._last_decisions[(decision.model, decision.version)] = decision
+        await self._write_status(snapshot, assignments)
+        return decisions
+
+    async def _write_assignments(self, snapshot: Snapshot, assignments: Assignments) -> None:
+        assert self._registry is not None
+        for worker_id in set(assignments) | set(snapshot.assigned):
+            units = assignments.get(worker_id, frozenset())
+            if units == snapshot.assigned.get(worker_id, frozenset()):
+                continue
+            if units or worker_id in snapshot.workers:
+                await self._registry.put_assignment(worker_id, [unit_to_json(u) for u in sorted(units)])
+            else:
+                await self._registry.delete_assignment(worker_id)  # a dead worker with nothing left
+
+    async def _write_status(self, snapshot: Snapshot, assignments: Assignments) -> None:
+        assert self._registry is not None
+        per_model: dict[str, dict[str, Json]] = defaultdict(dict)
+        for (model, version), mv in snapshot.models.items():
+            per_model[model][version] = _version_status(snapshot, assignments, model, version, mv.priorities,
+                                                        self._last_decisions.get((model, version)))  # fmt: skip
+        for model, versions in per_model.items():
+            if self._written.get(model) != versions:
+                await self._registry.put_status(
+                    model, {"updated": snapshot.now, "leader": self.id, "versions": versions}
+                )
+                self._written[model] = versions
+        for model in [m for m in self._written if m not in per_model]:
+            await self._registry.delete_status(model)
+            del self._written[model]
+
+
+def _version_status(snapshot: Snapshot, assignments: Assignments, model: str, version: str,
+                    priorities: tuple[str, ...], decision: Decision | None) -> Json:  # fmt: skip
+    assigned = sorted(w for w, units in assignments.items() if any(u.key == (model, version) for u in units))
+    ready, rps = [], 0.0
+    for worker in snapshot.workers.values():
+        for loaded in worker.loaded:
+            if loaded.unit.key == (model, version):
+                ready.append(worker.id)
+                rps += loaded.rps
+    lag: dict[str, Any] = {}
+    for priority in priorities:
+        subject_lag = snapshot.lag.get((model, version, priority))
+        lag[priority] = {"messages": subject_lag.messages if subject_lag else 0,
+                         "age_s": round(subject_lag.age_s, 3) if subject_lag else 0.0}  # fmt: skip
+    last = None
+    if decision is not None:
+        last = {"action": decision.action, "reason": decision.reason, "worker": decision.worker}
+    return {"desired": assigned, "ready": sorted(ready), "lag": lag, "rps": round(rps, 2), "last_decision": last}
+
+
+async def _sleep_until(stop: asyncio.Event, deadline: float) -> None:
+    remaining = deadline - time.monotonic()
+    if remaining > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), remaining)

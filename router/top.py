@@ -1,0 +1,77 @@
+"""``servemesh top``: a live terminal view of models (lag, replicas, rps, latency) and workers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+
+from broker.connection import Connection
+from broker.provision import provision
+from broker.registry import Registry
+from broker.settings import Settings
+
+__all__ = ["render", "run_top"]
+
+
+def _models_table(specs: list[Any], statuses: dict[str, Any], beats: dict[str, Any]) -> Table:
+    table = Table(title="models", expand=True)
+    for column in ("model:version", "replicas want/ready", "lag high/normal/low (msgs, oldest s)", "rps", "p50/p99 ms"):
+        table.add_column(column)
+    for spec in specs:
+        versions = (statuses.get(spec.name) or {}).get("versions", {})
+        for version in sorted(spec.versions):
+            st = versions.get(version, {})
+            lags = [st.get("lag", {}).get(p, {}) for p in ("high", "normal", "low")]
+            lag = " / ".join(f"{x.get('messages', 0)} ({x.get('age_s', 0):.1f})" for x in lags)
+            loaded = [m for b in beats.values() for m in b.get("models", {}).values()
+                      if m["model"] == spec.name and m["version"] == version]  # fmt: skip
+            p50 = max((m["stats"].get("p50_ms") or 0 for m in loaded), default=0)
+            p99 = max((m["stats"].get("p99_ms") or 0 for m in loaded), default=0)
+            rps = sum(m.get("rps", 0.0) for m in loaded)
+            table.add_row(f"{spec.name}:{version}", f"{len(st.get('desired', []))}/{len(loaded)}", lag,
+                          f"{rps:.1f}", f"{p50:.1f}/{p99:.1f}")  # fmt: skip
+    return table
+
+
+def _workers_table(beats: dict[str, Any]) -> Table:
+    table = Table(title="workers", expand=True)
+    for column in ("worker", "labels", "loaded", "memory used/budget MiB", "busy %"):
+        table.add_column(column)
+    for worker_id, beat in sorted(beats.items()):
+        models = beat.get("models", {})
+        busy = max((m.get("busy", 0.0) for m in models.values()), default=0.0)
+        labels = ",".join(f"{k}={v}" for k, v in beat.get("labels", {}).items()) or "-"
+        table.add_row(worker_id, labels, ", ".join(models) or "-",
+                      f"{beat.get('memory_used_mb', 0)}/{beat.get('memory_mb', 0)}", f"{100 * busy:.0f}")  # fmt: skip
+    return table
+
+
+async def render(registry: Registry) -> Group:
+    specs = await registry.list_specs()
+    statuses = {spec.name: await registry.get_status(spec.name) for spec in specs}
+    beats = await registry.heartbeats()
+    stamp = time.strftime("%H:%M:%S")
+    return Group(f"servemesh top — {stamp}", _models_table(specs, statuses, beats), _workers_table(beats))
+
+
+async def run_top(settings: Settings, interval_s: float = 1.0, once: bool = False) -> None:
+    conn = await Connection.open(settings, name="servemesh-top")
+    try:
+        await provision(conn)
+        registry = await Registry.open(conn)
+        if once:
+            from rich.console import Console
+
+            Console().print(await render(registry))
+            return
+        with Live(await render(registry), refresh_per_second=4, screen=False) as live:
+            while True:
+                await asyncio.sleep(interval_s)
+                live.update(await render(registry))
+    finally:
+        await conn.close()
