@@ -109,6 +109,7 @@ class ModelServer:
         # Per priority: requests still waiting in the stream when our latest delivery left it.
         self._upstream: dict[str, int] = {}
         self.last_used = 0.0  # wall-clock time of the latest request
+        self.load_ms = 0.0  # artifact to serving: load, warm up, subscribe
         self._computing = 0
 
     @property
@@ -340,4 +341,5 @@ class ModelServer:
 
     def status(self) -> dict[str, Any]:
         return {"model": self.spec.name, "version": self.version, "priorities": self.priorities,
-                "in_flight": self.in_flight, "last_used": self.last_used, "stats": self.stats.as_dict()}  # fmt: skip
+                "in_flight": self.in_flight, "last_used": self.last_used, "load_ms": round(self.load_ms, 1),
+                "stats": self.stats.as_dict()}  # fmt: skip

@@ -105,6 +105,7 @@ class Worker:
         key, label = (spec.name, version), f"{spec.name}:{version}"
         vspec = spec.versions[version]
         threads = self.conn.settings.runtime_threads
+        started = time.monotonic()
         try:
             runtime = await asyncio.get_running_loop().run_in_executor(
                 None, load_runtime, vspec.format, artifact_path(vspec.uri), spec, threads
@@ -117,6 +118,8 @@ class Worker:
             self.failed[label] = err.message
             log.error("cannot serve %s (retry in %.0fs): %s", label, wait, err.message)
             return False
+        server.load_ms = (time.monotonic() - started) * 1000
+        log.info("loaded %s in %.0f ms", label, server.load_ms)
         self.servers[key] = server
         self.cached.add(key)
         self.failed.pop(label, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -49,7 +50,8 @@ async def _register(cluster: Cluster, model_dir: Path, **overrides: object) -> s
 class Load:
     """Closed-loop requests in the background; counts answers and failures."""
 
-    def __init__(self, client: MeshClient, model: str, x: np.ndarray, concurrency: int) -> None:
+    def __init__(self, client: MeshClient, model: str, x: np.ndarray, concurrency: int, pause: float = 0.0) -> None:
+        self.pause = pause
         self.ok = self.failed = 0
         self.errors: list[str] = []
         self._stop = asyncio.Event()
@@ -64,6 +66,8 @@ class Load:
             except Exception as exc:
                 self.failed += 1
                 self.errors.append(repr(exc))
+            if self.pause:
+                await asyncio.sleep(self.pause)
 
     async def stop(self) -> None:
         self._stop.set()
@@ -88,6 +92,13 @@ async def test_registered_model_is_placed_served_and_shown(cluster: Cluster, tmp
     await eventually(lambda: _shown_ready(cluster, name, holders), 10, "models show lists the ready workers")
     listed = await _cli("models", "list", "--nats", cluster.server.url)
     assert any(m["name"] == name and m["ready"] == {"1": 2} for m in listed)
+    top = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "top", "--once", "--nats", cluster.server.url,
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    frame = (await asyncio.wait_for(top.communicate(), 60))[0].decode()
+    assert f"{name}:1" in frame and "2/2" in frame  # replicas wanted/ready
+    assert all(w in frame for w in ("w1", "w2", "w3"))
 
 
 async def _count(cluster: Cluster, name: str, n: int) -> bool:
@@ -110,14 +121,18 @@ async def test_load_spike_scales_out_then_back_in(cluster: Cluster, tmp_path: Pa
     for w in ("w1", "w2", "w3"):
         cluster.worker(w)
     await eventually(lambda: _count(cluster, name, 1), 30, "one replica at rest")
+    x = np.ones((1, 256), np.float32)
     async with await MeshClient.connect(cluster.server.url) as client:
-        load = Load(client, name, np.ones((1, 256), np.float32), concurrency=96)
+        load = Load(client, name, x, concurrency=96)
         took = await eventually(lambda: _at_least(cluster, name, 2), 20, "a second replica under load")
         await asyncio.sleep(1.0)
         await load.stop()
-    assert load.failed == 0, load.errors[:3]
-    assert load.ok > 100
-    await eventually(lambda: _count(cluster, name, 1), 30, "back to one replica once the load stops")
+        # A trickle keeps flowing while the spare replica is drained and unloaded.
+        trickle = Load(client, name, x, concurrency=2, pause=0.2)
+        await eventually(lambda: _count(cluster, name, 1), 30, "back to one replica once the spike is over")
+        await trickle.stop()
+    assert load.failed == 0 and trickle.failed == 0, (load.errors + trickle.errors)[:3]
+    assert load.ok > 100 and trickle.ok > 0
     print(f"scale-out after {took:.1f}s of load")
 
 
