@@ -20,6 +20,7 @@ class PolicyConfig:
 
     target_lag_age_s: float = 0.5  # how long baseline-priority requests may wait (and a backlog may take to drain)
     upscale_delay_s: float = 1.0  # lag must persist this long before another replica (never for the first)
+    urgent_pressure: float = 4.0  # a backlog this many times over its target scales at once: no blip is that big
     downscale_delay_s: float = 30.0  # quiet this long before a replica is removed
     idle_evict_after_s: float = 10.0  # unused this long (and nothing waiting) before a unit may be evicted
     load_grace_s: float = 30.0  # while new replicas load, lag does not add more (for at most this long)
@@ -257,7 +258,8 @@ def _scale(
     lag_since = _since(prev.lag_since, now, pressure > 1)
     peak = _capacity(prev.peak_rps, usage, pressure > 1)
     held = pending > 0 and now - prev.last_scale_up < cfg.load_grace_s  # replicas still loading will drain it soon
-    if lag_since is not None and now - lag_since >= cfg.upscale_delay_s and n < hi and not held:
+    sustained = lag_since is not None and (now - lag_since >= cfg.upscale_delay_s or pressure >= cfg.urgent_pressure)
+    if sustained and n < hi and not held:
         target = min(hi, n + _upscale_step(n, drain, demand, cfg))
         why = f"{_lag_text(demand, rate, drain, n, cfg)} → {target}"
         return target, _state(prev, now, rps, peak, lag_since=now), why, pressure

@@ -164,12 +164,23 @@ def test_lag_older_than_target_adds_a_replica_only_after_upscale_delay() -> None
     assert "oldest 1.4 s" in d.reason and "0.5 s target" in d.reason and "1 replica" in d.reason
 
 
+def test_urgent_backlog_skips_the_upscale_delay_but_a_mild_one_waits() -> None:
+    m = version("m", lo=1, hi=4)
+    assigned: Assignments = {"w0": frozenset({unit("m")})}
+    mild = {("m", "normal"): Lag(messages=5, age_s=1.4)}  # 2.8 times the 0.5 s target
+    urgent = {("m", "normal"): Lag(messages=5, age_s=2.5)}  # 5 times: past urgent_pressure 4
+    assignments, _, _ = plan(_loaded_snapshot(0.0, m, assigned, mild, rps=100), PolicyState())
+    assert len(holders(assignments, unit("m"))) == 1
+    assignments, _, decisions = plan(_loaded_snapshot(0.0, m, assigned, urgent, rps=100), PolicyState())
+    assert len(holders(assignments, unit("m"))) == 2 and "oldest 2.5 s" in decisions[0].reason
+
+
 def test_backlog_beyond_what_replicas_drain_scales_proportionally_within_max() -> None:
     m = version("m", lo=1, hi=3)
     assigned: Assignments = {"w0": frozenset({unit("m")})}
     lag = {("m", "normal"): Lag(messages=1000, age_s=0.1)}  # 10 s of work at 100 rps
-    _, state, _ = plan(_loaded_snapshot(0.0, m, assigned, lag, rps=100), PolicyState())
-    assignments, state, decisions = plan(_loaded_snapshot(1.0, m, assigned, lag, rps=100), state)
+    # 20 times the target: no blip is that big, so it scales without waiting for upscale_delay_s.
+    assignments, state, decisions = plan(_loaded_snapshot(0.0, m, assigned, lag, rps=100), PolicyState())
     assert len(holders(assignments, unit("m"))) == 3  # more than +1, but bounded by max_replicas
     assert all("lag 1000 msgs" in d.reason and "draining takes 10.0 s" in d.reason for d in decisions)
 
@@ -194,9 +205,8 @@ def test_no_further_replicas_while_new_ones_are_still_loading() -> None:
     m = version("m", lo=1, hi=4)
     lag = {("m", "normal"): Lag(messages=3, age_s=3.0)}  # old, but few: one more replica at a time
     first: Assignments = {"w0": frozenset({unit("m")})}
-    _, state, _ = plan(_loaded_snapshot(0.0, m, first, lag, rps=10), PolicyState())
-    assigned, state, _ = plan(_loaded_snapshot(1.0, m, first, lag, rps=10), state)
-    assert len(holders(assigned, unit("m"))) == 2
+    assigned, state, _ = plan(_loaded_snapshot(0.0, m, first, lag, rps=10), PolicyState())
+    assert len(holders(assigned, unit("m"))) == 2  # 6 times its target: at once
     for now in (2.0, 3.0, 5.0):  # only w0 reports it loaded: the new replica is still loading
         assigned, state, decisions = plan(_loaded_snapshot(now, m, assigned, lag, rps=10, loaded=first), state)
         assert len(holders(assigned, unit("m"))) == 2 and decisions == []
