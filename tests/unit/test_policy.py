@@ -180,7 +180,7 @@ def test_backlog_beyond_what_replicas_drain_scales_proportionally_within_max() -
     assigned: Assignments = {"w0": frozenset({unit("m")})}
     lag = {("m", "normal"): Lag(messages=1000, age_s=0.1)}  # 10 s of work at 100 rps
     # 20 times the target: no blip is that big, so it scales without waiting for upscale_delay_s.
-    assignments, state, decisions = plan(_loaded_snapshot(0.0, m, assigned, lag, rps=100), PolicyState())
+    assignments, _, decisions = plan(_loaded_snapshot(0.0, m, assigned, lag, rps=100), PolicyState())
     assert len(holders(assignments, unit("m"))) == 3  # more than +1, but bounded by max_replicas
     assert all("lag 1000 msgs" in d.reason and "draining takes 10.0 s" in d.reason for d in decisions)
 
