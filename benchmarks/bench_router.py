@@ -315,7 +315,7 @@ def render(results: Results) -> str:
         f"notes: cold start and spike times include 0–{TICK_S:g} s until the next router tick (each run starts at a"
         " random phase of it);",
         f"       the spike time also includes the policy's wait for {UPSCALE_DELAY_S:g} s of sustained lag"
-        " (upscale_delay_s) before it adds a replica.",
+        " (upscale_delay_s) before it adds a replica, unless the backlog is urgent (4× its target).",
         "       'serving' is seen through heartbeats, sent once a second by each worker, so it can trail the second",
         "       replica's first reply (seen by the client) by up to that second.",
         f"       policy tick: {results.policy['ticks']} ticks of bench_policy's synthetic mesh"
