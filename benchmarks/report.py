@@ -77,7 +77,7 @@ def render(report: Report) -> str:
     out = [
         f"servemesh mesh benchmark — {m['nproc']} CPUs ({m['cpu']}), Python {m['python']}, "
         f"onnxruntime {m['onnxruntime']}, {m['nats_server']}",
-        f"load generator loop: {m['loop']}; worker and echo responder loop: asyncio; JetStream storage: "
+        f"event loop of load generator, worker and echo responder: {m['loop']}; JetStream storage: "
         f"{m['storage']}; {m['cell_s']:g} s per cell after {m['warmup_s']:g} s warm-up; load average at start "
         f"{m['loadavg']}",
         "",
