@@ -22,6 +22,10 @@ class Settings(BaseModel):
     runtime_threads: int = Field(default=0, ge=0)
     # Event loop of servemesh processes: uvloop when installed ("auto"), or force one.
     loop: str = Field(default="auto", pattern="^(auto|asyncio|uvloop)$")
+    # Port of a worker's or router's HTTP endpoint (/metrics, /health/live, /health/ready); 0: off.
+    http_port: int = Field(default=0, ge=0, le=65535)
+    # Log lines as JSON objects (with trace and request ids) instead of text.
+    log_json: bool = False
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> Settings:
