@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError
 from nats.nuid import NUID
 
+from broker import tracing
 from broker.connection import Connection, pub_ack_error, translate_error
 from broker.registry import Registry
 from broker.settings import Settings
@@ -107,19 +108,23 @@ class MeshClient:
             HDR_REPLY_INBOX: self._inbox,
             HDR_DEADLINE: str(int(time.time() * 1000 + timeout * 1000)),
         }
+        span = tracing.start_producer(subject, request_id, headers)
+        error: BaseException | None = None
         try:
             # The stream's PubAck comes to our own inbox too: no round trip is awaited on its own,
             # yet a rejection (full queue, no stream) still fails the call at once.
             await self._conn.nc.publish(subject, payload, reply=f"{self._inbox}.a.{request_id}", headers=headers)
-            data = await pending.future
-        except MeshError:
+            return decode_reply(await pending.future)
+        except MeshError as exc:
+            error = exc
             raise
         except Exception as exc:
-            raise translate_error(exc, f"queue request on {subject}") from exc
+            error = translate_error(exc, f"queue request on {subject}")
+            raise error from exc
         finally:
             timer.cancel()
             del self._pending[request_id]
-        return decode_reply(data)
+            tracing.end(span, error)
 
     def _expire(self, request_id: str) -> None:
         pending = self._pending.get(request_id)

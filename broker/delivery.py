@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
@@ -24,7 +26,7 @@ class Delivery:
 
     __slots__ = (
         "_msg", "_nc", "deadline_ms", "num_delivered", "num_pending", "priority", "reply_inbox", "reply_to",
-        "request_id", "stored_ns",
+        "request_id", "span", "stored_ns",
     )  # fmt: skip
 
     def __init__(self, nc: NatsClient, msg: Msg, priority: str) -> None:
@@ -35,6 +37,7 @@ class Delivery:
         self.reply_to: str | None = headers.get(HDR_REPLY)
         self.reply_inbox: str | None = headers.get(HDR_REPLY_INBOX)
         self.request_id: str | None = headers.get(HDR_MSG_ID)
+        self.span: Any = None  # the worker's trace span for this request, when tracing is on
         raw_deadline = headers.get(HDR_DEADLINE)
         self.deadline_ms: int | None = int(raw_deadline) if raw_deadline and raw_deadline.isdigit() else None
         # num_pending: messages left in the consumer after this one, as the server saw it.

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from broker import tracing
 from broker.client import MeshClient
 from broker.loop import run
 from broker.server import NatsServer
@@ -114,6 +115,7 @@ def _timing(reply: Any) -> dict[str, Any]:
 
 
 async def _infer(args: argparse.Namespace, inputs: dict[str, np.ndarray[Any, Any]]) -> Any:
+    tracing.configure_from_env("servemesh-cli")
     settings = Settings.from_env(nats_url=args.nats)
     async with await MeshClient.connect(settings=settings) as client:
         return await client.infer_reply(

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from broker import tracing
 from broker.connection import Connection
 from broker.delivery import Delivery
 from broker.feed import PullFeed
@@ -30,6 +31,7 @@ from schemas.errors import DeadlineExceeded, MeshError, ModelFailure
 from schemas.spec import ModelSpec
 from schemas.subjects import PRIORITIES, STREAM_INFER
 from workers.batcher import BatchQueue
+from workers.histogram import BATCH_BUCKETS, SECONDS_BUCKETS, Histogram
 from workers.runtimes.base import Runtime, Tensors
 from workers.signature import Signature
 
@@ -62,6 +64,9 @@ class ServingStats:
     errors: Counter[int] = field(default_factory=Counter)
     expired: int = 0
     busy_s: float = 0.0  # time spent computing
+    queue_s: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
+    compute_s: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
+    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
     # Recent latencies inside the mesh (stored in the stream → reply sent), for p50/p99.
     recent_ms: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
 
@@ -172,6 +177,10 @@ class ModelServer:
             log.warning("%s: warm-up prediction failed: %s", self.key, exc)
 
     async def _on_delivery(self, delivery: Delivery) -> None:
+        if tracing.enabled():
+            delivery.span = tracing.start_consumer(
+                delivery.headers, delivery.subject, delivery.request_id, self.worker_id
+            )
         self._upstream[delivery.priority] = delivery.num_pending
         self.last_used = time.time()
         now_wall_ms = self.last_used * 1000
@@ -227,6 +236,12 @@ class ModelServer:
         t0 = time.monotonic()
         rows = sum(r.rows for r in batch)
         self._computing = len(batch)
+        batch_span = inference_span = None
+        if tracing.enabled():
+            batch_span = tracing.start_batch(
+                self.spec.name, self.version, (r.delivery.span for r in batch), self.worker_id
+            )
+            inference_span = tracing.start_inference(batch_span, self.spec.name, rows)
         if self._row_cost_s is not None and self._row_cost_s * rows < INLINE_BUDGET_S:
             results = self._compute(batch)
         else:
@@ -236,7 +251,10 @@ class ModelServer:
             finally:
                 keepalive.cancel()
         compute_ms = (time.monotonic() - t0) * 1000
+        tracing.end(inference_span)
         self.stats.busy_s += compute_ms / 1000
+        self.stats.compute_s.observe(compute_ms / 1000)
+        self.stats.batch_size.observe(len(batch))
         self.stats.batches += 1
         self.stats.rows += rows
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
@@ -244,12 +262,17 @@ class ModelServer:
         for request, result in zip(batch, results, strict=True):
             queue_ms = max(0.0, (started_ns - request.delivery.stored_ns) / 1e6) if request.delivery.stored_ns else 0.0
             timing = Timing(queue_ms, compute_ms, len(batch), self.worker_id, request.delivery.num_delivered)
+            self.stats.queue_s.observe(queue_ms / 1000)
             if isinstance(result, MeshError):
                 self.stats.errors[result.status] += 1
                 sender.add(request.delivery, encode_error(result, timing))
             else:
                 self.stats.succeeded += 1
                 sender.add(request.delivery, encode_outputs(result, timing))
+            if request.delivery.span is not None:
+                error = result if isinstance(result, MeshError) else None
+                tracing.end(request.delivery.span, error, **{"mesh.queue_wait_ms": queue_ms})
+        tracing.end(batch_span)
         await sender.send()
         sent_ns = time.time_ns()
         self.stats.recent_ms.extend((sent_ns - r.delivery.stored_ns) / 1e6 for r in batch if r.delivery.stored_ns)
@@ -311,12 +334,14 @@ class ModelServer:
     async def _expire(self, delivery: Delivery) -> None:
         self.stats.expired += 1
         err = DeadlineExceeded(f"{self.key}: deadline passed while queued; not computed")
+        tracing.end(delivery.span, err)
         await delivery.reply(encode_error(err, Timing(worker=self.worker_id)))
         await delivery.ack()
         await self._feed(delivery.priority).release()
 
     async def _fail(self, delivery: Delivery, err: MeshError) -> None:
         self.stats.errors[err.status] += 1
+        tracing.end(delivery.span, err)
         await delivery.reply(encode_error(err, Timing(worker=self.worker_id, attempt=delivery.num_delivered)))
         await delivery.ack()
         await self._feed(delivery.priority).release()

@@ -8,6 +8,7 @@ import logging
 import signal
 from pathlib import Path
 
+from broker import tracing
 from broker.connection import Connection
 from broker.settings import Settings
 from workers.worker import Worker
@@ -25,6 +26,7 @@ async def run_worker(
     labels: dict[str, str] | None = None,
 ) -> None:
     """``models`` set: serve that repository as it is; unset: follow the router's assignments."""
+    tracing.configure_from_env("servemesh-worker")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,107 @@
+"""Traces across the mesh, collected in memory: client send → worker process (its child), one batch
+span linked to every request it carried, and the model's inference span under the batch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from broker import MeshClient, NatsServer, tracing
+from examples.build_models import build_identity_onnx
+from schemas.errors import BadInput
+from tests.conftest import serving, unique
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.enable(provider)
+    try:
+        yield exporter
+    finally:
+        tracing.disable()
+
+
+def _by_name(exporter: InMemorySpanExporter, prefix: str) -> list[ReadableSpan]:
+    return [s for s in exporter.get_finished_spans() if s.name.startswith(prefix)]
+
+
+async def test_single_request_trace(nats_server: NatsServer, tmp_path: Path, spans: InMemorySpanExporter) -> None:
+    name = unique("ident")
+    build_identity_onnx(tmp_path, name, "float32", shape=(2,))
+    async with serving(nats_server.url, tmp_path, [name]) as worker, await MeshClient.connect(nats_server.url) as c:
+        await c.infer(name, {"input": np.ones((1, 2), np.float32)})
+    (send,) = _by_name(spans, "send ")
+    (process,) = _by_name(spans, "process ")
+    (batch,) = _by_name(spans, "batch ")
+    (infer,) = _by_name(spans, "infer ")
+    assert send.kind == SpanKind.PRODUCER and process.kind == SpanKind.CONSUMER
+    assert process.context.trace_id == send.context.trace_id
+    assert process.parent is not None and process.parent.span_id == send.context.span_id
+    assert [link.context.span_id for link in batch.links] == [process.context.span_id]
+    assert infer.parent is not None and infer.parent.span_id == batch.context.span_id
+    attrs = process.attributes or {}
+    assert attrs["messaging.system"] == "nats" and attrs["mesh.model"] == name and attrs["mesh.version"] == "1"
+    assert attrs["mesh.priority"] == "normal" and attrs["mesh.worker"] == worker.id
+    assert attrs["messaging.destination.name"] == f"mesh.infer.{name}.1.normal"
+    assert attrs["messaging.message.id"] == (send.attributes or {})["messaging.message.id"]
+    assert float(attrs["mesh.queue_wait_ms"]) >= 0
+    assert (batch.attributes or {})["messaging.batch.message_count"] == 1
+
+
+async def test_batch_span_links_every_request_and_errors_are_marked(
+    nats_server: NatsServer, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    name = unique("ident")
+    build_identity_onnx(tmp_path, name, "float32", max_batch_size=16, max_delay_ms=50, shape=(2,))
+    async with serving(nats_server.url, tmp_path, [name]), await MeshClient.connect(nats_server.url) as c:
+        good = [c.infer(name, {"input": np.full((1, 2), i, np.float32)}) for i in range(6)]
+        bad = c.infer(name, {"input": np.zeros((1, 3), np.float32)})
+        results = await asyncio.gather(*good, bad, return_exceptions=True)
+    assert isinstance(results[-1], BadInput)
+    sends = _by_name(spans, "send ")
+    processes = _by_name(spans, "process ")
+    assert len(sends) == len(processes) == 7
+    parent_of = {p.parent.span_id: p for p in processes if p.parent is not None}
+    assert set(parent_of) == {s.context.span_id for s in sends}  # every request: client span → worker span
+    linked = {link.context.span_id for b in _by_name(spans, "batch ") for link in b.links}
+    ok_processes = {p.context.span_id for p in processes if p.status.status_code != StatusCode.ERROR}
+    assert linked == ok_processes and len(ok_processes) == 6
+    assert max(len(b.links) for b in _by_name(spans, "batch ")) > 1  # batched together
+    failed = [p for p in processes if p.status.status_code == StatusCode.ERROR]
+    assert len(failed) == 1 and (failed[0].attributes or {})["mesh.status"] == 400
+    failed_send = [s for s in sends if s.status.status_code == StatusCode.ERROR]
+    assert len(failed_send) == 1
+
+
+async def test_trace_context_travels_only_when_tracing_is_on(
+    nats_server: NatsServer, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    import nats
+
+    name = unique("ident")
+    build_identity_onnx(tmp_path, name, "float32", shape=(2,))
+    nc = await nats.connect(nats_server.url)
+    try:
+        wire = await nc.subscribe(f"mesh.infer.{name}.>")  # sees each request as published
+        async with serving(nats_server.url, tmp_path, [name]), await MeshClient.connect(nats_server.url) as c:
+            await c.infer(name, {"input": np.ones((1, 2), np.float32)})
+            traced = (await wire.next_msg(timeout=5)).headers or {}
+            tracing.disable()
+            await c.infer(name, {"input": np.ones((1, 2), np.float32)})
+            untraced = (await wire.next_msg(timeout=5)).headers or {}
+    finally:
+        await nc.close()
+    (send,) = _by_name(spans, "send ")  # the second request made no span
+    assert traced["traceparent"].split("-")[1] == format(send.context.trace_id, "032x")
+    assert "traceparent" not in untraced
