@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -58,6 +60,45 @@ class _Client(NatsClient):
         return out
 
 
+def _auth_options(settings: Settings) -> dict[str, Any]:
+    """nats-py ``connect`` keywords for the credentials and TLS in ``settings`` (none set: none)."""
+    options: dict[str, Any] = {"inbox_prefix": settings.inbox_prefix}
+    if settings.user is not None:
+        options["user"] = settings.user
+    if settings.password is not None:
+        options["password"] = settings.password.get_secret_value()
+    if settings.token is not None:
+        options["token"] = settings.token.get_secret_value()
+    if settings.nkey_seed is not None or settings.creds_file is not None:
+        try:
+            import nkeys  # noqa: F401  # nats-py signs the server's nonce with it
+        except ImportError:
+            raise MeshUnavailable("NKey and .creds authentication need the nkeys package: pip install nkeys") from None
+    if settings.creds_file is not None:
+        options["user_credentials"] = settings.creds_file
+    if settings.nkey_seed is not None:
+        seed = settings.nkey_seed.get_secret_value().strip()
+        # A user seed is 58 base32 characters starting "SU"; anything else names a seed file.
+        if seed.startswith("SU") and len(seed) == 58 and seed.isalnum():
+            options["nkeys_seed_str"] = seed
+        else:
+            options["nkeys_seed"] = seed
+    if settings.tls_ca or settings.tls_cert:
+        options["tls"] = _tls_context(settings)
+    return options
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext:
+    """Verifies the server against ``tls_ca`` (else the system's CAs); presents ``tls_cert`` if set."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.tls_ca)
+        if settings.tls_cert:
+            context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except OSError as exc:  # ssl.SSLError is one too
+        raise MeshUnavailable(f"cannot load the TLS files in settings: {exc}") from exc
+    return context
+
+
 def pub_ack_error(msg: Msg) -> MeshError | None:
     """The error in a JetStream publish acknowledgement, or None when the message was stored."""
     status = msg.headers.get("Status") if msg.headers else None
@@ -108,6 +149,7 @@ class Connection:
                 reconnected_cb=reconnected,
                 error_cb=error_cb,
                 pending_size=64 * 1024 * 1024,
+                **_auth_options(settings),
             )
         except Exception as exc:
             raise translate_error(exc, f"connect to {settings.nats_url}") from exc

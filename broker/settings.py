@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -26,6 +26,18 @@ class Settings(BaseModel):
     http_port: int = Field(default=0, ge=0, le=65535)
     # Log lines as JSON objects (with trace and request ids) instead of text.
     log_json: bool = False
+    # Credentials and TLS (docs/security.md); all optional. Secrets are SecretStr so that no
+    # repr or log line shows them.
+    user: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    nkey_seed: SecretStr | None = None  # an NKey seed ("SU..."), or the path of a file holding one
+    creds_file: str | None = None  # a .creds file (JWT + seed), for servers in operator mode
+    tls_ca: str | None = None  # CA bundle that signed the server's certificate (else the system's)
+    tls_cert: str | None = None  # client certificate, for servers that verify clients
+    tls_key: str | None = None
+    # Reply inboxes are subjects under this prefix; a restricted user may subscribe only to its own.
+    inbox_prefix: str = Field(default="_INBOX", pattern=r"^[^\s*>.]+(\.[^\s*>.]+)*$")
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> Settings:

@@ -15,7 +15,7 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 from schemas.subjects import parse_infer_subject
 
 __all__ = [
-    "configure_from_env", "disable", "enable", "enabled", "end", "start_batch", "start_consumer",
+    "configure_from_env", "disable", "enable", "enabled", "end", "shutdown", "start_batch", "start_consumer",
     "start_inference", "start_producer",
 ]  # fmt: skip
 
@@ -35,6 +35,13 @@ def enable(provider: TracerProvider) -> None:
 def disable() -> None:
     global _tracer
     _tracer = None
+
+
+def shutdown() -> None:
+    """Flush spans still buffered for export (at process exit)."""
+    provider = trace.get_tracer_provider()
+    if _tracer is not None and hasattr(provider, "shutdown"):
+        provider.shutdown()
 
 
 def configure_from_env(service: str) -> bool:

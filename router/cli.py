@@ -6,9 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import numpy as np
 
 from broker import tracing
 from broker.client import MeshClient
+from broker.logs import configure_logging
 from broker.loop import run
 from broker.server import NatsServer
 from broker.settings import Settings
@@ -31,10 +30,23 @@ def _cmd_nats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(settings: Settings) -> int:
+    """``--check``: exit 0 when the process serving this machine's HTTP port says it is ready."""
+    from broker.endpoint import check_ready
+
+    if not settings.http_port:
+        raise SystemExit("--check needs the HTTP endpoint: set SERVEMESH_HTTP_PORT or --http-port")
+    ready = check_ready(settings.http_port)
+    print("ready" if ready else "not ready")
+    return 0 if ready else 1
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from workers.process import run_worker
 
-    settings = Settings.from_env(nats_url=args.nats)
+    settings = Settings.from_env(nats_url=args.nats, http_port=args.http_port)
+    if args.check:
+        return _check(settings)
     models = Path(args.models) if args.models else None
     labels = _labels(args.labels)
     run(run_worker(settings, models, args.id, memory_mb=args.memory_mb, labels=labels), settings.loop)
@@ -51,7 +63,9 @@ def _labels(text: str | None) -> dict[str, str]:
 def _cmd_router(args: argparse.Namespace) -> int:
     from router.process import run_router
 
-    settings = Settings.from_env(nats_url=args.nats)
+    settings = Settings.from_env(nats_url=args.nats, http_port=args.http_port)
+    if args.check:
+        return _check(settings)
     run(run_router(settings, args.id, args.tick), settings.loop)
     return 0
 
@@ -134,6 +148,7 @@ def _wait_for_signal() -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="servemesh", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-json", action="store_true", help="JSON log lines with trace and request ids")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="embedded nats-server + workers on this machine, until Ctrl-C")
@@ -162,6 +177,9 @@ def _parser() -> argparse.ArgumentParser:
     router.add_argument("--tick", type=float, default=0.5, help="seconds between placement rounds")
     router.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
     router.set_defaults(run=_cmd_router)
+    for process in (worker, router):
+        process.add_argument("--http-port", type=int, help="serve /metrics and /health/* here ($SERVEMESH_HTTP_PORT)")
+        process.add_argument("--check", action="store_true", help="probe the running process: exit 0 when ready")
 
     top = sub.add_parser("top", help="live view of models and workers")
     top.add_argument("--interval", type=float, default=1.0)
@@ -188,8 +206,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, as_json=args.log_json or Settings.from_env().log_json)
     result: int = args.run(args)
     return result

@@ -10,8 +10,11 @@ import signal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker import tracing
 from broker.connection import Connection
+from broker.endpoint import HttpEndpoint
 from broker.settings import Settings
+from router.metrics import router_metrics
 from router.policy import PolicyConfig
 from router.service import Router
 
@@ -40,8 +43,18 @@ async def run_router(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    tracing.configure_from_env("servemesh-router")
     conn = await Connection.open(settings, name=f"servemesh-router-{router_id or ''}")
+    router = Router(conn, router_id, config=config or RouterSettings().policy(), tick_s=tick_s)
+    endpoint = None
+    if settings.http_port:
+        # Ready = connected: a standby is as ready as the leader, it waits for the lease.
+        endpoint = HttpEndpoint(settings.http_port, lambda: router_metrics(router), lambda: conn.nc.is_connected)
+        await endpoint.start()
     try:
-        await Router(conn, router_id, config=config or RouterSettings().policy(), tick_s=tick_s).run(stop)
+        await router.run(stop)
     finally:
+        if endpoint is not None:
+            await endpoint.close()
         await conn.close()
+        tracing.shutdown()

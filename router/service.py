@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 from broker.connection import Connection
@@ -43,6 +43,10 @@ class Router:
         self._registry: Registry | None = None
         self._last_decisions: dict[tuple[str, str], Decision] = {}
         self._written: dict[str, Json] = {}  # status last written per model, to write only changes
+        # What the metrics endpoint shows: the latest tick's view and decisions so far.
+        self.last_snapshot: Snapshot | None = None
+        self.last_assignments: Assignments = {}
+        self.decision_counts: Counter[str] = Counter()
 
     async def run(self, stop: asyncio.Event) -> None:
         await provision(self.conn)
@@ -71,6 +75,8 @@ class Router:
         snapshot = await observe(self.conn, self._registry, time.time())
         assignments, self.state, decisions = plan(snapshot, self.state, self.config)
         await self._write_assignments(snapshot, assignments)
+        self.last_snapshot, self.last_assignments = snapshot, assignments
+        self.decision_counts.update(d.action for d in decisions)
         for decision in decisions:
             log.info("%s:%s %s%s: %s", decision.model, decision.version, decision.action,
                      f" on {decision.worker}" if decision.worker else "", decision.reason)  # fmt: skip

@@ -341,6 +341,8 @@ class ModelServer:
 
     async def _fail(self, delivery: Delivery, err: MeshError) -> None:
         self.stats.errors[err.status] += 1
+        log.debug("%s: request failed with %d: %s", self.key, err.status, err.message,
+                  extra={"request_id": delivery.request_id, "status": err.status})  # fmt: skip
         tracing.end(delivery.span, err)
         await delivery.reply(encode_error(err, Timing(worker=self.worker_id, attempt=delivery.num_delivered)))
         await delivery.ack()

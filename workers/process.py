@@ -10,7 +10,9 @@ from pathlib import Path
 
 from broker import tracing
 from broker.connection import Connection
+from broker.endpoint import HttpEndpoint
 from broker.settings import Settings
+from workers.metrics import worker_metrics
 from workers.worker import Worker
 
 __all__ = ["run_worker"]
@@ -33,6 +35,10 @@ async def run_worker(
         loop.add_signal_handler(sig, stop.set)
     conn = await Connection.open(settings, name=f"servemesh-worker-{worker_id or ''}")
     worker = Worker(conn, worker_id, memory_mb=memory_mb, labels=labels)
+    endpoint = None
+    if settings.http_port:
+        endpoint = HttpEndpoint(settings.http_port, lambda: worker_metrics(worker), lambda: worker.ready)
+        await endpoint.start()
     try:
         await worker.start()
         if models is not None:
@@ -45,4 +51,7 @@ async def run_worker(
         log.info("worker %s draining", worker.id)
         await worker.drain()
     finally:
+        if endpoint is not None:
+            await endpoint.close()
         await conn.close()
+        tracing.shutdown()

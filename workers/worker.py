@@ -59,6 +59,7 @@ class Worker:
         self.servers: dict[Key, ModelServer] = {}
         self.failed: dict[str, str] = {}
         self.cached: set[Key] = set()  # versions loaded here before: their artifacts are on local disk
+        self.cache_hits = self.cache_misses = 0
         self.ready = False
         self._retry: dict[Key, tuple[float, float]] = {}  # key → (retry at, current backoff)
         self._registry: Registry | None = None
@@ -106,6 +107,10 @@ class Worker:
         vspec = spec.versions[version]
         threads = self.conn.settings.runtime_threads
         started = time.monotonic()
+        if key in self.cached:
+            self.cache_hits += 1
+        else:
+            self.cache_misses += 1
         try:
             runtime = await asyncio.get_running_loop().run_in_executor(
                 None, load_runtime, vspec.format, artifact_path(vspec.uri), spec, threads

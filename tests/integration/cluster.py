@@ -36,12 +36,13 @@ class Cluster:
         self.registry = await Registry.open(self.conn)
         return self
 
-    def router(self, name: str) -> None:
-        self.procs[name] = spawn_router(self.server.url, name, self.logs / f"{name}.log", ROUTER_ENV, tick_s=0.25)
-
-    def worker(self, name: str, memory_mb: int = 4096, labels: str = "") -> None:
+    def router(self, name: str, env: dict[str, str] | None = None) -> None:
         log = self.logs / f"{name}.log"
-        self.procs[name] = spawn_worker(self.server.url, None, name, log, memory_mb=memory_mb, labels=labels)
+        self.procs[name] = spawn_router(self.server.url, name, log, {**ROUTER_ENV, **(env or {})}, tick_s=0.25)
+
+    def worker(self, name: str, memory_mb: int = 4096, labels: str = "", env: dict[str, str] | None = None) -> None:
+        log = self.logs / f"{name}.log"
+        self.procs[name] = spawn_worker(self.server.url, None, name, log, env, memory_mb=memory_mb, labels=labels)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.pop(name)
