@@ -42,9 +42,9 @@ def _get(port: int, path: str) -> tuple[int, str]:
 def _sample(text: str, name: str, **labels: str) -> float | None:
     """The value of one Prometheus sample, or None."""
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
+        named = line.startswith((name + "{", name + " "))
+        if named and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
     return None
 
 
