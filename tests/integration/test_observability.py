@@ -10,13 +10,12 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from broker import MeshClient, NatsServer
+from broker import MeshClient
 from broker.logs import JsonFormatter
 from examples.build_models import build_identity_onnx
 from schemas.errors import BadInput
@@ -53,16 +52,6 @@ async def _check(kind: str, port: int) -> int:
         sys.executable, "-m", "router", kind, "--check", "--http-port", str(port), stdout=asyncio.subprocess.DEVNULL
     )
     return await asyncio.wait_for(proc.wait(), 30)
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    with NatsServer() as server:
-        mesh = await Cluster(server, tmp_path).open()
-        try:
-            yield mesh
-        finally:
-            await mesh.close()
 
 
 async def test_worker_metrics_and_health(cluster: Cluster, tmp_path: Path) -> None:

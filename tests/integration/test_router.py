@@ -8,27 +8,15 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from broker import MeshClient, NatsServer
+from broker import MeshClient
 from examples.build_models import build_identity_onnx, build_slow_onnx
 from tests.conftest import set_config, unique
 from tests.integration.cluster import Cluster, eventually
 from workers.repository import read_model
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    with NatsServer() as server:
-        mesh = await Cluster(server, tmp_path).open()
-        try:
-            yield mesh
-        finally:
-            await mesh.close()
 
 
 async def _cli(*args: str) -> dict:
