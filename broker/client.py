@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -22,11 +23,12 @@ from nats.nuid import NUID
 from broker import tracing
 from broker.connection import Connection, pub_ack_error, translate_error
 from broker.registry import Registry
+from broker.results import Result, results_on
 from broker.settings import Settings
 from schemas.envelope import Reply, decode_bundle, decode_reply, encode_request
 from schemas.errors import BadInput, DeadlineExceeded, MeshError, UnknownModel
 from schemas.spec import ModelSpec
-from schemas.subjects import HDR_DEADLINE, HDR_MSG_ID, HDR_REPLY, HDR_REPLY_INBOX, PRIORITIES, infer_subject
+from schemas.subjects import HDR_DEADLINE, HDR_MSG_ID, HDR_REPLY, HDR_REPLY_INBOX, HDR_ROUTE, PRIORITIES, infer_subject
 
 __all__ = ["MeshClient"]
 
@@ -55,7 +57,7 @@ class MeshClient:
         self._counter = itertools.count()
         self._pending: dict[str, _Pending] = {}
         self._specs: dict[str, tuple[float, ModelSpec]] = {}
-        self._subjects: dict[tuple[str, str | None, str], tuple[float, str]] = {}
+        self._routes: dict[tuple[tuple[str, ...], str | None, str], tuple[float, tuple[str, ...]]] = {}
 
     @classmethod
     async def connect(cls, url: str | None = None, settings: Settings | None = None) -> MeshClient:
@@ -69,7 +71,7 @@ class MeshClient:
 
     async def infer(
         self,
-        model: str,
+        model: str | Sequence[str],
         inputs: dict[str, Any],
         version: str | None = None,
         priority: str = "normal",
@@ -81,33 +83,25 @@ class MeshClient:
 
     async def infer_reply(
         self,
-        model: str,
+        model: str | Sequence[str],
         inputs: dict[str, Any],
         version: str | None = None,
         priority: str = "normal",
         timeout: float = 5.0,
     ) -> Reply:
-        """Like :meth:`infer`, with the worker's timing (queue wait, compute, batch size)."""
-        if priority not in PRIORITIES:
-            raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
-        subject = await self._subject(model, version, priority)
-        payload = encode_request(inputs)
-        if len(payload) > self._conn.nc.max_payload:
-            raise BadInput(
-                f"request is {len(payload)} bytes; the server accepts at most {self._conn.nc.max_payload}",
-                size=len(payload),
-            )
-        loop = asyncio.get_running_loop()
+        """Like :meth:`infer`, with the worker's timing (queue wait, compute, batch size).
+
+        ``model`` may name a registered pipeline, or list stages (``"name"`` or ``"name:version"``):
+        each stage's outputs become the next one's inputs and the last stage answers.
+        """
         request_id = f"{self._id_prefix}{next(self._counter)}"
+        reply_to = f"{self._inbox}.r.{request_id}"
+        subject, payload, headers = await self._prepare(model, inputs, version, priority, timeout, request_id, reply_to)
+        headers[HDR_REPLY_INBOX] = self._inbox
+        loop = asyncio.get_running_loop()
         pending = _Pending(loop.create_future(), subject, timeout)
         self._pending[request_id] = pending
         timer = loop.call_later(timeout, self._expire, request_id)
-        headers = {
-            HDR_MSG_ID: request_id,
-            HDR_REPLY: f"{self._inbox}.r.{request_id}",
-            HDR_REPLY_INBOX: self._inbox,
-            HDR_DEADLINE: str(int(time.time() * 1000 + timeout * 1000)),
-        }
         span = tracing.start_producer(subject, request_id, headers)
         error: BaseException | None = None
         try:
@@ -134,32 +128,101 @@ class MeshClient:
                 DeadlineExceeded(f"{pending.subject}: {what} within {pending.timeout:.3g}s", request_id=request_id)
             )
 
-    async def _subject(self, model: str, version: str | None, priority: str) -> str:
-        """The subject a request goes to (the version resolved through the registry, cached briefly)."""
-        key = (model, version, priority)
-        cached = self._subjects.get(key)
+    async def publish(
+        self,
+        model: str | Sequence[str],
+        inputs: dict[str, Any],
+        reply_to: str,
+        version: str | None = None,
+        priority: str = "normal",
+        timeout: float = 60.0,
+    ) -> str:
+        """Fire and forget: queue a request whose reply goes to ``reply_to``; returns its request id
+        once the stream has it. Read the replies with :meth:`subscribe_results`."""
+        request_id = f"{self._id_prefix}{next(self._counter)}"
+        subject, payload, headers = await self._prepare(model, inputs, version, priority, timeout, request_id, reply_to)
+        try:
+            await self._conn.js.publish(subject, payload, timeout=min(timeout, 10.0), headers=headers)
+        except Exception as exc:
+            raise translate_error(exc, f"queue request on {subject}") from exc
+        return request_id
+
+    def subscribe_results(self, subject: str) -> AsyncIterator[Result]:
+        """Replies arriving on ``subject`` (e.g. for :meth:`publish`), as (request id, reply or error)."""
+        return results_on(self._conn, subject)
+
+    async def _prepare(
+        self, model: str | Sequence[str], inputs: dict[str, Any], version: str | None, priority: str,
+        timeout: float, request_id: str, reply_to: str,
+    ) -> tuple[str, bytes, dict[str, str]]:  # fmt: skip
+        """(first subject, payload, headers) of a request, checked before anything is sent."""
+        if priority not in PRIORITIES:
+            raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+        route = await self._route(model, version, priority)
+        payload = encode_request(inputs)
+        if len(payload) > self._conn.nc.max_payload:
+            raise BadInput(
+                f"request is {len(payload)} bytes; the server accepts at most {self._conn.nc.max_payload}",
+                size=len(payload),
+            )
+        headers = {
+            HDR_MSG_ID: request_id,
+            HDR_REPLY: reply_to,
+            HDR_DEADLINE: str(int(time.time() * 1000 + timeout * 1000)),
+        }
+        if len(route) > 1:
+            headers[HDR_ROUTE] = ",".join(route[1:])
+        return route[0], payload, headers
+
+    async def _route(self, model: str | Sequence[str], version: str | None, priority: str) -> tuple[str, ...]:
+        """The subjects a request passes through: one model, a named pipeline, or listed stages
+        (versions resolved through the registry; cached briefly)."""
+        names = (model,) if isinstance(model, str) else tuple(model)
+        key = (names, version, priority)
+        cached = self._routes.get(key)
         now = time.monotonic()
         if cached is not None and now - cached[0] < _SPEC_TTL_S:
             return cached[1]
-        spec = await self._spec(model)
-        resolved = spec.resolve_version(version)
-        if resolved not in spec.versions:
-            raise UnknownModel(f"model {model!r} has no version {resolved!r}", model=model, version=resolved)
-        subject = infer_subject(model, resolved, priority)
-        self._subjects[key] = (now, subject)
-        return subject
+        if not names:
+            raise BadInput("a pipeline needs at least one stage")
+        if len(names) == 1 and ":" not in names[0]:
+            stages = await self._pipeline(names[0])
+            if stages is not None:
+                names, version = tuple(stages), None
+        route = []
+        for stage in names:
+            name, _, pinned = stage.partition(":")
+            spec = await self._spec(name)
+            resolved = spec.resolve_version(pinned or version)
+            if resolved not in spec.versions:
+                raise UnknownModel(f"model {name!r} has no version {resolved!r}", model=name, version=resolved)
+            route.append(infer_subject(name, resolved, priority))
+        self._routes[key] = (now, tuple(route))
+        return tuple(route)
+
+    async def _pipeline(self, name: str) -> list[str] | None:
+        """The stages of a registered pipeline ``name``, unless a model of that name exists."""
+        registry = await self._open_registry()
+        if await registry.get_spec(name) is not None:
+            return None
+        return await registry.get_pipeline(name)
+
+    async def _open_registry(self) -> Registry:
+        try:
+            if self._registry is None:
+                self._registry = await Registry.open(self._conn)
+        except BucketNotFoundError:
+            raise UnknownModel("no model registry on this NATS yet (is a worker running?)") from None
+        return self._registry
 
     async def _spec(self, model: str) -> ModelSpec:
         cached = self._specs.get(model)
         now = time.monotonic()
         if cached is not None and now - cached[0] < _SPEC_TTL_S:
             return cached[1]
+        registry = await self._open_registry()
         try:
-            if self._registry is None:
-                self._registry = await Registry.open(self._conn)
-            spec = await self._registry.get_spec(model)
-        except BucketNotFoundError:
-            raise UnknownModel(f"model {model!r}: no model registry on this NATS yet (is a worker running?)") from None
+            spec = await registry.get_spec(model)
         except Exception as exc:
             raise translate_error(exc, f"look up model {model!r}") from exc
         if spec is None:
@@ -196,9 +259,7 @@ class MeshClient:
             pending.future.set_result(data)
 
     async def models(self) -> list[ModelSpec]:
-        if self._registry is None:
-            self._registry = await Registry.open(self._conn)
-        return await self._registry.list_specs()
+        return await (await self._open_registry()).list_specs()
 
     async def close(self) -> None:
         for pending in self._pending.values():

@@ -7,7 +7,7 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from schemas.subjects import HDR_DEADLINE, HDR_MSG_ID, HDR_REPLY, HDR_REPLY_INBOX
+from schemas.subjects import HDR_DEADLINE, HDR_MSG_ID, HDR_REPLY, HDR_REPLY_INBOX, HDR_REQUEST_ID, HDR_ROUTE
 
 __all__ = ["Delivery"]
 
@@ -26,7 +26,7 @@ class Delivery:
 
     __slots__ = (
         "_msg", "_nc", "deadline_ms", "num_delivered", "num_pending", "priority", "reply_inbox", "reply_to",
-        "request_id", "span", "stored_ns",
+        "request_id", "route", "span", "stored_ns",
     )  # fmt: skip
 
     def __init__(self, nc: NatsClient, msg: Msg, priority: str) -> None:
@@ -36,7 +36,10 @@ class Delivery:
         headers = msg.headers or {}
         self.reply_to: str | None = headers.get(HDR_REPLY)
         self.reply_inbox: str | None = headers.get(HDR_REPLY_INBOX)
-        self.request_id: str | None = headers.get(HDR_MSG_ID)
+        # A pipeline stage's message id is "<request id>~<stage subject>": the request's own id comes first.
+        msg_id = headers.get(HDR_MSG_ID)
+        self.request_id: str | None = msg_id.partition("~")[0] if msg_id else None
+        self.route: str | None = headers.get(HDR_ROUTE)  # later pipeline stages, if any
         self.span: Any = None  # the worker's trace span for this request, when tracing is on
         raw_deadline = headers.get(HDR_DEADLINE)
         self.deadline_ms: int | None = int(raw_deadline) if raw_deadline and raw_deadline.isdigit() else None
@@ -57,7 +60,8 @@ class Delivery:
 
     async def reply(self, payload: bytes) -> None:
         if self.reply_to:
-            await self._nc.publish(self.reply_to, payload)
+            headers = {HDR_REQUEST_ID: self.request_id} if self.request_id else None
+            await self._nc.publish(self.reply_to, payload, headers=headers)
 
     async def ack(self) -> None:
         await self._settle(_ACK)

@@ -22,6 +22,7 @@ from schemas.subjects import (
     BUCKET_ASSIGNMENTS,
     BUCKET_LEADER,
     BUCKET_MODELS,
+    BUCKET_PIPELINES,
     BUCKET_STATUS,
     BUCKET_WORKERS,
     INFER_PREFIX,
@@ -97,6 +98,7 @@ async def ensure_buckets(js: JetStreamContext, settings: Settings) -> None:
         KeyValueConfig(bucket=BUCKET_ASSIGNMENTS, history=1, storage=storage, replicas=replicas),
         KeyValueConfig(bucket=BUCKET_LEADER, history=1, ttl=LEASE_TTL_S, storage=storage, replicas=replicas),
         KeyValueConfig(bucket=BUCKET_STATUS, history=1, storage=storage, replicas=replicas),
+        KeyValueConfig(bucket=BUCKET_PIPELINES, history=5, storage=storage, replicas=replicas),
     ):
         await js.create_key_value(config)
 

@@ -15,7 +15,7 @@ from nats.js.kv import KeyValue
 
 from broker.connection import Connection
 from schemas.spec import ModelSpec
-from schemas.subjects import BUCKET_ASSIGNMENTS, BUCKET_MODELS, BUCKET_STATUS, BUCKET_WORKERS
+from schemas.subjects import BUCKET_ASSIGNMENTS, BUCKET_MODELS, BUCKET_PIPELINES, BUCKET_STATUS, BUCKET_WORKERS
 
 __all__ = ["Registry"]
 
@@ -28,16 +28,19 @@ class _Bucket:
 
 
 class Registry:
-    def __init__(self, models: _Bucket, workers: _Bucket, assignments: _Bucket, status: _Bucket) -> None:
+    def __init__(
+        self, models: _Bucket, workers: _Bucket, assignments: _Bucket, status: _Bucket, pipelines: _Bucket
+    ) -> None:
         self._models = models
         self._workers = workers
         self._assignments = assignments
         self._status = status
+        self._pipelines = pipelines
 
     @classmethod
     async def open(cls, conn: Connection) -> Registry:
         js = conn.js
-        names = (BUCKET_MODELS, BUCKET_WORKERS, BUCKET_ASSIGNMENTS, BUCKET_STATUS)
+        names = (BUCKET_MODELS, BUCKET_WORKERS, BUCKET_ASSIGNMENTS, BUCKET_STATUS, BUCKET_PIPELINES)
         return cls(*[_Bucket(js, name, await js.key_value(name)) for name in names])
 
     # -- model specs ---------------------------------------------------------------------------
@@ -106,6 +109,21 @@ class Registry:
 
     async def delete_status(self, model: str) -> None:
         await self._status.kv.delete(model)
+
+    # -- named pipelines ----------------------------------------------------------------------------
+
+    async def put_pipeline(self, name: str, stages: list[str]) -> None:
+        await self._pipelines.kv.put(name, json.dumps({"stages": stages}).encode())
+
+    async def get_pipeline(self, name: str) -> list[str] | None:
+        value = await _get(self._pipelines, name)
+        return None if value is None else list(json.loads(value)["stages"])
+
+    async def pipelines(self) -> dict[str, list[str]]:
+        return {k: list(json.loads(v)["stages"]) for k, v in (await _all(self._pipelines)).items()}
+
+    async def delete_pipeline(self, name: str) -> None:
+        await self._pipelines.kv.delete(name)
 
 
 async def _get(bucket: _Bucket, key: str) -> bytes | None:

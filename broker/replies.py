@@ -1,43 +1,84 @@
-"""ReplySender: publishes the replies of one batch, bundling those bound for the same client.
+"""ReplySender: sends what one batch produced — replies, bundled for the same client, and the
+outputs of pipeline stages forwarded to their next stage.
 
 A client that sets ``Mesh-Reply-Inbox`` accepts a bundle of replies as one message on its
 inbox; one message instead of many saves the server a route and the client a parse per
 request. Bundles stay well under the server's max payload; lone replies go out as usual.
+A forward is a JetStream publish, acknowledged before the request that produced it is acked,
+so a stage's output is never lost between stages; its message id makes a redelivered stage
+forward only once.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 
-from nats.aio.client import Client as NatsClient
-
+from broker import tracing
+from broker.connection import Connection, translate_error
 from broker.delivery import Delivery
 from schemas.envelope import encode_bundle
-from schemas.subjects import bundle_subject
+from schemas.errors import MeshError
+from schemas.subjects import HDR_DEADLINE, HDR_MSG_ID, HDR_REPLY, HDR_REPLY_INBOX, HDR_ROUTE, bundle_subject
 
 __all__ = ["ReplySender"]
 
+# What a forwarded request keeps of its predecessor: where the answer goes and by when.
+_CARRIED = frozenset({HDR_REPLY, HDR_REPLY_INBOX, HDR_DEADLINE})
+
 
 class ReplySender:
-    def __init__(self, nc: NatsClient) -> None:
-        self._nc = nc
-        self._limit = max(1024, nc.max_payload // 2)
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._nc = conn.nc
+        self._limit = max(1024, self._nc.max_payload // 2)
         self._single: list[tuple[Delivery, bytes]] = []
         self._bundles: defaultdict[str, list[tuple[str, bytes]]] = defaultdict(list)
+        self._forwards: list[tuple[Delivery, bytes]] = []
+
+    def forward(self, delivery: Delivery, request: bytes) -> None:
+        """Queue ``request`` (this stage's outputs as inputs) for the next stage on the route."""
+        self._forwards.append((delivery, request))
 
     def add(self, delivery: Delivery, payload: bytes) -> None:
-        if delivery.reply_inbox and delivery.request_id:
-            self._bundles[delivery.reply_inbox].append((delivery.request_id, payload))
+        inbox, reply_to = delivery.reply_inbox, delivery.reply_to
+        if inbox and reply_to and reply_to.startswith(inbox + "."):
+            # Bundled replies are keyed by the last token of the reply subject the client chose.
+            self._bundles[inbox].append((reply_to.rsplit(".", 1)[-1], payload))
         else:
             self._single.append((delivery, payload))
 
-    async def send(self) -> None:
+    async def send(self) -> list[tuple[Delivery, MeshError]]:
+        """Send everything; returns the forwards the next stage's stream refused (to answer as errors)."""
+        refused = []
+        if self._forwards:
+            outcomes = await asyncio.gather(*(self._forward(d, r) for d, r in self._forwards))
+            refused = [(d, err) for (d, _), err in zip(self._forwards, outcomes, strict=True) if err is not None]
         for delivery, payload in self._single:
             await delivery.reply(payload)
         for inbox, replies in self._bundles.items():
             await self._send_bundle(inbox, replies)
         self._single.clear()
         self._bundles.clear()
+        self._forwards.clear()
+        return refused
+
+    async def _forward(self, delivery: Delivery, request: bytes) -> MeshError | None:
+        assert delivery.route
+        subject, _, rest = delivery.route.partition(",")
+        headers = {HDR_MSG_ID: f"{delivery.request_id}~{subject}"}
+        for name, value in delivery.headers.items():
+            if name in _CARRIED:
+                headers[name] = value
+        if rest:
+            headers[HDR_ROUTE] = rest
+        tracing.inject(delivery.span, headers)  # the next stage joins the same trace
+        try:
+            await self._conn.js.publish(subject, request, headers=headers, timeout=5.0)
+        except Exception as exc:
+            err = translate_error(exc, f"forward to {subject}")
+            return err
+        return None
 
     async def _send_bundle(self, inbox: str, replies: list[tuple[str, bytes]]) -> None:
         chunk: list[tuple[str, bytes]] = []

@@ -16,7 +16,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from schemas.subjects import parse_infer_subject
 
 __all__ = [
-    "configure_from_env", "disable", "enable", "enabled", "end", "shutdown", "start_batch", "start_consumer",
+    "configure_from_env", "disable", "enable", "enabled", "end", "inject", "shutdown", "start_batch", "start_consumer",
     "start_inference", "start_producer",
 ]  # fmt: skip
 
@@ -116,6 +116,12 @@ def start_inference(batch: Span | None, model: str, rows: int) -> Span | None:
         return None
     context = trace.set_span_in_context(batch)
     return _tracer.start_span(f"infer {model}", context=context, attributes={"mesh.model": model, "mesh.rows": rows})
+
+
+def inject(span: Span | None, headers: MutableMapping[str, str]) -> None:
+    """Put ``span``'s context in ``headers`` (a pipeline stage forwarding to the next)."""
+    if span is not None:
+        _propagator.inject(headers, context=trace.set_span_in_context(span))
 
 
 def end(span: Span | None, error: BaseException | None = None, **attributes: Any) -> None:

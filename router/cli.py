@@ -76,6 +76,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return run(run_models(args), "asyncio")
 
 
+def _cmd_pipelines(args: argparse.Namespace) -> int:
+    from router.pipeline_commands import run as run_pipelines
+
+    return run(run_pipelines(args), "asyncio")
+
+
 def _cmd_top(args: argparse.Namespace) -> int:
     from router.top import run_top
 
@@ -187,10 +193,12 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
     top.set_defaults(run=_cmd_top)
 
-    from router.model_commands import add_parsers
+    from router import model_commands, pipeline_commands
 
-    add_parsers(sub)
+    model_commands.add_parsers(sub)
     sub.choices["models"].set_defaults(run=_cmd_models)
+    pipeline_commands.add_parsers(sub)
+    sub.choices["pipelines"].set_defaults(run=_cmd_pipelines)
 
     infer = sub.add_parser("infer", help="send one request and print the outputs")
     infer.add_argument("model")

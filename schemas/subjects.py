@@ -9,12 +9,15 @@ __all__ = [
     "BUCKET_ASSIGNMENTS",
     "BUCKET_LEADER",
     "BUCKET_MODELS",
+    "BUCKET_PIPELINES",
     "BUCKET_STATUS",
     "BUCKET_WORKERS",
     "HDR_DEADLINE",
     "HDR_MSG_ID",
     "HDR_REPLY",
     "HDR_REPLY_INBOX",
+    "HDR_REQUEST_ID",
+    "HDR_ROUTE",
     "HDR_TRACEPARENT",
     "HDR_TRACESTATE",
     "INFER_PREFIX",
@@ -38,12 +41,17 @@ BUCKET_WORKERS: Final = "mesh-workers"
 BUCKET_ASSIGNMENTS: Final = "mesh-assignments"
 BUCKET_LEADER: Final = "mesh-leader"
 BUCKET_STATUS: Final = "mesh-status"
+BUCKET_PIPELINES: Final = "mesh-pipelines"
 
 HDR_MSG_ID: Final = "Nats-Msg-Id"
 HDR_REPLY: Final = "Mesh-Reply"
 # Optional: the client's inbox, where a worker may send several replies as one bundle.
 HDR_REPLY_INBOX: Final = "Mesh-Reply-Inbox"
 HDR_DEADLINE: Final = "Mesh-Deadline"
+# The pipeline stages still ahead of a request: their subjects, comma-separated.
+HDR_ROUTE: Final = "Mesh-Route"
+# On a reply sent alone: the request it answers (fire-and-forget consumers correlate by it).
+HDR_REQUEST_ID: Final = "Mesh-Request-Id"
 HDR_TRACEPARENT: Final = "traceparent"
 HDR_TRACESTATE: Final = "tracestate"
 

@@ -26,7 +26,7 @@ from broker.delivery import Delivery
 from broker.feed import PullFeed
 from broker.provision import ensure_consumer
 from broker.replies import ReplySender
-from schemas.envelope import Timing, decode_request, encode_error, encode_outputs
+from schemas.envelope import Timing, decode_request, encode_error, encode_outputs, encode_request
 from schemas.errors import DeadlineExceeded, MeshError, ModelFailure
 from schemas.spec import ModelSpec
 from schemas.subjects import PRIORITIES, STREAM_INFER
@@ -258,14 +258,18 @@ class ModelServer:
         self.stats.batches += 1
         self.stats.rows += rows
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
-        sender = ReplySender(self._conn.nc)
+        sender = ReplySender(self._conn)
         for request, result in zip(batch, results, strict=True):
             queue_ms = max(0.0, (started_ns - request.delivery.stored_ns) / 1e6) if request.delivery.stored_ns else 0.0
             timing = Timing(queue_ms, compute_ms, len(batch), self.worker_id, request.delivery.num_delivered)
             self.stats.queue_s.observe(queue_ms / 1000)
             if isinstance(result, MeshError):
                 self.stats.errors[result.status] += 1
+                result.data.setdefault("stage", self.key)
                 sender.add(request.delivery, encode_error(result, timing))
+            elif request.delivery.route:
+                self.stats.succeeded += 1
+                sender.forward(request.delivery, encode_request(result))  # a pipeline: on to the next stage
             else:
                 self.stats.succeeded += 1
                 sender.add(request.delivery, encode_outputs(result, timing))
@@ -273,7 +277,9 @@ class ModelServer:
                 error = result if isinstance(result, MeshError) else None
                 tracing.end(request.delivery.span, error, **{"mesh.queue_wait_ms": queue_ms})
         tracing.end(batch_span)
-        await sender.send()
+        for delivery, err in await sender.send():
+            err.data["stage"] = delivery.route.partition(",")[0] if delivery.route else self.key
+            await delivery.reply(encode_error(err, Timing(worker=self.worker_id)))
         sent_ns = time.time_ns()
         self.stats.recent_ms.extend((sent_ns - r.delivery.stored_ns) / 1e6 for r in batch if r.delivery.stored_ns)
         for request in batch:
@@ -341,6 +347,7 @@ class ModelServer:
 
     async def _fail(self, delivery: Delivery, err: MeshError) -> None:
         self.stats.errors[err.status] += 1
+        err.data.setdefault("stage", self.key)
         log.debug("%s: request failed with %d: %s", self.key, err.status, err.message,
                   extra={"request_id": delivery.request_id, "status": err.status})  # fmt: skip
         tracing.end(delivery.span, err)

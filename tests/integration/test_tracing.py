@@ -105,3 +105,22 @@ async def test_trace_context_travels_only_when_tracing_is_on(
     (send,) = _by_name(spans, "send ")  # the second request made no span
     assert traced["traceparent"].split("-")[1] == format(send.context.trace_id, "032x")
     assert "traceparent" not in untraced
+
+
+async def test_pipeline_stages_appear_in_one_trace(
+    nats_server: NatsServer, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    from examples.build_models import build_iris_onnx
+    from tests.integration.test_pipelines import build_scale
+
+    prep, clf = unique("prep"), unique("clf")
+    build_scale(tmp_path, prep, 0.5)
+    build_iris_onnx(tmp_path, name=clf)
+    async with serving(nats_server.url, tmp_path, [prep, clf]), await MeshClient.connect(nats_server.url) as c:
+        await c.infer([prep, clf], {"raw": np.ones((1, 4), np.float32)})
+    (send,) = _by_name(spans, "send ")
+    (first,) = _by_name(spans, f"process {prep}")
+    (second,) = _by_name(spans, f"process {clf}")
+    assert first.context.trace_id == second.context.trace_id == send.context.trace_id
+    assert first.parent is not None and first.parent.span_id == send.context.span_id
+    assert second.parent is not None and second.parent.span_id == first.context.span_id
