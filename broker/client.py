@@ -22,13 +22,23 @@ from nats.nuid import NUID
 
 from broker import tracing
 from broker.connection import Connection, pub_ack_error, translate_error
+from broker.jobs import Job, items_of, start_job
 from broker.registry import Registry
 from broker.results import Result, results_on
 from broker.settings import Settings
 from schemas.envelope import Reply, decode_bundle, decode_reply, encode_request
 from schemas.errors import BadInput, DeadlineExceeded, MeshError, UnknownModel
 from schemas.spec import ModelSpec
-from schemas.subjects import HDR_DEADLINE, HDR_MSG_ID, HDR_REPLY, HDR_REPLY_INBOX, HDR_ROUTE, PRIORITIES, infer_subject
+from schemas.subjects import (
+    HDR_DEADLINE,
+    HDR_MSG_ID,
+    HDR_REPLY,
+    HDR_REPLY_INBOX,
+    HDR_ROUTE,
+    PRIORITIES,
+    check_name,
+    infer_subject,
+)
 
 __all__ = ["MeshClient"]
 
@@ -150,6 +160,30 @@ class MeshClient:
     def subscribe_results(self, subject: str) -> AsyncIterator[Result]:
         """Replies arriving on ``subject`` (e.g. for :meth:`publish`), as (request id, reply or error)."""
         return results_on(self._conn, subject)
+
+    async def submit_job(
+        self, model: str, inputs: Any, priority: str = "low", version: str | None = None, job_id: str | None = None
+    ) -> Job:
+        """Start a batch job and return at once; its items stream into the queue in the background.
+
+        ``inputs``: an iterable or async iterable of input dicts, or a .npy/.npz file (first axis = items).
+        """
+        if priority not in PRIORITIES:
+            raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+        spec = await self._spec(model)
+        (subject,) = await self._route(model, version, priority)
+        job_id = job_id or f"job-{NUID().next().decode()}"
+        check_name(job_id)
+        return await start_job(self._conn, await self._open_registry(), spec, subject, items_of(inputs, spec), job_id)
+
+    async def job(self, job_id: str) -> Job:
+        """A handle on an existing job (started by anyone), to follow or read its results."""
+        job = Job(self._conn, await self._open_registry(), job_id)
+        await job.status()  # raises UnknownModel (404) for a job that does not exist
+        return job
+
+    async def jobs(self) -> dict[str, dict[str, Any]]:
+        return await (await self._open_registry()).jobs()
 
     async def _prepare(
         self, model: str | Sequence[str], inputs: dict[str, Any], version: str | None, priority: str,

@@ -7,7 +7,16 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from schemas.subjects import HDR_DEADLINE, HDR_MSG_ID, HDR_REPLY, HDR_REPLY_INBOX, HDR_REQUEST_ID, HDR_ROUTE
+from schemas.subjects import (
+    HDR_DEADLINE,
+    HDR_JOB,
+    HDR_JOB_ITEM,
+    HDR_MSG_ID,
+    HDR_REPLY,
+    HDR_REPLY_INBOX,
+    HDR_REQUEST_ID,
+    HDR_ROUTE,
+)
 
 __all__ = ["Delivery"]
 
@@ -25,8 +34,8 @@ class Delivery:
     """
 
     __slots__ = (
-        "_msg", "_nc", "deadline_ms", "num_delivered", "num_pending", "priority", "reply_inbox", "reply_to",
-        "request_id", "route", "span", "stored_ns",
+        "_msg", "_nc", "deadline_ms", "job", "job_item", "num_delivered", "num_pending", "priority",
+        "reply_inbox", "reply_to", "request_id", "route", "span", "stored_ns",
     )  # fmt: skip
 
     def __init__(self, nc: NatsClient, msg: Msg, priority: str) -> None:
@@ -40,6 +49,8 @@ class Delivery:
         msg_id = headers.get(HDR_MSG_ID)
         self.request_id: str | None = msg_id.partition("~")[0] if msg_id else None
         self.route: str | None = headers.get(HDR_ROUTE)  # later pipeline stages, if any
+        self.job: str | None = headers.get(HDR_JOB)  # set on the items of a batch job
+        self.job_item: str | None = headers.get(HDR_JOB_ITEM)
         self.span: Any = None  # the worker's trace span for this request, when tracing is on
         raw_deadline = headers.get(HDR_DEADLINE)
         self.deadline_ms: int | None = int(raw_deadline) if raw_deadline and raw_deadline.isdigit() else None

@@ -20,13 +20,16 @@ from broker.connection import Connection
 from broker.settings import Settings
 from schemas.subjects import (
     BUCKET_ASSIGNMENTS,
+    BUCKET_JOBS,
     BUCKET_LEADER,
     BUCKET_MODELS,
     BUCKET_PIPELINES,
     BUCKET_STATUS,
     BUCKET_WORKERS,
     INFER_PREFIX,
+    JOBS_PREFIX,
     STREAM_INFER,
+    STREAM_JOBS,
     consumer_name,
     infer_subject,
 )
@@ -68,6 +71,24 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
         log.info("updated stream %s (max_queue=%d)", STREAM_INFER, settings.max_queue)
 
 
+async def ensure_jobs_stream(js: JetStreamContext, settings: Settings) -> None:
+    """Where batch-job results live, so anyone can read them later by job id (kept a week)."""
+    config = StreamConfig(
+        name=STREAM_JOBS,
+        subjects=[f"{JOBS_PREFIX}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=_storage(settings),
+        num_replicas=settings.replicas,
+        max_age=7 * 24 * 3600.0,
+        # A redelivered item's result carries the same message id: stored once.
+        duplicate_window=600.0,
+    )
+    try:
+        await js.stream_info(STREAM_JOBS)
+    except NotFoundError:
+        await js.add_stream(config)
+
+
 async def ensure_consumer(
     js: JetStreamContext, model: str, version: str, priority: str, *, ack_wait_s: float, max_attempts: int
 ) -> str:
@@ -99,6 +120,7 @@ async def ensure_buckets(js: JetStreamContext, settings: Settings) -> None:
         KeyValueConfig(bucket=BUCKET_LEADER, history=1, ttl=LEASE_TTL_S, storage=storage, replicas=replicas),
         KeyValueConfig(bucket=BUCKET_STATUS, history=1, storage=storage, replicas=replicas),
         KeyValueConfig(bucket=BUCKET_PIPELINES, history=5, storage=storage, replicas=replicas),
+        KeyValueConfig(bucket=BUCKET_JOBS, history=1, storage=storage, replicas=replicas),
     ):
         await js.create_key_value(config)
 
@@ -106,4 +128,5 @@ async def ensure_buckets(js: JetStreamContext, settings: Settings) -> None:
 async def provision(conn: Connection) -> None:
     """Create (or adopt) the stream and buckets a mesh needs; safe to run from every process."""
     await ensure_stream(conn.js, conn.settings)
+    await ensure_jobs_stream(conn.js, conn.settings)
     await ensure_buckets(conn.js, conn.settings)

@@ -15,7 +15,14 @@ from nats.js.kv import KeyValue
 
 from broker.connection import Connection
 from schemas.spec import ModelSpec
-from schemas.subjects import BUCKET_ASSIGNMENTS, BUCKET_MODELS, BUCKET_PIPELINES, BUCKET_STATUS, BUCKET_WORKERS
+from schemas.subjects import (
+    BUCKET_ASSIGNMENTS,
+    BUCKET_JOBS,
+    BUCKET_MODELS,
+    BUCKET_PIPELINES,
+    BUCKET_STATUS,
+    BUCKET_WORKERS,
+)
 
 __all__ = ["Registry"]
 
@@ -29,8 +36,15 @@ class _Bucket:
 
 class Registry:
     def __init__(
-        self, models: _Bucket, workers: _Bucket, assignments: _Bucket, status: _Bucket, pipelines: _Bucket
+        self,
+        models: _Bucket,
+        workers: _Bucket,
+        assignments: _Bucket,
+        status: _Bucket,
+        pipelines: _Bucket,
+        jobs: _Bucket,
     ) -> None:
+        self._jobs = jobs
         self._models = models
         self._workers = workers
         self._assignments = assignments
@@ -40,7 +54,7 @@ class Registry:
     @classmethod
     async def open(cls, conn: Connection) -> Registry:
         js = conn.js
-        names = (BUCKET_MODELS, BUCKET_WORKERS, BUCKET_ASSIGNMENTS, BUCKET_STATUS, BUCKET_PIPELINES)
+        names = (BUCKET_MODELS, BUCKET_WORKERS, BUCKET_ASSIGNMENTS, BUCKET_STATUS, BUCKET_PIPELINES, BUCKET_JOBS)
         return cls(*[_Bucket(js, name, await js.key_value(name)) for name in names])
 
     # -- model specs ---------------------------------------------------------------------------
@@ -124,6 +138,18 @@ class Registry:
 
     async def delete_pipeline(self, name: str) -> None:
         await self._pipelines.kv.delete(name)
+
+    # -- batch jobs --------------------------------------------------------------------------------
+
+    async def put_job(self, job_id: str, record: Json) -> None:
+        await self._jobs.kv.put(job_id, json.dumps(record).encode())
+
+    async def get_job(self, job_id: str) -> Json | None:
+        value = await _get(self._jobs, job_id)
+        return None if value is None else dict(json.loads(value))
+
+    async def jobs(self) -> dict[str, Json]:
+        return {k: dict(json.loads(v)) for k, v in (await _all(self._jobs)).items()}
 
 
 async def _get(bucket: _Bucket, key: str) -> bytes | None:

@@ -12,6 +12,7 @@ forward only once.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
 
 from broker import tracing
@@ -19,9 +20,20 @@ from broker.connection import Connection, translate_error
 from broker.delivery import Delivery
 from schemas.envelope import encode_bundle
 from schemas.errors import MeshError
-from schemas.subjects import HDR_DEADLINE, HDR_MSG_ID, HDR_REPLY, HDR_REPLY_INBOX, HDR_ROUTE, bundle_subject
+from schemas.subjects import (
+    HDR_DEADLINE,
+    HDR_JOB_ITEM,
+    HDR_MSG_ID,
+    HDR_REPLY,
+    HDR_REPLY_INBOX,
+    HDR_ROUTE,
+    bundle_subject,
+    job_result_subject,
+)
 
 __all__ = ["ReplySender"]
+
+log = logging.getLogger(__name__)
 
 # What a forwarded request keeps of its predecessor: where the answer goes and by when.
 _CARRIED = frozenset({HDR_REPLY, HDR_REPLY_INBOX, HDR_DEADLINE})
@@ -35,12 +47,17 @@ class ReplySender:
         self._single: list[tuple[Delivery, bytes]] = []
         self._bundles: defaultdict[str, list[tuple[str, bytes]]] = defaultdict(list)
         self._forwards: list[tuple[Delivery, bytes]] = []
+        self._job_results: list[tuple[Delivery, bytes, bool]] = []
+        self.unsaved: list[Delivery] = []  # job items whose result could not be stored: not to be acked
 
     def forward(self, delivery: Delivery, request: bytes) -> None:
         """Queue ``request`` (this stage's outputs as inputs) for the next stage on the route."""
         self._forwards.append((delivery, request))
 
-    def add(self, delivery: Delivery, payload: bytes) -> None:
+    def add(self, delivery: Delivery, payload: bytes, ok: bool = True) -> None:
+        if delivery.job:
+            self._job_results.append((delivery, payload, ok))
+            return
         inbox, reply_to = delivery.reply_inbox, delivery.reply_to
         if inbox and reply_to and reply_to.startswith(inbox + "."):
             # Bundled replies are keyed by the last token of the reply subject the client chose.
@@ -54,6 +71,9 @@ class ReplySender:
         if self._forwards:
             outcomes = await asyncio.gather(*(self._forward(d, r) for d, r in self._forwards))
             refused = [(d, err) for (d, _), err in zip(self._forwards, outcomes, strict=True) if err is not None]
+        if self._job_results:
+            stored = await asyncio.gather(*(self._store(d, p, ok) for d, p, ok in self._job_results))
+            self.unsaved = [d for (d, _, _), done in zip(self._job_results, stored, strict=True) if not done]
         for delivery, payload in self._single:
             await delivery.reply(payload)
         for inbox, replies in self._bundles.items():
@@ -61,7 +81,19 @@ class ReplySender:
         self._single.clear()
         self._bundles.clear()
         self._forwards.clear()
+        self._job_results.clear()
         return refused
+
+    async def _store(self, delivery: Delivery, payload: bytes, ok: bool) -> bool:
+        """A job item's result, stored durably (acked by the stream) and once per item."""
+        assert delivery.job is not None
+        headers = {HDR_MSG_ID: f"{delivery.job}:{delivery.job_item}", HDR_JOB_ITEM: delivery.job_item or ""}
+        try:
+            await self._conn.js.publish(job_result_subject(delivery.job, ok), payload, headers=headers, timeout=5.0)
+        except Exception as exc:  # left unacked, the item comes back and is computed again
+            log.warning("could not store result %s of job %s: %s", delivery.job_item, delivery.job, exc)
+            return False
+        return True
 
     async def _forward(self, delivery: Delivery, request: bytes) -> MeshError | None:
         assert delivery.route

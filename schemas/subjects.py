@@ -7,12 +7,15 @@ from typing import Final, Literal
 
 __all__ = [
     "BUCKET_ASSIGNMENTS",
+    "BUCKET_JOBS",
     "BUCKET_LEADER",
     "BUCKET_MODELS",
     "BUCKET_PIPELINES",
     "BUCKET_STATUS",
     "BUCKET_WORKERS",
     "HDR_DEADLINE",
+    "HDR_JOB",
+    "HDR_JOB_ITEM",
     "HDR_MSG_ID",
     "HDR_REPLY",
     "HDR_REPLY_INBOX",
@@ -21,13 +24,16 @@ __all__ = [
     "HDR_TRACEPARENT",
     "HDR_TRACESTATE",
     "INFER_PREFIX",
+    "JOBS_PREFIX",
     "PRIORITIES",
     "STREAM_INFER",
+    "STREAM_JOBS",
     "Priority",
     "bundle_subject",
     "check_name",
     "consumer_name",
     "infer_subject",
+    "job_result_subject",
     "parse_infer_subject",
 ]  # fmt: skip
 
@@ -42,6 +48,9 @@ BUCKET_ASSIGNMENTS: Final = "mesh-assignments"
 BUCKET_LEADER: Final = "mesh-leader"
 BUCKET_STATUS: Final = "mesh-status"
 BUCKET_PIPELINES: Final = "mesh-pipelines"
+BUCKET_JOBS: Final = "mesh-jobs"
+STREAM_JOBS: Final = "MESH_JOBS"
+JOBS_PREFIX: Final = "mesh.jobs"
 
 HDR_MSG_ID: Final = "Nats-Msg-Id"
 HDR_REPLY: Final = "Mesh-Reply"
@@ -52,6 +61,9 @@ HDR_DEADLINE: Final = "Mesh-Deadline"
 HDR_ROUTE: Final = "Mesh-Route"
 # On a reply sent alone: the request it answers (fire-and-forget consumers correlate by it).
 HDR_REQUEST_ID: Final = "Mesh-Request-Id"
+# A batch job's items carry the job and their index; results are stored under the job.
+HDR_JOB: Final = "Mesh-Job"
+HDR_JOB_ITEM: Final = "Mesh-Job-Item"
 HDR_TRACEPARENT: Final = "traceparent"
 HDR_TRACESTATE: Final = "tracestate"
 
@@ -71,6 +83,11 @@ def check_name(model: str, version: str | None = None) -> None:
 def bundle_subject(inbox: str) -> str:
     """Where a worker sends a bundle of replies for one client (see HDR_REPLY_INBOX)."""
     return f"{inbox}.m.bundle"
+
+
+def job_result_subject(job: str, ok: bool) -> str:
+    """Where a job item's result is stored: successes and failures apart, so both are counted cheaply."""
+    return f"{JOBS_PREFIX}.{job}.{'ok' if ok else 'err'}"
 
 
 def infer_subject(model: str, version: str, priority: str) -> str:

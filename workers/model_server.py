@@ -32,6 +32,7 @@ from schemas.spec import ModelSpec
 from schemas.subjects import PRIORITIES, STREAM_INFER
 from workers.batcher import BatchQueue
 from workers.histogram import BATCH_BUCKETS, SECONDS_BUCKETS, Histogram
+from workers.jobs import JobBook
 from workers.runtimes.base import Runtime, Tensors
 from workers.signature import Signature
 
@@ -92,8 +93,10 @@ class ModelServer:
         runtime: Runtime,
         worker_id: str,
         priorities: Iterable[str] | None = None,
+        jobs: JobBook | None = None,
     ) -> None:
         self._conn = conn
+        self._jobs = jobs
         self.priorities = [p for p in PRIORITIES if p in set(priorities or spec.priorities)]
         self.spec = spec
         self.version = version
@@ -187,6 +190,10 @@ class ModelServer:
         if delivery.deadline_ms is not None and delivery.deadline_ms <= now_wall_ms:
             await self._expire(delivery)
             return
+        if delivery.job and self._jobs is not None and await self._jobs.cancelled(delivery.job):
+            await delivery.ack()  # a cancelled job's item: dropped, not computed
+            await self._feed(delivery.priority).release()
+            return
         if delivery.num_delivered > self.spec.max_attempts:
             err = ModelFailure(
                 f"{self.key}: gave up after {self.spec.max_attempts} attempts", attempts=self.spec.max_attempts
@@ -266,7 +273,7 @@ class ModelServer:
             if isinstance(result, MeshError):
                 self.stats.errors[result.status] += 1
                 result.data.setdefault("stage", self.key)
-                sender.add(request.delivery, encode_error(result, timing))
+                sender.add(request.delivery, encode_error(result, timing), ok=False)
             elif request.delivery.route:
                 self.stats.succeeded += 1
                 sender.forward(request.delivery, encode_request(result))  # a pipeline: on to the next stage
@@ -283,7 +290,10 @@ class ModelServer:
         sent_ns = time.time_ns()
         self.stats.recent_ms.extend((sent_ns - r.delivery.stored_ns) / 1e6 for r in batch if r.delivery.stored_ns)
         for request in batch:
-            await request.delivery.ack()
+            if request.delivery in sender.unsaved:
+                await request.delivery.nak()  # its job result was not stored: compute it again
+            else:
+                await request.delivery.ack()
         self._computing = 0
         await self._release(batch)
 
@@ -341,9 +351,7 @@ class ModelServer:
         self.stats.expired += 1
         err = DeadlineExceeded(f"{self.key}: deadline passed while queued; not computed")
         tracing.end(delivery.span, err)
-        await delivery.reply(encode_error(err, Timing(worker=self.worker_id)))
-        await delivery.ack()
-        await self._feed(delivery.priority).release()
+        await self._answer_error(delivery, err, Timing(worker=self.worker_id))
 
     async def _fail(self, delivery: Delivery, err: MeshError) -> None:
         self.stats.errors[err.status] += 1
@@ -351,8 +359,14 @@ class ModelServer:
         log.debug("%s: request failed with %d: %s", self.key, err.status, err.message,
                   extra={"request_id": delivery.request_id, "status": err.status})  # fmt: skip
         tracing.end(delivery.span, err)
-        await delivery.reply(encode_error(err, Timing(worker=self.worker_id, attempt=delivery.num_delivered)))
-        await delivery.ack()
+        await self._answer_error(delivery, err, Timing(worker=self.worker_id, attempt=delivery.num_delivered))
+
+    async def _answer_error(self, delivery: Delivery, err: MeshError, timing: Timing) -> None:
+        """Reply (or, for a job item, store) the error, then settle the request."""
+        sender = ReplySender(self._conn)
+        sender.add(delivery, encode_error(err, timing), ok=False)
+        await sender.send()
+        await (delivery.nak() if sender.unsaved else delivery.ack())
         await self._feed(delivery.priority).release()
 
     async def _release(self, batch: list[_Request]) -> None:

@@ -19,6 +19,7 @@ from broker.provision import provision
 from broker.registry import Json, Registry
 from schemas.errors import MeshError, ModelFailure
 from schemas.spec import ModelSpec
+from workers.jobs import JobBook
 from workers.model_server import ModelServer
 from workers.repository import read_repository
 from workers.runtimes import load_runtime
@@ -115,7 +116,7 @@ class Worker:
             runtime = await asyncio.get_running_loop().run_in_executor(
                 None, load_runtime, vspec.format, artifact_path(vspec.uri), spec, threads
             )
-            server = ModelServer(self.conn, spec, version, runtime, self.id, priorities)
+            server = ModelServer(self.conn, spec, version, runtime, self.id, priorities, JobBook(self.registry))
             await server.start()
         except MeshError as err:
             wait = min(_RETRY_MAX_S, self._retry.get(key, (0.0, _RETRY_MIN_S / 2))[1] * 2)

@@ -1,0 +1,224 @@
+"""Batch jobs: many inputs for one model, streamed into the queue at low priority, results stored
+durably in the MESH_JOBS stream so that anyone can read them later by job id.
+
+The submitter keeps a bounded number of publishes in flight and backs off when the queue is
+full, so client memory stays flat however many items there are. Items carry the job id and
+their index; workers store each result once (message id ``<job>:<index>``), so a crash and
+redelivery never duplicate a result, and readers de-duplicate by index besides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from nats.js.api import DeliverPolicy
+
+from broker.connection import Connection, translate_error
+from broker.registry import Json, Registry
+from schemas.envelope import Reply, decode_reply, encode_request
+from schemas.errors import BadInput, MeshError, Overloaded, UnknownModel
+from schemas.spec import ModelSpec
+from schemas.subjects import HDR_JOB, HDR_JOB_ITEM, HDR_MSG_ID, JOBS_PREFIX, STREAM_JOBS
+
+__all__ = ["Job", "JobResult", "JobStatus", "items_of", "start_job"]
+
+Inputs = Mapping[str, Any]
+_IN_FLIGHT = 256  # publishes awaiting the stream's ack at once
+_PROGRESS_EVERY_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    id: str
+    model: str
+    state: str  # submitting | running | done | cancelled
+    total: int | None  # known once every item is submitted
+    submitted: int
+    done: int
+    failed: int
+    rate: float  # items finished per second since the job started
+    eta_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    index: int
+    reply: Reply | None = None
+    error: MeshError | None = None
+
+
+def items_of(inputs: Any, spec: ModelSpec) -> AsyncIterator[Inputs]:
+    """The items of ``inputs``: dicts (sync or async iterable), or a .npy/.npz file whose first axis is items."""
+    if isinstance(inputs, (str, Path)):
+        return _from_file(Path(inputs), spec)
+    if isinstance(inputs, AsyncIterable):
+        return _aiter(inputs)
+    if isinstance(inputs, Iterable):
+        return _aiter_sync(inputs)
+    raise BadInput("job inputs must be an iterable of input dicts or a .npy/.npz file")
+
+
+async def _aiter(items: AsyncIterable[Inputs]) -> AsyncIterator[Inputs]:
+    async for item in items:
+        yield item
+
+
+async def _aiter_sync(items: Iterable[Inputs]) -> AsyncIterator[Inputs]:
+    for item in items:
+        yield item
+
+
+async def _from_file(path: Path, spec: ModelSpec) -> AsyncIterator[Inputs]:
+    if str(path).startswith("s3:"):
+        raise BadInput("S3 job inputs are not supported yet; download the file first")
+    if path.suffix == ".npz":
+        arrays = dict(np.load(path, mmap_mode="r"))
+    elif path.suffix == ".npy":
+        if len(spec.inputs) != 1:
+            raise BadInput(f"{spec.name} takes {len(spec.inputs)} inputs; give an .npz with one array per input")
+        arrays = {spec.inputs[0].name: np.load(path, mmap_mode="r")}
+    else:
+        raise BadInput(f"{path}: job inputs come as .npy or .npz")
+    count = min(len(a) for a in arrays.values())
+    for i in range(count):
+        # Batched models take a leading batch axis: each item is one row of it.
+        yield {k: np.ascontiguousarray(a[i : i + 1] if spec.max_batch_size else a[i]) for k, a in arrays.items()}
+
+
+async def start_job(
+    conn: Connection, registry: Registry, spec: ModelSpec, subject: str, items: AsyncIterator[Inputs], job_id: str
+) -> Job:
+    record: Json = {"id": job_id, "model": spec.name, "subject": subject, "state": "submitting",
+                    "total": None, "submitted": 0, "created": time.time()}  # fmt: skip
+    await registry.put_job(job_id, record)
+    job = Job(conn, registry, job_id)
+    job._submitter = asyncio.create_task(job._submit(subject, items, record), name=f"job-{job_id}")
+    return job
+
+
+class Job:
+    def __init__(self, conn: Connection, registry: Registry, job_id: str) -> None:
+        self._conn = conn
+        self._registry = registry
+        self.id = job_id
+        self._submitter: asyncio.Task[int] | None = None
+
+    async def submitted(self) -> int:
+        """Wait until every item is in the queue (for a job started here); returns the count."""
+        if self._submitter is not None:
+            return await self._submitter
+        record = await self._record()
+        return int(record.get("total") or record.get("submitted") or 0)
+
+    async def _submit(self, subject: str, items: AsyncIterator[Inputs], record: Json) -> int:
+        slots = asyncio.Semaphore(_IN_FLIGHT)
+        pending: set[asyncio.Task[None]] = set()
+        count, last_progress = 0, time.monotonic()
+        async for item in items:
+            if count % 1000 == 0 and (await self._record()).get("state") == "cancelled":
+                break
+            await slots.acquire()
+            task = asyncio.create_task(self._publish(subject, count, encode_request(dict(item)), slots))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            count += 1
+            if time.monotonic() - last_progress > _PROGRESS_EVERY_S:
+                last_progress = time.monotonic()
+                await self._registry.put_job(self.id, {**record, "submitted": count})
+        await asyncio.gather(*pending)
+        state = (await self._record()).get("state")
+        final = {
+            **record,
+            "submitted": count,
+            "total": count,
+            "state": "cancelled" if state == "cancelled" else "running",
+        }
+        await self._registry.put_job(self.id, final)
+        return count
+
+    async def _publish(self, subject: str, index: int, payload: bytes, slots: asyncio.Semaphore) -> None:
+        headers = {HDR_MSG_ID: f"{self.id}:{index}", HDR_JOB: self.id, HDR_JOB_ITEM: str(index)}
+        backoff = 0.05
+        try:
+            while True:
+                try:
+                    await self._conn.js.publish(subject, payload, headers=headers, timeout=10.0)
+                    return
+                except Exception as exc:
+                    err = translate_error(exc, f"job {self.id} item {index}")
+                    if not isinstance(err, Overloaded):
+                        raise err from exc
+                # The queue is full: it drains as workers compute; the same item goes again.
+                await asyncio.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+        finally:
+            slots.release()
+
+    async def _record(self) -> Json:
+        record = await self._registry.get_job(self.id)
+        if record is None:
+            raise UnknownModel(f"no job {self.id!r}", job=self.id)
+        return record
+
+    async def status(self) -> JobStatus:
+        record = await self._record()
+        info = await self._conn.js.stream_info(STREAM_JOBS, subjects_filter=f"{JOBS_PREFIX}.{self.id}.>")
+        counts = info.state.subjects or {}
+        done = int(counts.get(f"{JOBS_PREFIX}.{self.id}.ok", 0))
+        failed = int(counts.get(f"{JOBS_PREFIX}.{self.id}.err", 0))
+        total = record.get("total")
+        state = record["state"]
+        if state == "running" and total is not None and done + failed >= total:
+            state = "done"
+        elapsed = max(1e-9, time.time() - float(record["created"]))
+        rate = (done + failed) / elapsed
+        eta = (total - done - failed) / rate if total is not None and rate > 0 else None
+        return JobStatus(self.id, record["model"], state, total, int(record.get("submitted", 0)), done, failed,
+                         rate, eta)  # fmt: skip
+
+    async def results(self, follow: bool = True) -> AsyncIterator[JobResult]:
+        """Each item's result once, in the order they were stored; ``follow`` waits for the rest."""
+        seen: set[int] = set()
+        total: int | None = None
+        sub = await self._conn.js.subscribe(
+            f"{JOBS_PREFIX}.{self.id}.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        try:
+            while total is None or len(seen) < total:
+                try:
+                    msg = await sub.next_msg(timeout=1.0)
+                except TimeoutError:
+                    record = await self._record()
+                    total = record.get("total")
+                    if not follow or record.get("state") == "cancelled":
+                        return
+                    continue
+                index = int((msg.headers or {}).get(HDR_JOB_ITEM, "-1"))
+                if index in seen:
+                    continue
+                seen.add(index)
+                if total is None and len(seen) % 500 == 0:
+                    total = (await self._record()).get("total")
+                try:
+                    yield JobResult(index, reply=decode_reply(msg.data))
+                except MeshError as err:
+                    yield JobResult(index, error=err)
+        finally:
+            await sub.unsubscribe()
+
+    async def cancel(self) -> None:
+        """Stop submitting; workers drop the items still queued."""
+        await self._registry.put_job(self.id, {**(await self._record()), "state": "cancelled"})
+
+    async def wait(self, poll_s: float = 0.5) -> JobStatus:
+        while True:
+            status = await self.status()
+            if status.state in ("done", "cancelled"):
+                return status
+            await asyncio.sleep(poll_s)
