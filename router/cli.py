@@ -82,6 +82,12 @@ def _cmd_pipelines(args: argparse.Namespace) -> int:
     return run(run_pipelines(args), "asyncio")
 
 
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from router.job_commands import run as run_jobs
+
+    return run(run_jobs(args), "asyncio")
+
+
 def _cmd_top(args: argparse.Namespace) -> int:
     from router.top import run_top
 
@@ -193,12 +199,14 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
     top.set_defaults(run=_cmd_top)
 
-    from router import model_commands, pipeline_commands
+    from router import job_commands, model_commands, pipeline_commands
 
     model_commands.add_parsers(sub)
     sub.choices["models"].set_defaults(run=_cmd_models)
     pipeline_commands.add_parsers(sub)
     sub.choices["pipelines"].set_defaults(run=_cmd_pipelines)
+    job_commands.add_parsers(sub)
+    sub.choices["jobs"].set_defaults(run=_cmd_jobs)
 
     infer = sub.add_parser("infer", help="send one request and print the outputs")
     infer.add_argument("model")

@@ -128,3 +128,34 @@ async def test_interactive_requests_are_served_ahead_of_a_running_job(
     # Ten interactive requests, sent one after another behind 600 queued job items, were all
     # answered while most of the job still waited: low priority yields to normal.
     assert status.done + status.failed < 300
+
+
+async def test_jobs_command_line_submit_follow_and_write_results(nats_server: NatsServer, tmp_path: Path) -> None:
+    import json
+    import sys
+
+    name = unique("ident")
+    build_identity_onnx(tmp_path / "repo", name, "float32", shape=(2,))
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    np.save(tmp_path / "items.npy", x)
+
+    async def servemesh(*args: str) -> dict:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "router", "jobs", *args, "--json", "--nats", nats_server.url,
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0
+        return json.loads(out)
+
+    async with serving(nats_server.url, tmp_path / "repo", [name]):
+        done = await servemesh(
+            "submit", name, "--input", str(tmp_path / "items.npy"), "--output", str(tmp_path / "out.npz")
+        )
+    assert done["state"] == "done" and done["done"] == 20 and done["written"] == 20
+    written = np.load(tmp_path / "out.npz")
+    np.testing.assert_array_equal(written["output"], x)
+    assert written["failed"].size == 0
+    status = await servemesh("status", done["id"])
+    assert status["state"] == "done" and status["total"] == 20
+    assert any(job["id"] == done["id"] for job in await servemesh("list"))
