@@ -64,6 +64,7 @@ class Worker:
         self.ready = False
         self._retry: dict[Key, tuple[float, float]] = {}  # key → (retry at, current backoff)
         self._registry: Registry | None = None
+        self._job_book: JobBook | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._started = time.time()
         self._rates: dict[Key, tuple[float, int, float]] = {}
@@ -79,6 +80,7 @@ class Worker:
     async def start(self) -> None:
         await provision(self.conn)
         self._registry = await Registry.open(self.conn)
+        self._job_book = JobBook(self._registry)
         self._tasks.append(asyncio.create_task(self._beat(), name="heartbeat"))
 
     # -- serving a fixed repository ---------------------------------------------------------------
@@ -116,7 +118,7 @@ class Worker:
             runtime = await asyncio.get_running_loop().run_in_executor(
                 None, load_runtime, vspec.format, artifact_path(vspec.uri), spec, threads
             )
-            server = ModelServer(self.conn, spec, version, runtime, self.id, priorities, JobBook(self.registry))
+            server = ModelServer(self.conn, spec, version, runtime, self.id, priorities, self._job_book)
             await server.start()
         except MeshError as err:
             wait = min(_RETRY_MAX_S, self._retry.get(key, (0.0, _RETRY_MIN_S / 2))[1] * 2)
