@@ -14,6 +14,8 @@ from broker.settings import Settings
 from schemas.spec import ModelSpec, VersionSpec
 from schemas.subjects import PRIORITIES
 from workers.repository import read_model, read_repository
+from workers.s3_repository import read_s3_model, read_s3_repository
+from workers.store import ArtifactStore, StoreSettings
 
 __all__ = ["add_parsers", "run"]
 
@@ -36,7 +38,10 @@ def _placement(items: list[str]) -> dict[str, dict[str, str]]:
     return rules
 
 
-def _from_source(name: str, source: str, version: str | None) -> ModelSpec:
+async def _from_source(name: str, source: str, version: str | None) -> ModelSpec:
+    if source.startswith("s3://"):
+        spec = await read_s3_model(ArtifactStore(StoreSettings.from_env()), source)
+        return spec.model_copy(update={"name": name})
     path = Path(source)
     if path.is_dir():
         spec = read_model(path)
@@ -63,7 +68,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _add(registry: Registry, args: argparse.Namespace) -> Any:
-    new = _from_source(args.name, args.source, args.version)
+    new = await _from_source(args.name, args.source, args.version)
     existing = await registry.get_spec(args.name)
     merged = new.model_dump()
     if existing is not None:  # a new version of a known model keeps the model's settings
@@ -77,7 +82,10 @@ async def _add(registry: Registry, args: argparse.Namespace) -> Any:
 
 
 async def _add_repo(registry: Registry, args: argparse.Namespace) -> Any:
-    specs, errors = read_repository(Path(args.dir))
+    if args.dir.startswith("s3://"):
+        specs, errors = await read_s3_repository(ArtifactStore(StoreSettings.from_env()), args.dir)
+    else:
+        specs, errors = read_repository(Path(args.dir))
     for spec in specs:
         await registry.put_spec(spec)
     return {"added": [s.name for s in specs], "skipped": {e.model: e.reason for e in errors}}
@@ -162,7 +170,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     msub = models.add_subparsers(dest="models_command", required=True)
     add = msub.add_parser("add", help="register a model (or a new version of one)")
     add.add_argument("name")
-    add.add_argument("--from", dest="source", required=True, help="model directory or artifact file")
+    add.add_argument("--from", dest="source", required=True, help="model directory, artifact file or s3:// URI")
     add.add_argument("--version")
     add.add_argument("--min-replicas", type=int)
     add.add_argument("--max-replicas", type=int)
@@ -173,7 +181,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     add.add_argument("--labels", help="worker labels the model needs, k=v,...")
     add.add_argument("--placement", action="append", default=[], metavar="PRIORITY:k=v,...",
                      help="worker labels one priority needs, e.g. high:tier=fast")  # fmt: skip
-    repo = msub.add_parser("add-repo", help="register every model of a repository directory")
+    repo = msub.add_parser("add-repo", help="register every model of a repository (directory or s3://bucket/prefix)")
     repo.add_argument("dir")
     msub.add_parser("list", help="registered models with ready replicas and lag")
     show = msub.add_parser("show", help="one model: replicas, workers, lag, rps, last decision")

@@ -58,8 +58,8 @@ class _WorkerCollector(Collector):
                          {k: s.batch_size for k, s in stats.items()})  # fmt: skip
         cache = CounterMetricFamily("servemesh_artifact_cache", "Model loads by artifact cache outcome.",
                                     labels=["result"])  # fmt: skip
-        cache.add_metric(["hit"], self.worker.cache_hits)
-        cache.add_metric(["miss"], self.worker.cache_misses)
+        cache.add_metric(["hit"], self.worker.store.hits)
+        cache.add_metric(["miss"], self.worker.store.misses)
         yield cache
         ready = GaugeMetricFamily("servemesh_worker_ready", "1 when every assigned model is loaded.")
         ready.add_metric([], 1 if self.worker.ready else 0)

@@ -13,6 +13,7 @@ from broker.connection import Connection
 from broker.endpoint import HttpEndpoint
 from broker.settings import Settings
 from workers.metrics import worker_metrics
+from workers.store import ArtifactStore, StoreSettings
 from workers.worker import Worker
 
 __all__ = ["run_worker"]
@@ -34,7 +35,7 @@ async def run_worker(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     conn = await Connection.open(settings, name=f"servemesh-worker-{worker_id or ''}")
-    worker = Worker(conn, worker_id, memory_mb=memory_mb, labels=labels)
+    worker = Worker(conn, worker_id, memory_mb=memory_mb, labels=labels, store=ArtifactStore(StoreSettings.from_env()))
     endpoint = None
     if settings.http_port:
         endpoint = HttpEndpoint(settings.http_port, lambda: worker_metrics(worker), lambda: worker.ready)

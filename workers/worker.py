@@ -12,17 +12,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 from broker.connection import Connection
 from broker.provision import provision
 from broker.registry import Json, Registry
-from schemas.errors import MeshError, ModelFailure
+from schemas.errors import MeshError
 from schemas.spec import ModelSpec
 from workers.jobs import JobBook
 from workers.model_server import ModelServer
 from workers.repository import read_repository
 from workers.runtimes import load_runtime
+from workers.store import ArtifactStore
 
 __all__ = ["Worker", "default_worker_id"]
 
@@ -38,13 +38,6 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def artifact_path(uri: str) -> Path:
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        return Path(unquote(parsed.path))
-    raise ModelFailure(f"artifact {uri}: scheme {parsed.scheme!r} is not supported yet", uri=uri)
-
-
 class Worker:
     def __init__(
         self,
@@ -52,15 +45,16 @@ class Worker:
         worker_id: str | None = None,
         memory_mb: int = 4096,
         labels: dict[str, str] | None = None,
+        store: ArtifactStore | None = None,
     ) -> None:
         self.conn = conn
+        self.store = store or ArtifactStore()
         self.id = worker_id or default_worker_id()
         self.memory_mb = memory_mb
         self.labels = labels or {}
         self.servers: dict[Key, ModelServer] = {}
         self.failed: dict[str, str] = {}
         self.cached: set[Key] = set()  # versions loaded here before: their artifacts are on local disk
-        self.cache_hits = self.cache_misses = 0
         self.ready = False
         self._retry: dict[Key, tuple[float, float]] = {}  # key → (retry at, current backoff)
         self._registry: Registry | None = None
@@ -110,13 +104,10 @@ class Worker:
         vspec = spec.versions[version]
         threads = self.conn.settings.runtime_threads
         started = time.monotonic()
-        if key in self.cached:
-            self.cache_hits += 1
-        else:
-            self.cache_misses += 1
         try:
+            artifact = await self.store.fetch(vspec)
             runtime = await asyncio.get_running_loop().run_in_executor(
-                None, load_runtime, vspec.format, artifact_path(vspec.uri), spec, threads
+                None, load_runtime, vspec.format, artifact, spec, threads
             )
             server = ModelServer(self.conn, spec, version, runtime, self.id, priorities, self._job_book)
             await server.start()
