@@ -27,7 +27,7 @@ from broker.registry import Registry
 from broker.results import Result, results_on
 from broker.settings import Settings
 from schemas.envelope import Reply, decode_bundle, decode_reply, encode_request
-from schemas.errors import BadInput, DeadlineExceeded, MeshError, UnknownModel
+from schemas.errors import BadInput, DeadlineExceeded, MeshError, NoCapacity, UnknownModel
 from schemas.spec import ModelSpec
 from schemas.subjects import (
     HDR_DEADLINE,
@@ -230,9 +230,22 @@ class MeshClient:
             resolved = spec.resolve_version(pinned or version)
             if resolved not in spec.versions:
                 raise UnknownModel(f"model {name!r} has no version {resolved!r}", model=name, version=resolved)
+            await self._check_loadable(name, resolved)
             route.append(infer_subject(name, resolved, priority))
         self._routes[key] = (now, tuple(route))
         return tuple(route)
+
+    async def _check_loadable(self, model: str, version: str) -> None:
+        """Fail fast, rather than wait out the timeout, for a version that failed to load everywhere it went."""
+        status = await (await self._open_registry()).get_status(model)
+        version_status = (status or {}).get("versions", {}).get(version, {})
+        failed = version_status.get("failed") or {}
+        if failed and not version_status.get("ready"):
+            worker, reason = next(iter(failed.items()))
+            raise NoCapacity(
+                f"{model}:{version} is not loaded anywhere: it failed to load ({reason} on {worker})",
+                model=model, version=version, failures=failed,
+            )  # fmt: skip
 
     async def _pipeline(self, name: str) -> list[str] | None:
         """The stages of a registered pipeline ``name``, unless a model of that name exists."""

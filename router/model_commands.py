@@ -139,6 +139,8 @@ def _print_human(command: str, result: Any) -> None:
                   f"assigned to {', '.join(st.get('desired', [])) or 'none'}; {st.get('rps', 0)} req/s")  # fmt: skip
             for priority, lag in st.get("lag", {}).items():
                 print(f"    {priority:<7} lag {lag['messages']} msgs, oldest {lag['age_s']} s")
+            for worker, reason in st.get("failed", {}).items():
+                print(f"    FAILED on {worker}: {reason}")
             if st.get("last_decision"):
                 d = st["last_decision"]
                 print(

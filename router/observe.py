@@ -71,12 +71,21 @@ def _key(label: str) -> tuple[str, str]:
     return (model, version)
 
 
-async def observe(conn: Connection, registry: Registry, now: float) -> Snapshot:
+Failures = dict[tuple[str, str], dict[str, str]]  # (model, version) → worker → why it failed to load
+
+
+async def observe(conn: Connection, registry: Registry, now: float) -> tuple[Snapshot, Failures]:
+    """The policy's snapshot, and the load failures workers report (shown by ``models show``)."""
     specs = await registry.list_specs()
     beats = await registry.heartbeats()
+    failures: Failures = {}
+    for worker_id, beat in beats.items():
+        if now - float(beat.get("time", 0.0)) < STALE_AFTER_S:
+            for label, reason in beat.get("failed", {}).items():
+                failures.setdefault(_key(label), {})[worker_id] = reason
     lag = await read_lag(conn.js, now)
     assigned = await registry.assignments()
-    return Snapshot(
+    snapshot = Snapshot(
         now=now,
         models=model_versions(specs),
         # Workers serving a fixed repository ignore assignments, so the policy leaves them out.
@@ -88,3 +97,4 @@ async def observe(conn: Connection, registry: Registry, now: float) -> Snapshot:
         lag={k: Lag(v.messages, v.age_s) for k, v in lag.items()},
         assigned={w: frozenset(unit_from_json(u) for u in units) for w, units in assigned.items()},
     )
+    return snapshot, failures

@@ -20,7 +20,7 @@ from broker.connection import Connection
 from broker.lease import Lease
 from broker.provision import provision
 from broker.registry import Json, Registry
-from router.observe import observe, unit_to_json
+from router.observe import Failures, observe, unit_to_json
 from router.policy import PolicyConfig, PolicyState, plan
 from router.snapshot import Assignments, Decision, Snapshot
 
@@ -72,7 +72,7 @@ class Router:
 
     async def tick(self) -> list[Decision]:
         assert self._registry is not None
-        snapshot = await observe(self.conn, self._registry, time.time())
+        snapshot, failures = await observe(self.conn, self._registry, time.time())
         assignments, self.state, decisions = plan(snapshot, self.state, self.config)
         await self._write_assignments(snapshot, assignments)
         self.last_snapshot, self.last_assignments = snapshot, assignments
@@ -81,7 +81,7 @@ class Router:
             log.info("%s:%s %s%s: %s", decision.model, decision.version, decision.action,
                      f" on {decision.worker}" if decision.worker else "", decision.reason)  # fmt: skip
             self._last_decisions[(decision.model, decision.version)] = decision
-        await self._write_status(snapshot, assignments)
+        await self._write_status(snapshot, assignments, failures)
         return decisions
 
     async def _write_assignments(self, snapshot: Snapshot, assignments: Assignments) -> None:
@@ -95,12 +95,13 @@ class Router:
             else:
                 await self._registry.delete_assignment(worker_id)  # a dead worker with nothing left
 
-    async def _write_status(self, snapshot: Snapshot, assignments: Assignments) -> None:
+    async def _write_status(self, snapshot: Snapshot, assignments: Assignments, failures: Failures) -> None:
         assert self._registry is not None
         per_model: dict[str, dict[str, Json]] = defaultdict(dict)
         for (model, version), mv in snapshot.models.items():
             per_model[model][version] = _version_status(snapshot, assignments, model, version, mv.priorities,
                                                         self._last_decisions.get((model, version)))  # fmt: skip
+            per_model[model][version]["failed"] = failures.get((model, version), {})
         for model, versions in per_model.items():
             if self._written.get(model) != versions:
                 await self._registry.put_status(

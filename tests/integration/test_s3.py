@@ -16,7 +16,7 @@ import pytest
 
 from broker import MeshClient
 from examples.build_models import build_iris_onnx
-from schemas.errors import ModelFailure
+from schemas.errors import ModelFailure, NoCapacity
 from schemas.spec import VersionSpec
 from tests.conftest import unique
 from tests.integration.cluster import Cluster, eventually
@@ -168,6 +168,20 @@ async def test_a_version_that_cannot_be_fetched_is_reported_and_the_worker_stays
     beat = (await cluster.registry.heartbeats())["w1"]
     assert "no such bucket" in beat["failed"][f"{name}:1"] or "no such key" in beat["failed"][f"{name}:1"]
     assert cluster.procs["w1"].poll() is None  # the worker is alive
+    await eventually(lambda: _shown_failed(cluster, name), 15, "models show names the failure")
+    async with await MeshClient.connect(cluster.server.url) as client:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(NoCapacity) as err:  # at once, not after the 30 s timeout
+            await client.infer(name, {"input": np.zeros((1, 4), np.float32)}, timeout=30)
+        assert asyncio.get_running_loop().time() - started < 5 and err.value.status == 503
+        assert "failed to load" in err.value.message
+
+
+async def _shown_failed(cluster: Cluster, name: str) -> bool:
+    assert cluster.registry is not None
+    status = await cluster.registry.get_status(name) or {}
+    reason = status.get("versions", {}).get("1", {}).get("failed", {}).get("w1", "")
+    return "no such" in reason
 
 
 async def _failed(cluster: Cluster, name: str) -> bool:
