@@ -79,6 +79,10 @@ class MeshClient:
         )
         return client
 
+    @property
+    def settings(self) -> Settings:
+        return self._conn.settings
+
     async def infer(
         self,
         model: str | Sequence[str],
@@ -166,7 +170,8 @@ class MeshClient:
     ) -> Job:
         """Start a batch job and return at once; its items stream into the queue in the background.
 
-        ``inputs``: an iterable or async iterable of input dicts, or a .npy/.npz file (first axis = items).
+        ``inputs``: an iterable or async iterable of input dicts, or a .npy/.npz file, local or
+        ``s3://bucket/key`` (first axis = items).
         """
         if priority not in PRIORITIES:
             raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
@@ -174,7 +179,8 @@ class MeshClient:
         (subject,) = await self._route(model, version, priority)
         job_id = job_id or f"job-{NUID().next().decode()}"
         check_name(job_id)
-        return await start_job(self._conn, await self._open_registry(), spec, subject, items_of(inputs, spec), job_id)
+        items = items_of(inputs, spec, self._conn.settings)
+        return await start_job(self._conn, await self._open_registry(), spec, subject, items, job_id)
 
     async def job(self, job_id: str) -> Job:
         """A handle on an existing job (started by anyone), to follow or read its results."""

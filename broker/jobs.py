@@ -20,7 +20,9 @@ import numpy as np
 from nats.js.api import DeliverPolicy
 
 from broker.connection import Connection, translate_error
+from broker.objects import download, is_s3
 from broker.registry import Json, Registry
+from broker.settings import Settings
 from schemas.envelope import Reply, decode_reply, encode_request
 from schemas.errors import BadInput, MeshError, Overloaded, UnknownModel
 from schemas.spec import ModelSpec
@@ -53,8 +55,11 @@ class JobResult:
     error: MeshError | None = None
 
 
-def items_of(inputs: Any, spec: ModelSpec) -> AsyncIterator[Inputs]:
-    """The items of ``inputs``: dicts (sync or async iterable), or a .npy/.npz file whose first axis is items."""
+def items_of(inputs: Any, spec: ModelSpec, settings: Settings) -> AsyncIterator[Inputs]:
+    """The items of ``inputs``: dicts (sync or async iterable), or a .npy/.npz file (local or s3://)
+    whose first axis is the items."""
+    if is_s3(inputs):
+        return _from_s3(settings, str(inputs), spec)
     if isinstance(inputs, (str, Path)):
         return _from_file(Path(inputs), spec)
     if isinstance(inputs, AsyncIterable):
@@ -74,9 +79,16 @@ async def _aiter_sync(items: Iterable[Inputs]) -> AsyncIterator[Inputs]:
         yield item
 
 
+async def _from_s3(settings: Settings, uri: str, spec: ModelSpec) -> AsyncIterator[Inputs]:
+    path = await download(settings, uri)
+    try:
+        async for item in _from_file(path, spec):
+            yield item
+    finally:
+        path.unlink(missing_ok=True)
+
+
 async def _from_file(path: Path, spec: ModelSpec) -> AsyncIterator[Inputs]:
-    if str(path).startswith("s3:"):
-        raise BadInput("S3 job inputs are not supported yet; download the file first")
     if path.suffix == ".npz":
         arrays = dict(np.load(path, mmap_mode="r"))
     elif path.suffix == ".npy":

@@ -36,6 +36,9 @@ class Settings(BaseModel):
     tls_ca: str | None = None  # CA bundle that signed the server's certificate (else the system's)
     tls_cert: str | None = None  # client certificate, for servers that verify clients
     tls_key: str | None = None
+    # S3 for job inputs and outputs given as s3:// URIs (credentials: the standard AWS variables).
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
     # Reply inboxes are subjects under this prefix; a restricted user may subscribe only to its own.
     inbox_prefix: str = Field(default="_INBOX", pattern=r"^[^\s*>.]+(\.[^\s*>.]+)*$")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from broker.client import MeshClient
 from broker.jobs import Job, JobStatus
+from broker.objects import is_s3, upload
 from broker.settings import Settings
 
 __all__ = ["add_parsers", "run"]
@@ -42,6 +44,17 @@ async def _follow(job: Job, quiet: bool) -> JobStatus:
             await asyncio.sleep(0.5)
 
 
+async def write_results_to(job: Job, target: str, settings: Settings) -> int:
+    """Results to a local .npz, or to ``s3://bucket/key`` by way of a temporary file."""
+    if not is_s3(target):
+        return await write_results(job, Path(target))
+    with tempfile.TemporaryDirectory(prefix="servemesh-") as tmp:
+        local = Path(tmp) / "results.npz"
+        written = await write_results(job, local)
+        await upload(settings, local, target)
+    return written
+
+
 async def write_results(job: Job, path: Path) -> int:
     """Results as an .npz: each output stacked in item order, plus ``failed`` indices and their errors."""
     outputs: dict[str, dict[int, np.ndarray[Any, Any]]] = {}
@@ -61,14 +74,15 @@ async def write_results(job: Job, path: Path) -> int:
 
 
 async def _submit(client: MeshClient, args: argparse.Namespace) -> Any:
-    job = await client.submit_job(args.model, Path(args.input), priority=args.priority, job_id=args.job_id)
+    source = args.input if is_s3(args.input) else Path(args.input)
+    job = await client.submit_job(args.model, source, priority=args.priority, job_id=args.job_id)
     if args.detach:
         submitted = await job.submitted()
         return {"id": job.id, "submitted": submitted}
     status = await _follow(job, args.json)
     result = _status_json(status)
     if args.output:
-        result["written"] = await write_results(job, Path(args.output))
+        result["written"] = await write_results_to(job, args.output, client.settings)
         result["output"] = args.output
     return result
 
@@ -80,7 +94,7 @@ async def _status(client: MeshClient, args: argparse.Namespace) -> Any:
 async def _results(client: MeshClient, args: argparse.Namespace) -> Any:
     job = await client.job(args.id)
     if args.output:
-        return {"written": await write_results(job, Path(args.output)), "output": args.output}
+        return {"written": await write_results_to(job, args.output, client.settings), "output": args.output}
     lines = []
     async for result in job.results(follow=False):
         outputs = {k: v.tolist() for k, v in result.reply.outputs.items()} if result.reply else None
@@ -115,8 +129,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)
     submit = jsub.add_parser("submit", help="submit a job and follow it with a progress bar")
     submit.add_argument("model")
-    submit.add_argument("--input", required=True, help=".npy or .npz file; its first axis is the items")
-    submit.add_argument("--output", help="write the results here (.npz) when the job is done")
+    submit.add_argument("--input", required=True, help=".npy or .npz file or s3:// URI; its first axis is the items")
+    submit.add_argument("--output", help="write the results here (.npz, local or s3://) when the job is done")
     submit.add_argument("--priority", default="low", choices=["high", "normal", "low"])
     submit.add_argument("--job-id", help="an id of your own (resubmitting it never duplicates items)")
     submit.add_argument("--detach", action="store_true", help="return once the items are queued")

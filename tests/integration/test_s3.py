@@ -14,11 +14,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from broker import MeshClient
-from examples.build_models import build_iris_onnx
+from broker import MeshClient, NatsServer
+from examples.build_models import build_identity_onnx, build_iris_onnx
 from schemas.errors import ModelFailure, NoCapacity
 from schemas.spec import VersionSpec
-from tests.conftest import unique
+from tests.conftest import serving, unique
 from tests.integration.cluster import Cluster, eventually
 from tests.integration.s3server import WeedServer
 from workers.s3_repository import read_s3_repository
@@ -188,3 +188,28 @@ async def _failed(cluster: Cluster, name: str) -> bool:
     assert cluster.registry is not None
     beat = (await cluster.registry.heartbeats()).get("w1", {})
     return f"{name}:1" in beat.get("failed", {})
+
+
+async def test_job_reads_its_items_from_s3_and_writes_results_there(
+    s3: WeedServer, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    import json
+
+    name = unique("ident")
+    build_identity_onnx(tmp_path / "repo", name, "float32", shape=(3,))
+    x = np.random.default_rng(9).standard_normal((25, 3)).astype(np.float32)
+    np.save(tmp_path / "items.npy", x)
+    client = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1")
+    prefix = unique("jobs")
+    client.upload_file(str(tmp_path / "items.npy"), BUCKET, f"{prefix}/items.npy")
+    env = {**os.environ, "SERVEMESH_S3_ENDPOINT_URL": s3.endpoint}
+    async with serving(nats_server.url, tmp_path / "repo", [name]):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "router", "jobs", "submit", name, "--input", f"s3://{BUCKET}/{prefix}/items.npy",
+            "--output", f"s3://{BUCKET}/{prefix}/out.npz", "--json", "--nats", nats_server.url,
+            env=env, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0 and json.loads(out)["done"] == 25
+    client.download_file(BUCKET, f"{prefix}/out.npz", str(tmp_path / "out.npz"))
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npz")["output"], x)
