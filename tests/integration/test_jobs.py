@@ -159,3 +159,25 @@ async def test_jobs_command_line_submit_follow_and_write_results(nats_server: Na
     status = await servemesh("status", done["id"])
     assert status["state"] == "done" and status["total"] == 20
     assert any(job["id"] == done["id"] for job in await servemesh("list"))
+
+
+async def test_resubmitting_a_job_id_after_a_client_restart_duplicates_nothing(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    name = unique("ident")
+    build_identity_onnx(tmp_path, name, "int64", shape=(1,))
+    job_id = unique("nightly")
+
+    def items() -> object:
+        return ({"input": np.full((1, 1), i, np.int64)} for i in range(80))
+
+    async with serving(nats_server.url, tmp_path, [name]):
+        async with await MeshClient.connect(nats_server.url) as first:
+            await asyncio.wait_for((await first.submit_job(name, items(), job_id=job_id)).wait(), 60)
+        # The submitting process "restarts" and, not knowing how far it got, submits everything again.
+        async with await MeshClient.connect(nats_server.url) as again:
+            job = await again.submit_job(name, items(), job_id=job_id)
+            status = await asyncio.wait_for(job.wait(), 60)
+            results = await _collect(job)
+    assert status.done == 80 and status.failed == 0  # each result stored once
+    assert sorted(results) == list(range(80))
