@@ -16,6 +16,7 @@ from broker.client import MeshClient
 from broker.jobs import Job, JobStatus
 from broker.objects import is_s3, upload
 from broker.settings import Settings
+from router.cli_support import add_common_flags
 
 __all__ = ["add_parsers", "run"]
 
@@ -139,6 +140,4 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         parser.add_argument("id")
     jsub.choices["results"].add_argument("--output", help="write them to an .npz instead of printing")
     jsub.add_parser("list")
-    for parser in jsub.choices.values():
-        parser.add_argument("--json", action="store_true", help="machine-readable output, no progress bar")
-        parser.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
+    add_common_flags(jsub.choices.values())  # --json also turns the progress bar off

@@ -7,10 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from broker.connection import Connection
-from broker.provision import provision
 from broker.registry import Registry
-from broker.settings import Settings
+from router.cli_support import add_common_flags, on_registry
 from schemas.spec import ModelSpec, VersionSpec
 from schemas.subjects import PRIORITIES
 from workers.repository import read_model, read_repository
@@ -154,12 +152,7 @@ _COMMANDS = {"add": _add, "add-repo": _add_repo, "list": _list, "show": _show, "
 
 
 async def run(args: argparse.Namespace) -> int:
-    conn = await Connection.open(Settings.from_env(nats_url=args.nats), name="servemesh-cli")
-    try:
-        await provision(conn)
-        result = await _COMMANDS[args.models_command](await Registry.open(conn), args)
-    finally:
-        await conn.close()
+    result = await on_registry(args.nats, lambda registry: _COMMANDS[args.models_command](registry, args))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -190,6 +183,4 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     show.add_argument("name")
     rm = msub.add_parser("rm", help="unregister a model (its replicas are unloaded)")
     rm.add_argument("name")
-    for parser in msub.choices.values():
-        parser.add_argument("--json", action="store_true", help="machine-readable output")
-        parser.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
+    add_common_flags(msub.choices.values())

@@ -6,10 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from broker.connection import Connection
-from broker.provision import provision
 from broker.registry import Registry
-from broker.settings import Settings
+from router.cli_support import add_common_flags, on_registry
 from schemas.subjects import check_name
 
 __all__ = ["add_parsers", "run"]
@@ -44,12 +42,7 @@ _COMMANDS = {"add": _add, "list": _list, "rm": _rm}
 
 
 async def run(args: argparse.Namespace) -> int:
-    conn = await Connection.open(Settings.from_env(nats_url=args.nats), name="servemesh-cli")
-    try:
-        await provision(conn)
-        result = await _COMMANDS[args.pipelines_command](await Registry.open(conn), args)
-    finally:
-        await conn.close()
+    result = await on_registry(args.nats, lambda registry: _COMMANDS[args.pipelines_command](registry, args))
     if args.json or args.pipelines_command != "list":
         print(json.dumps(result, indent=2 if args.json else None))
     else:
@@ -67,6 +60,4 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     psub.add_parser("list", help="registered pipelines")
     rm = psub.add_parser("rm", help="unregister a pipeline")
     rm.add_argument("name")
-    for parser in psub.choices.values():
-        parser.add_argument("--json", action="store_true", help="machine-readable output")
-        parser.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
+    add_common_flags(psub.choices.values())
