@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import ssl
@@ -88,6 +90,13 @@ def _auth_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def _refused(exc: Exception) -> bool:
+    """The server turned our credentials or certificate down (as opposed to being unreachable)."""
+    return isinstance(exc, (nats.errors.AuthorizationError, ssl.SSLError)) or (
+        isinstance(exc, nats.errors.Error) and "authorization violation" in str(exc).lower()
+    )
+
+
 def _tls_context(settings: Settings) -> ssl.SSLContext:
     """Verifies the server against ``tls_ca`` (else the system's CAs); presents ``tls_cert`` if set."""
     try:
@@ -135,8 +144,17 @@ class Connection:
             for callback in list(holder[0].on_reconnect) if holder else []:
                 await callback()
 
+        refused = False
+
         async def error_cb(exc: Exception) -> None:
-            log.warning("NATS connection error: %s", exc)
+            nonlocal refused
+            if not holder and _refused(exc):
+                # Raising here ends nats-py's first-connect loop, which would otherwise retry
+                # forever: no retry fixes wrong credentials or an untrusted certificate.
+                refused = True
+                raise exc
+            if not refused:  # closing a refused connection reports nothing new
+                log.warning("NATS connection error: %s", exc)
 
         try:
             nc = _Client()
@@ -152,6 +170,9 @@ class Connection:
                 **_auth_options(settings),
             )
         except Exception as exc:
+            if refused:  # free the refused attempt's socket (nats-py's close may hang after a failed handshake)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.close(), timeout=1.0)
             raise translate_error(exc, f"connect to {settings.nats_url}") from exc
         conn = cls(nc=nc, js=nc.jetstream(), settings=settings)
         holder.append(conn)

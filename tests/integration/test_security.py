@@ -1,0 +1,627 @@
+"""Security: nats-server run from the configs in deploy/nats enforces who may do what on the mesh.
+
+Servers start from copies of the shipped configs (secrets made for the run, random client
+ports). Each denial is checked as a user meets it: a typed error or the server's permissions
+violation on the connection, and mesh state that did not change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import numpy as np
+import pytest
+from nats.js.errors import KeyNotFoundError
+from pydantic import SecretStr
+
+from broker import Connection, MeshClient, Registry, Settings, provision
+from broker.server import find_nats_server
+from examples.build_models import build_identity_onnx
+from schemas.envelope import encode_request
+from schemas.errors import DeadlineExceeded, MeshError, MeshUnavailable
+from schemas.spec import ModelSpec
+from schemas.subjects import (
+    BUCKET_ASSIGNMENTS,
+    BUCKET_JOBS,
+    BUCKET_LEADER,
+    BUCKET_MODELS,
+    BUCKET_PIPELINES,
+    BUCKET_STATUS,
+    BUCKET_WORKERS,
+    HDR_MSG_ID,
+    HDR_REPLY,
+    STREAM_INFER,
+    STREAM_JOBS,
+    consumer_name,
+    infer_subject,
+)
+from tests.conftest import unique, wait_for
+from workers.repository import read_model
+from workers.worker import Worker
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nats"
+USERS = ("admin", "worker", "tenant_a", "tenant_b", "sys")
+BUCKETS = (
+    BUCKET_MODELS,
+    BUCKET_WORKERS,
+    BUCKET_ASSIGNMENTS,
+    BUCKET_LEADER,
+    BUCKET_STATUS,
+    BUCKET_PIPELINES,
+    BUCKET_JOBS,
+)
+_LISTEN_RE = re.compile(r"Listening for client connections on [^\s]+:(\d+)")
+
+
+# -- servers from the shipped configs -------------------------------------------------------------
+
+
+def deploy_copy(dest: Path, route_ports: Sequence[int] = (6222, 6223, 6224)) -> dict[str, str]:
+    """Copy deploy/nats to ``dest`` with secrets of its own; returns the users' passwords."""
+    shutil.copytree(DEPLOY, dest)
+    passwords = {user: secrets.token_urlsafe(16) for user in USERS}
+    (dest / "secrets.conf").write_text(
+        "".join(f'MESH_{user.upper()}_PASSWORD: "{password}"\n' for user, password in passwords.items())
+    )
+    route_password = secrets.token_urlsafe(16)
+    routes = "".join(f'  "nats-route://route:{route_password}@127.0.0.1:{port}"\n' for port in route_ports)
+    (dest / "cluster-secrets.conf").write_text(f'MESH_ROUTE_PASSWORD: "{route_password}"\nMESH_ROUTES: [\n{routes}]\n')
+    return passwords
+
+
+class ConfigServer:
+    """nats-server started from one config of a deploy copy (its working directory), stopped by PID."""
+
+    def __init__(self, workdir: Path, config: str) -> None:
+        self.workdir = workdir
+        self.config = config
+        self.log_path = workdir / f"{Path(config).stem}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> ConfigServer:
+        # The config's host and port give way to loopback and a free port.
+        cmd = [find_nats_server(), "-c", self.config, "-a", "127.0.0.1", "-p", "-1"]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")
+            match = _LISTEN_RE.search(text)
+            if match and "Server is ready" in text:
+                self.port = int(match.group(1))
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server -c {self.config} exited:\n{text[-2000:]}")
+            time.sleep(0.02)
+        self.stop()
+        raise TimeoutError(f"nats-server -c {self.config} not ready after {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Mesh:
+    """A running server and the passwords of its users."""
+
+    def __init__(self, server: ConfigServer, passwords: dict[str, str]) -> None:
+        self.server = server
+        self.passwords = passwords
+
+    def settings(self, user: str, **overrides: Any) -> Settings:
+        """A user's settings as its processes would read them from SERVEMESH_* variables."""
+        values: dict[str, Any] = {
+            "nats_url": self.server.url, "user": user, "password": self.passwords[user],
+            "inbox_prefix": f"_INBOX.{user}",
+        }  # fmt: skip
+        return Settings(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    workdir = tmp_path_factory.mktemp("secure") / "nats"
+    passwords = deploy_copy(workdir)
+    server = ConfigServer(workdir, "secure.conf").start()
+    try:
+        yield Mesh(server, passwords)
+    finally:
+        server.stop()
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def connected(settings: Settings) -> AsyncIterator[Connection]:
+    conn = await Connection.open(settings, name=f"test-{settings.user}")
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def admin(secure: Mesh) -> AsyncIterator[Connection]:
+    """The admin's connection, with the mesh provisioned: only the admin may create it."""
+    async with connected(secure.settings("admin")) as conn:
+        await provision(conn)
+        yield conn
+
+
+async def register(admin: Connection, repo: Path, model: str) -> ModelSpec:
+    """Register an identity model under a version new to this test, so its subjects are too."""
+    build_identity_onnx(repo, model, version=uuid.uuid4().hex[:10])
+    spec = read_model(repo / model)
+    await (await Registry.open(admin)).put_spec(spec)
+    return spec
+
+
+def subject_of(spec: ModelSpec, priority: str = "normal") -> str:
+    return infer_subject(spec.name, next(iter(spec.versions)), priority)
+
+
+@asynccontextmanager
+async def serving(settings: Settings, specs: list[ModelSpec]) -> AsyncIterator[Worker]:
+    """An in-process worker connected as ``settings`` (registering nothing: the admin did)."""
+    async with connected(settings) as conn:
+        worker = Worker(conn, unique("w"))
+        try:
+            await worker.start()
+            for spec in specs:
+                await worker.serve(spec, register=False)
+            yield worker
+        finally:
+            await worker.drain()
+
+
+async def queued(admin: Connection, subject: str) -> int:
+    """Requests the stream holds on ``subject``."""
+    info = await admin.js.stream_info(STREAM_INFER, subjects_filter=subject)
+    return (info.state.subjects or {}).get(subject, 0)
+
+
+async def violation(caplog: pytest.LogCaptureFixture, what: str, subject: str) -> None:
+    """Wait until a connection reported the server's permissions violation for ``what`` ("publish",
+    "subscription") on ``subject``: how nats tells a client it was denied."""
+    needle = f'permissions violation for {what} to "{subject}"'.lower()
+
+    async def seen() -> bool:
+        return any(needle in record.getMessage().lower() for record in caplog.records)
+
+    await wait_for(seen, timeout=5.0, what=needle)
+
+
+def ones(n: int = 4) -> dict[str, np.ndarray[Any, Any]]:
+    return {"input": np.arange(n, dtype=np.float32)[None]}
+
+
+@pytest.fixture(autouse=True)
+def _capture_violations(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="broker.connection")
+
+
+# -- the permission model -----------------------------------------------------------------------
+
+
+async def test_admin_provisions_and_a_tenant_gets_replies_from_a_worker(
+    secure: Mesh, admin: Connection, tmp_path: Path
+) -> None:
+    for stream in (STREAM_INFER, STREAM_JOBS):
+        assert (await admin.js.stream_info(stream)).config.name == stream
+    for bucket in BUCKETS:
+        await admin.js.key_value(bucket)  # raises unless provisioned
+    spec = await register(admin, tmp_path, "echo_a")
+    async with serving(secure.settings("worker"), [spec]) as worker:
+        # The worker wrote its own heartbeat.
+        heartbeats = await (await Registry.open(admin)).heartbeats()
+        assert worker.id in heartbeats
+        async with await MeshClient.connect(settings=secure.settings("tenant_a")) as client:
+            reply = await client.infer_reply("echo_a", ones(), timeout=10)
+    np.testing.assert_array_equal(reply.outputs["output"], ones()["input"])
+    assert reply.timing.worker == worker.id
+    # The worker pulled and acked it: the work queue no longer holds it.
+    await wait_for(lambda: _is(queued(admin, subject_of(spec)), 0), what="the request acked")
+
+
+async def test_tenant_cannot_queue_requests_for_another_tenants_model(
+    secure: Mesh, admin: Connection, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = await register(admin, tmp_path, "echo_b")  # tenant_b's model; no worker serves it
+    subject = subject_of(spec)
+    async with await MeshClient.connect(settings=secure.settings("tenant_b")) as owner:
+        with pytest.raises(DeadlineExceeded, match="no reply"):  # queued, then nobody answered
+            await owner.infer("echo_b", ones(), timeout=1)
+    assert await queued(admin, subject) == 1
+    async with await MeshClient.connect(settings=secure.settings("tenant_a")) as other:
+        with pytest.raises(DeadlineExceeded, match="did not acknowledge"):
+            await other.infer("echo_b", ones(), timeout=1)
+    await violation(caplog, "publish", subject)
+    assert await queued(admin, subject) == 1
+
+
+@pytest.mark.parametrize(
+    ("user", "bucket"),
+    [
+        ("tenant_a", BUCKET_ASSIGNMENTS),
+        ("tenant_a", BUCKET_MODELS),
+        ("tenant_a", BUCKET_WORKERS),
+        ("tenant_a", BUCKET_STATUS),
+        ("tenant_a", BUCKET_PIPELINES),
+        ("tenant_a", BUCKET_JOBS),
+        ("worker", BUCKET_MODELS),
+        ("worker", BUCKET_ASSIGNMENTS),
+        ("worker", BUCKET_LEADER),
+        ("worker", BUCKET_STATUS),
+        ("worker", BUCKET_PIPELINES),
+        ("worker", BUCKET_JOBS),
+    ],
+)
+async def test_only_the_admin_writes_control_state(
+    secure: Mesh, admin: Connection, user: str, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = unique("key")
+    async with connected(secure.settings(user)) as conn:
+        kv = await conn.nc.jetstream(timeout=1.0).key_value(bucket)  # reading the bucket's info is allowed
+        with pytest.raises(nats.errors.TimeoutError):  # the server dropped the write: no ack comes
+            await kv.put(key, b'{"units": []}')
+    await violation(caplog, "publish", f"$KV.{bucket}.{key}")
+    with pytest.raises(KeyNotFoundError):
+        await (await admin.js.key_value(bucket)).get(key)
+
+
+async def test_tenant_cannot_read_another_tenants_replies(
+    secure: Mesh, admin: Connection, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = await register(admin, tmp_path, "echo_a")
+    overheard: list[str] = []
+
+    async def listen(msg: Any) -> None:
+        overheard.append(msg.subject)
+
+    async with connected(secure.settings("tenant_b")) as spy, serving(secure.settings("worker"), [spec]):
+        for pattern in ("_INBOX.tenant_a.>", "_INBOX.>", ">"):
+            await spy.nc.subscribe(pattern, cb=listen)
+            await violation(caplog, "subscription", pattern)
+        async with await MeshClient.connect(settings=secure.settings("tenant_a")) as client:
+            reply = await client.infer_reply("echo_a", ones(), timeout=10)
+        np.testing.assert_array_equal(reply.outputs["output"], ones()["input"])
+        # Anything routed to the spy before tenant_a had its reply is in before this PONG.
+        await spy.nc.flush()
+    assert overheard == []
+
+
+async def test_worker_pulls_acks_and_replies_but_cannot_queue_requests(
+    secure: Mesh, admin: Connection, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = await register(admin, tmp_path, "echo_a")
+    subject = subject_of(spec)
+    async with serving(secure.settings("worker"), [spec]) as worker:
+        async with await MeshClient.connect(settings=secure.settings("tenant_a")) as client:
+            replies = await asyncio.gather(*(client.infer_reply("echo_a", ones(), timeout=10) for _ in range(20)))
+        assert {reply.timing.worker for reply in replies} == {worker.id}
+        await wait_for(lambda: _is(queued(admin, subject), 0), what="every request acked")
+        with pytest.raises(nats.errors.TimeoutError):
+            await worker.conn.nc.jetstream(timeout=1.0).publish(subject, b"forged")
+    await violation(caplog, "publish", subject)
+    assert await queued(admin, subject) == 0
+
+
+async def test_a_request_cannot_make_a_worker_write_for_it(
+    secure: Mesh, admin: Connection, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Workers send replies where a request's headers say; their own rights bound where that can be."""
+    spec = await register(admin, tmp_path, "echo_a")
+    key = unique("victim")
+    target = f"$KV.{BUCKET_ASSIGNMENTS}.{key}"
+    async with connected(secure.settings("tenant_a")) as conn, serving(secure.settings("worker"), [spec]):
+        ack = await conn.nc.request(
+            subject_of(spec), encode_request(ones()), timeout=5.0,
+            headers={HDR_MSG_ID: unique("forged"), HDR_REPLY: target},
+        )  # fmt: skip
+        assert b'"error"' not in ack.data  # queued: the tenant may ask its own model
+        await violation(caplog, "publish", target)  # the worker's reply to it was refused
+    with pytest.raises(KeyNotFoundError):
+        await (await admin.js.key_value(BUCKET_ASSIGNMENTS)).get(key)
+
+
+async def test_tenant_cannot_route_a_pipeline_through_another_tenants_model(
+    secure: Mesh, admin: Connection, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    own, other = await register(admin, tmp_path, "echo_a"), await register(admin, tmp_path, "echo_b")
+    async with (
+        serving(secure.settings("worker"), [own, other]),
+        await MeshClient.connect(settings=secure.settings("tenant_a")) as client,
+    ):
+        with pytest.raises(MeshError) as refused:
+            await client.infer(["echo_a", "echo_b"], ones(), timeout=20)
+    # The worker may not forward (docs/security.md#pipelines): the stage it could not reach is named.
+    assert str(refused.value.data.get("stage", "")).startswith(subject_of(other)), refused.value
+    await violation(caplog, "publish", subject_of(other))
+    assert await queued(admin, subject_of(other)) == 0
+
+
+@pytest.mark.parametrize(
+    ("user", "api", "what"),
+    [
+        ("tenant_a", "CONSUMER.MSG.NEXT.MESH_INFER.{consumer}", "pull other requests from the queue"),
+        ("tenant_a", "CONSUMER.DURABLE.CREATE.MESH_INFER.spy", "create a consumer to read the queue"),
+        ("tenant_a", "STREAM.PURGE.MESH_INFER", "purge the queue"),
+        ("worker", "STREAM.PURGE.MESH_INFER", "purge the queue"),
+        ("worker", "STREAM.DELETE.MESH_INFER", "delete the queue"),
+        ("worker", "STREAM.UPDATE.MESH_INFER", "change the queue's limits"),
+        ("worker", "CONSUMER.DELETE.MESH_INFER.{consumer}", "delete a subject's consumer"),
+        ("worker", "STREAM.DELETE.KV_mesh-models", "delete the registry"),
+    ],
+)
+async def test_jetstream_api_is_scoped(
+    secure: Mesh, admin: Connection, tmp_path: Path, user: str, api: str, what: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = await register(admin, tmp_path, "echo_b")
+    subject = subject_of(spec)
+    async with await MeshClient.connect(settings=secure.settings("tenant_b")) as owner:
+        with pytest.raises(DeadlineExceeded, match="no reply"):
+            await owner.infer("echo_b", ones(), timeout=0.5)
+    model, version, priority = spec.name, next(iter(spec.versions)), "normal"
+    request = "$JS.API." + api.format(consumer=consumer_name(model, version, priority))
+    async with connected(secure.settings(user)) as conn:
+        with pytest.raises(nats.errors.TimeoutError):  # `what` was refused: no answer comes
+            await conn.nc.request(request, b"{}", timeout=1.0)
+    await violation(caplog, "publish", request)
+    assert await queued(admin, subject) == 1, f"{user} could {what}"
+    await admin.js.key_value(BUCKET_MODELS)  # the registry is still there
+
+
+async def test_single_conf_is_the_open_default(tmp_path: Path) -> None:
+    deploy_copy(tmp_path / "nats")
+    server = ConfigServer(tmp_path / "nats", "single.conf").start()
+    try:
+        async with connected(Settings(nats_url=server.url)) as conn:  # no credentials at all
+            await provision(conn)
+            assert (await conn.js.stream_info(STREAM_INFER)).config.name == STREAM_INFER
+    finally:
+        server.stop()
+
+
+async def test_wrong_password_fails_at_once(secure: Mesh) -> None:
+    started = time.monotonic()
+    with pytest.raises(MeshUnavailable, match="Authorization Violation"):
+        await Connection.open(secure.settings("tenant_a", password="not-the-password"))
+    assert time.monotonic() - started < 3.0  # not retried: no retry fixes a password
+
+
+async def test_secure_server_fsyncs_every_write(secure: Mesh) -> None:
+    assert await _sync_always(secure.settings("sys", inbox_prefix="_INBOX"), servers=1) == [True]
+
+
+# -- TLS, tokens, NKeys -------------------------------------------------------------------------
+
+
+async def test_tls_with_client_certificates(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    workdir = tmp_path / "nats"
+    passwords = deploy_copy(workdir)
+    subprocess.run(["sh", "make-dev-certs.sh"], cwd=workdir, check=True, capture_output=True)
+    certs = workdir / ".servemesh" / "tls"
+    server = ConfigServer(workdir, "secure-tls.conf").start()
+    mesh = Mesh(server, passwords)
+    tls = {
+        "tls_ca": str(certs / "ca.pem"),
+        "tls_cert": str(certs / "client.pem"),
+        "tls_key": str(certs / "client-key.pem"),
+    }
+    try:
+        async with connected(mesh.settings("admin", **tls)) as admin:
+            await provision(admin)
+            spec = await register(admin, tmp_path / "models", "echo_a")
+            async with (
+                serving(mesh.settings("worker", **tls), [spec]) as worker,
+                await MeshClient.connect(settings=mesh.settings("tenant_a", **tls)) as client,
+            ):
+                reply = await client.infer_reply("echo_a", ones(), timeout=10)
+            assert reply.timing.worker == worker.id
+        # A client that does not trust the server's CA gives up at once.
+        started = time.monotonic()
+        with pytest.raises(MeshUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            await Connection.open(mesh.settings("tenant_a"))
+        assert time.monotonic() - started < 3.0
+        # One without a certificate of its own is turned away by the server. Over TLS 1.3 the
+        # client learns it from the server's alert (MeshUnavailable at once) or, when its first
+        # write loses the race with that alert, only as a dropped connection, the same as a
+        # restarting server, so it keeps trying; the server's log says why.
+        with pytest.raises((MeshUnavailable, TimeoutError)):
+            await asyncio.wait_for(Connection.open(mesh.settings("tenant_a", tls_ca=tls["tls_ca"])), timeout=3.0)
+        assert "didn't provide a certificate" in server.log_path.read_text()
+    finally:
+        server.stop()
+
+
+async def test_token_authentication(tmp_path: Path) -> None:
+    token = secrets.token_urlsafe(16)
+    (tmp_path / "token.conf").write_text(f'authorization {{ token: "{token}" }}\njetstream {{ store_dir: "js" }}\n')
+    server = ConfigServer(tmp_path, "token.conf").start()
+    try:
+        async with connected(Settings(nats_url=server.url, token=SecretStr(token))) as conn:
+            await provision(conn)
+        with pytest.raises(MeshUnavailable, match="Authorization Violation"):
+            await Connection.open(Settings(nats_url=server.url, token=SecretStr("wrong")))
+    finally:
+        server.stop()
+
+
+async def test_nkey_authentication(tmp_path: Path) -> None:
+    import nkeys
+
+    seed = nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    (tmp_path / "nkey.conf").write_text(
+        f'authorization {{ users: [{{nkey: "{public}"}}] }}\njetstream {{ store_dir: "js" }}\n'
+    )
+    (tmp_path / "user.nk").write_bytes(seed)
+    server = ConfigServer(tmp_path, "nkey.conf").start()
+    try:
+        for given in (seed.decode(), str(tmp_path / "user.nk")):  # the seed itself, or its file
+            async with connected(Settings(nats_url=server.url, nkey_seed=SecretStr(given))) as conn:
+                await provision(conn)
+        with pytest.raises(MeshUnavailable, match="Authorization Violation"):
+            await Connection.open(Settings(nats_url=server.url, user="someone", password=SecretStr("else")))
+    finally:
+        server.stop()
+
+
+async def test_creds_file_authentication(tmp_path: Path) -> None:
+    """Operator mode: a user JWT signed by an account the operator signed, and the user's seed."""
+    import nkeys
+
+    def keypair(prefix: int) -> Any:
+        return nkeys.from_seed(bytearray(nkeys.encode_seed(secrets.token_bytes(32), prefix)))
+
+    operator, account = keypair(nkeys.PREFIX_BYTE_OPERATOR), keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    user, stranger = keypair(nkeys.PREFIX_BYTE_USER), keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    unlimited = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True, "conn": -1}
+    account_jwt = _jwt(operator, account, {"type": "account", "limits": {**unlimited, "leaf": -1}})
+    (tmp_path / "operator.conf").write_text(
+        f'operator: "{_jwt(operator, operator, {"type": "operator"})}"\nresolver: MEMORY\n'
+        f'resolver_preload: {{ {account.public_key.decode()}: "{account_jwt}" }}\n'
+    )
+    user_claims = {"type": "user", "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}
+    for name, issuer in (("user", account), ("stranger", stranger)):  # the stranger's account is unknown
+        (tmp_path / f"{name}.creds").write_text(
+            f"-----BEGIN NATS USER JWT-----\n{_jwt(issuer, user, user_claims)}\n------END NATS USER JWT------\n\n"
+            f"-----BEGIN USER NKEY SEED-----\n{user.seed.decode()}\n------END USER NKEY SEED------\n"
+        )
+    server = ConfigServer(tmp_path, "operator.conf").start()
+    try:
+        async with connected(Settings(nats_url=server.url, creds_file=str(tmp_path / "user.creds"))) as conn:
+            sub = await conn.nc.subscribe("hello")
+            await conn.nc.publish("hello", b"world")
+            assert (await sub.next_msg(timeout=5)).data == b"world"
+        with pytest.raises(MeshUnavailable, match="Authorization Violation"):
+            await Connection.open(Settings(nats_url=server.url, creds_file=str(tmp_path / "stranger.creds")))
+    finally:
+        server.stop()
+
+
+def _jwt(issuer: Any, subject: Any, nats_claims: dict[str, Any]) -> str:
+    """A NATS JWT (ed25519-nkey) for ``subject``'s public key, signed by ``issuer``."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    claims = {
+        "jti": secrets.token_hex(16).upper(), "iat": int(time.time()), "iss": issuer.public_key.decode(),
+        "sub": subject.public_key.decode(), "name": nats_claims["type"], "nats": {**nats_claims, "version": 2},
+    }  # fmt: skip
+    body = f"{b64(json.dumps({'typ': 'JWT', 'alg': 'ed25519-nkey'}).encode())}.{b64(json.dumps(claims).encode())}"
+    return f"{body}.{b64(issuer.sign(body.encode()))}"
+
+
+# -- the three-node cluster ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[tuple[list[ConfigServer], dict[str, str]]]:
+    """cluster-1..3.conf on loopback, their route ports moved to free ones."""
+    ports = _free_ports(3)
+    workdir = tmp_path / "nats"
+    passwords = deploy_copy(workdir, route_ports=ports)
+    for i, port in enumerate(ports, start=1):
+        config = workdir / f"cluster-{i}.conf"
+        config.write_text(re.sub(r"(\n  port: )\d+", rf"\g<1>{port}", config.read_text()))
+    servers: list[ConfigServer] = []
+    try:
+        for i in (1, 2, 3):
+            servers.append(ConfigServer(workdir, f"cluster-{i}.conf").start())
+        yield servers, passwords
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def test_cluster_keeps_three_fsynced_copies_and_the_same_permissions(
+    nats_cluster: tuple[list[ConfigServer], dict[str, str]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    servers, passwords = nats_cluster
+    meshes = [Mesh(server, passwords) for server in servers]
+    async with connected(meshes[0].settings("admin", replicas=3)) as admin:
+
+        async def provisioned() -> bool:  # once the nodes have elected a JetStream leader
+            try:
+                await provision(admin)
+            except Exception:
+                return False
+            return True
+
+        await wait_for(provisioned, timeout=30, what="JetStream cluster to accept the stream")
+        for stream in (STREAM_INFER, *(f"KV_{bucket}" for bucket in BUCKETS)):
+            info = await admin.js.stream_info(stream)
+            assert info.config.num_replicas == 3
+            assert info.cluster is not None and len(info.cluster.replicas or []) == 2
+        spec = await register(admin, tmp_path, "echo_b")
+        # The rules hold on every node: tenant_a, connected elsewhere, still cannot queue for tenant_b.
+        async with await MeshClient.connect(settings=meshes[2].settings("tenant_a")) as other:
+            with pytest.raises(DeadlineExceeded, match="did not acknowledge"):
+                await other.infer("echo_b", ones(), timeout=1)
+        await violation(caplog, "publish", subject_of(spec))
+        assert await queued(admin, subject_of(spec)) == 0
+    assert await _sync_always(meshes[0].settings("sys", inbox_prefix="_INBOX"), servers=3) == [True] * 3
+
+
+# -- small helpers ------------------------------------------------------------------------------
+
+
+async def _is(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
+
+
+async def _sync_always(settings: Settings, servers: int) -> list[bool]:
+    """Each server's `sync_always` as it reports it to the system account (`$SYS...VARZ`)."""
+    found: list[bool] = []
+    async with connected(settings) as conn:
+        inbox = conn.nc.new_inbox()
+        done = asyncio.Event()
+
+        async def collect(msg: Any) -> None:
+            found.append(bool(json.loads(msg.data)["data"]["jetstream"]["config"].get("sync_always")))
+            if len(found) == servers:
+                done.set()
+
+        await conn.nc.subscribe(inbox, cb=collect)
+        await conn.nc.publish("$SYS.REQ.SERVER.PING.VARZ", b"{}", reply=inbox)
+        await asyncio.wait_for(done.wait(), timeout=10)
+    return found
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
