@@ -38,13 +38,14 @@ from benchmarks.bench_mesh import Children, Incorrect
 from benchmarks.cpu import CpuMeter
 from benchmarks.job_watch import JobRun, RssWatch, follow_job, verify_results
 from benchmarks.loadgen import LoadResult, closed_loop, percentile_ms
+from benchmarks.mesh_watch import wait_serving
 from benchmarks.report import Check, Row
 from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision
 from broker.jobs import Job
 from broker.loop import run as run_on_loop
 from broker.server import find_nats_server
 from examples.build_models import IR_VERSION, OPSET, build_identity_onnx
-from router.local import spawn_worker, wait_workers_ready
+from router.local import spawn_worker
 from workers.repository import read_model
 
 Json = dict[str, Any]
@@ -236,25 +237,6 @@ class Mesh:
     pids: Pids
 
 
-async def wait_worker(registry: Registry, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> int:
-    """Until the worker heartbeats ready with every model loaded; returns its pid."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited with code {proc.returncode} before it was ready")
-        try:
-            await wait_workers_ready(registry, [WORKER_ID], 1.0)
-            break
-        except TimeoutError:
-            if time.monotonic() > deadline:
-                raise
-    beat = (await registry.heartbeats())[WORKER_ID]
-    missing = {f"{m}:{VERSION}" for m in (JOB_MODEL, STAGE_A, STAGE_B)} - set(beat.get("models", {}))
-    if missing or beat.get("failed") or beat["pid"] != proc.pid:
-        raise RuntimeError(f"worker pid {beat['pid']} not serving {sorted(missing)}; failed: {beat.get('failed')}")
-    return proc.pid
-
-
 async def serving_stats(registry: Registry, timeout: float = 5.0) -> Json:
     """JOB_MODEL's counters from the worker's first heartbeat written from now on (one a second)."""
     # Heartbeats carry wall-clock stamps written by the worker, hence time.time() here.
@@ -322,7 +304,9 @@ async def measure(url: str, nats_pid: int, workdir: Path, children: Children, op
             # The worker runs the same event loop as this load generator.
             proc = spawn_worker(url, workdir / "models", WORKER_ID, workdir / "worker.log", {"SERVEMESH_LOOP": LOOP})
             children.add("worker", proc)
-            pids = Pids(os.getpid(), nats_pid, await wait_worker(registry, proc))
+            models = {f"{m}:{VERSION}" for m in (JOB_MODEL, STAGE_A, STAGE_B)}
+            beat = await wait_serving(registry, proc, WORKER_ID, models)
+            pids = Pids(os.getpid(), nats_pid, int(beat["pid"]))
             async with await MeshClient.connect(url) as client:
                 await measure_all(Mesh(client, conn, registry, pids), opts, results)
     finally:

@@ -35,11 +35,12 @@ from nats.aio.client import Client as NatsClient
 
 from benchmarks.cpu import CpuMeter
 from benchmarks.loadgen import LoadResult, closed_loop, percentile_ms
+from benchmarks.mesh_watch import wait_serving
 from benchmarks.report import Check, Report, Row, render, write_json
 from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision
 from broker.server import find_nats_server
 from examples.build_models import build_identity_onnx, build_mlp_onnx
-from router.local import spawn_worker, wait_workers_ready
+from router.local import spawn_worker
 from schemas.envelope import encode_request
 
 ECHO_MODEL, MLP_MODEL, VERSION = "echo_id", "mlp", "1"
@@ -314,24 +315,6 @@ def ratio_checks(rows: list[Row], memory: dict[str, Any]) -> list[Check]:
     return checks
 
 
-async def _wait_worker(registry: Registry, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited with code {proc.returncode} before it was ready")
-        try:
-            await wait_workers_ready(registry, [WORKER_ID], 1.0)
-            break
-        except TimeoutError:
-            if time.monotonic() > deadline:
-                raise
-    beat = (await registry.heartbeats())[WORKER_ID]
-    missing = {f"{ECHO_MODEL}:{VERSION}", f"{MLP_MODEL}:{VERSION}"} - set(beat.get("models", {}))
-    if missing or beat.get("failed"):
-        raise Incorrect(f"worker is not serving {sorted(missing)}; failed: {beat.get('failed')}")
-    return beat
-
-
 @dataclass(frozen=True, slots=True)
 class Pids:
     """The processes whose CPU each row reports: this load generator, nats-server, the echo and the worker."""
@@ -388,9 +371,7 @@ async def run(opts: Options, server: NatsServer, workdir: Path, mlp_path: Path, 
         env = {"SERVEMESH_STORAGE": opts.storage, "SERVEMESH_LOOP": opts.loop, **dict(os.environ)}
         worker = children.add("worker", spawn_worker(url, workdir / "models", WORKER_ID, workdir / "worker.log", env))
         echo = await asyncio.to_thread(start_responder, children, url, workdir / "responder.log", opts.loop)
-        beat = await _wait_worker(registry, worker)
-        if beat["pid"] != worker.pid:
-            raise RuntimeError(f"heartbeat pid {beat['pid']} is not the worker we started ({worker.pid})")
+        beat = await wait_serving(registry, worker, WORKER_ID, {f"{ECHO_MODEL}:{VERSION}", f"{MLP_MODEL}:{VERSION}"})
         assert server.proc is not None
         pids = Pids(client=os.getpid(), nats=server.proc.pid, echo=echo.pid, worker=beat["pid"])
         await measure_mesh(url, mlp_path, pids, opts, report)

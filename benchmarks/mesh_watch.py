@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -11,13 +12,35 @@ from typing import Any
 import yaml
 
 from broker import Registry
+from router.local import wait_workers_ready
 from router.observe import STALE_AFTER_S
 from workers.repository import read_model
 
-__all__ = ["POLL_S", "Failed", "Json", "Mesh", "until"]
+__all__ = ["POLL_S", "Failed", "Json", "Mesh", "until", "wait_serving"]
 
 Json = dict[str, Any]
 POLL_S = 0.05
+
+
+async def wait_serving(
+    registry: Registry, proc: subprocess.Popen[bytes], worker_id: str, models: set[str], timeout: float = 120.0
+) -> Json:
+    """Until the worker process heartbeats ready serving ``models`` ("name:version"); returns its heartbeat."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with code {proc.returncode} before it was ready")
+        try:
+            await wait_workers_ready(registry, [worker_id], 1.0)
+            break
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+    beat: Json = (await registry.heartbeats())[worker_id]
+    missing = models - set(beat.get("models", {}))
+    if missing or beat.get("failed") or beat["pid"] != proc.pid:
+        raise RuntimeError(f"worker pid {beat['pid']} not serving {sorted(missing)}; failed: {beat.get('failed')}")
+    return beat
 
 
 class Failed(Exception):
