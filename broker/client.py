@@ -25,6 +25,7 @@ from broker.connection import Connection, pub_ack_error, translate_error
 from broker.jobs import Job, items_of, start_job
 from broker.registry import Registry
 from broker.results import Result, results_on
+from broker.routes import choose, default_weights, effective_weights, ready_counts
 from broker.settings import Settings
 from schemas.envelope import Reply, decode_bundle, decode_reply, encode_request
 from schemas.errors import BadInput, DeadlineExceeded, MeshError, NoCapacity, UnknownModel
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 _SPEC_TTL_S = 2.0
 
 
+_Plan = tuple[tuple[str, dict[str, float]], ...]  # per stage: model, weight of each version
+
+
 class _Pending:
     __slots__ = ("future", "queued", "subject", "timeout")
 
@@ -67,7 +71,9 @@ class MeshClient:
         self._counter = itertools.count()
         self._pending: dict[str, _Pending] = {}
         self._specs: dict[str, tuple[float, ModelSpec]] = {}
-        self._routes: dict[tuple[tuple[str, ...], str | None, str], tuple[float, tuple[str, ...]]] = {}
+        self._plans: dict[
+            tuple[tuple[str, ...], str | None], tuple[float, tuple[tuple[str, dict[str, float]], ...]]
+        ] = {}
 
     @classmethod
     async def connect(cls, url: str | None = None, settings: Settings | None = None) -> MeshClient:
@@ -215,11 +221,19 @@ class MeshClient:
         return route[0], payload, headers
 
     async def _route(self, model: str | Sequence[str], version: str | None, priority: str) -> tuple[str, ...]:
-        """The subjects a request passes through: one model, a named pipeline, or listed stages
-        (versions resolved through the registry; cached briefly)."""
+        """The subjects a request passes through: one model, a named pipeline, or listed stages.
+        A stage named without a version follows its weighted route, drawn per request."""
+        plan = await self._plan(model, version)
+        return tuple(
+            infer_subject(name, next(iter(weights)) if len(weights) == 1 else choose(weights), priority)
+            for name, weights in plan
+        )
+
+    async def _plan(self, model: str | Sequence[str], version: str | None) -> _Plan:
+        """Per stage: the model and the weights of its versions (registry and routes read, cached briefly)."""
         names = (model,) if isinstance(model, str) else tuple(model)
-        key = (names, version, priority)
-        cached = self._routes.get(key)
+        key = (names, version)
+        cached = self._plans.get(key)
         now = time.monotonic()
         if cached is not None and now - cached[0] < _SPEC_TTL_S:
             return cached[1]
@@ -229,17 +243,33 @@ class MeshClient:
             stages = await self._pipeline(names[0])
             if stages is not None:
                 names, version = tuple(stages), None
-        route = []
+        plan = []
         for stage in names:
             name, _, pinned = stage.partition(":")
-            spec = await self._spec(name)
-            resolved = spec.resolve_version(pinned or version)
-            if resolved not in spec.versions:
-                raise UnknownModel(f"model {name!r} has no version {resolved!r}", model=name, version=resolved)
-            await self._check_loadable(name, resolved)
-            route.append(infer_subject(name, resolved, priority))
-        self._routes[key] = (now, tuple(route))
-        return tuple(route)
+            plan.append((name, await self._weights(name, pinned or version)))
+        self._plans[key] = (now, tuple(plan))
+        return tuple(plan)
+
+    async def _weights(self, model: str, version: str | None) -> dict[str, float]:
+        spec = await self._spec(model)
+        route = None if version is not None else await (await self._open_registry()).get_route(model)
+        if version is not None:
+            if version not in spec.versions:
+                raise UnknownModel(f"model {model!r} has no version {version!r}", model=model, version=version)
+            await self._check_loadable(model, version)
+            return {version: 1.0}
+        ready = ready_counts(await (await self._open_registry()).get_status(model))
+        if route is None:
+            target = spec.resolve_version(None)
+            weights = default_weights(target, spec.versions, ready)
+            if weights == {target: 1.0}:
+                await self._check_loadable(model, target)
+            return weights
+        weights = effective_weights(route.get("weights", {}), route.get("previous") or {}, ready)
+        weights = {v: w for v, w in weights.items() if v in spec.versions}
+        if not weights:
+            raise UnknownModel(f"model {model!r}: its route names no registered version", model=model)
+        return weights
 
     async def _check_loadable(self, model: str, version: str) -> None:
         """Fail fast, rather than wait out the timeout, for a version that failed to load everywhere it went."""

@@ -24,6 +24,7 @@ from schemas.subjects import (
     BUCKET_LEADER,
     BUCKET_MODELS,
     BUCKET_PIPELINES,
+    BUCKET_ROUTES,
     BUCKET_STATUS,
     BUCKET_WORKERS,
     INFER_PREFIX,
@@ -120,6 +121,7 @@ async def ensure_buckets(js: JetStreamContext, settings: Settings) -> None:
         KeyValueConfig(bucket=BUCKET_LEADER, history=1, ttl=LEASE_TTL_S, storage=storage, replicas=replicas),
         KeyValueConfig(bucket=BUCKET_STATUS, history=1, storage=storage, replicas=replicas),
         KeyValueConfig(bucket=BUCKET_PIPELINES, history=5, storage=storage, replicas=replicas),
+        KeyValueConfig(bucket=BUCKET_ROUTES, history=10, storage=storage, replicas=replicas),
         KeyValueConfig(bucket=BUCKET_JOBS, history=1, storage=storage, replicas=replicas),
     ):
         await js.create_key_value(config)

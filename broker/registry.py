@@ -20,6 +20,7 @@ from schemas.subjects import (
     BUCKET_JOBS,
     BUCKET_MODELS,
     BUCKET_PIPELINES,
+    BUCKET_ROUTES,
     BUCKET_STATUS,
     BUCKET_WORKERS,
 )
@@ -43,8 +44,10 @@ class Registry:
         status: _Bucket,
         pipelines: _Bucket,
         jobs: _Bucket,
+        routes: _Bucket,
     ) -> None:
         self._jobs = jobs
+        self._routes = routes
         self._models = models
         self._workers = workers
         self._assignments = assignments
@@ -54,7 +57,10 @@ class Registry:
     @classmethod
     async def open(cls, conn: Connection) -> Registry:
         js = conn.js
-        names = (BUCKET_MODELS, BUCKET_WORKERS, BUCKET_ASSIGNMENTS, BUCKET_STATUS, BUCKET_PIPELINES, BUCKET_JOBS)
+        names = (
+            BUCKET_MODELS, BUCKET_WORKERS, BUCKET_ASSIGNMENTS, BUCKET_STATUS, BUCKET_PIPELINES, BUCKET_JOBS,
+            BUCKET_ROUTES,
+        )  # fmt: skip
         return cls(*[_Bucket(js, name, await js.key_value(name)) for name in names])
 
     # -- model specs ---------------------------------------------------------------------------
@@ -138,6 +144,18 @@ class Registry:
 
     async def delete_pipeline(self, name: str) -> None:
         await self._pipelines.kv.delete(name)
+
+    # -- weighted routes: which versions a request naming only the model goes to ------------------
+
+    async def put_route(self, model: str, route: Json) -> None:
+        await self._routes.kv.put(model, json.dumps(route).encode())
+
+    async def get_route(self, model: str) -> Json | None:
+        value = await _get(self._routes, model)
+        return None if value is None else dict(json.loads(value))
+
+    async def delete_route(self, model: str) -> None:
+        await self._routes.kv.delete(model)
 
     # -- batch jobs --------------------------------------------------------------------------------
 

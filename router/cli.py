@@ -88,6 +88,12 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     return run(run_jobs(args), "asyncio")
 
 
+def _cmd_routes(args: argparse.Namespace) -> int:
+    from router.route_commands import run as run_routes
+
+    return run(run_routes(args), "asyncio")
+
+
 def _cmd_top(args: argparse.Namespace) -> int:
     from router.top import run_top
 
@@ -199,7 +205,7 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
     top.set_defaults(run=_cmd_top)
 
-    from router import job_commands, model_commands, pipeline_commands
+    from router import job_commands, model_commands, pipeline_commands, route_commands
 
     model_commands.add_parsers(sub)
     sub.choices["models"].set_defaults(run=_cmd_models)
@@ -207,6 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["pipelines"].set_defaults(run=_cmd_pipelines)
     job_commands.add_parsers(sub)
     sub.choices["jobs"].set_defaults(run=_cmd_jobs)
+    route_commands.add_parsers(sub)
+    sub.choices["routes"].set_defaults(run=_cmd_routes)
 
     infer = sub.add_parser("infer", help="send one request and print the outputs")
     infer.add_argument("model")

@@ -11,6 +11,7 @@ __all__ = [
     "BUCKET_LEADER",
     "BUCKET_MODELS",
     "BUCKET_PIPELINES",
+    "BUCKET_ROUTES",
     "BUCKET_STATUS",
     "BUCKET_WORKERS",
     "HDR_DEADLINE",
@@ -49,6 +50,7 @@ BUCKET_LEADER: Final = "mesh-leader"
 BUCKET_STATUS: Final = "mesh-status"
 BUCKET_PIPELINES: Final = "mesh-pipelines"
 BUCKET_JOBS: Final = "mesh-jobs"
+BUCKET_ROUTES: Final = "mesh-routes"
 STREAM_JOBS: Final = "MESH_JOBS"
 JOBS_PREFIX: Final = "mesh.jobs"
 

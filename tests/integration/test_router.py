@@ -38,8 +38,12 @@ async def _register(cluster: Cluster, model_dir: Path, **overrides: object) -> s
 class Load:
     """Closed-loop requests in the background; counts answers and failures."""
 
-    def __init__(self, client: MeshClient, model: str, x: np.ndarray, concurrency: int, pause: float = 0.0) -> None:
+    def __init__(
+        self, client: MeshClient, model: str, x: np.ndarray, concurrency: int, pause: float = 0.0,
+        input_name: str = "input",
+    ) -> None:  # fmt: skip
         self.pause = pause
+        self.input_name = input_name
         self.ok = self.failed = 0
         self.errors: list[str] = []
         self._stop = asyncio.Event()
@@ -48,8 +52,8 @@ class Load:
     async def _run(self, client: MeshClient, model: str, x: np.ndarray) -> None:
         while not self._stop.is_set():
             try:
-                out = await client.infer(model, {"input": x}, timeout=60)
-                assert out["output"].shape == x.shape
+                out = await client.infer(model, {self.input_name: x}, timeout=60)
+                assert next(iter(out.values())).shape == x.shape
                 self.ok += 1
             except Exception as exc:
                 self.failed += 1

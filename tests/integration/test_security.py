@@ -42,6 +42,7 @@ from schemas.subjects import (
     BUCKET_LEADER,
     BUCKET_MODELS,
     BUCKET_PIPELINES,
+    BUCKET_ROUTES,
     BUCKET_STATUS,
     BUCKET_WORKERS,
     HDR_MSG_ID,
@@ -65,6 +66,7 @@ BUCKETS = (
     BUCKET_STATUS,
     BUCKET_PIPELINES,
     BUCKET_JOBS,
+    BUCKET_ROUTES,
 )
 _LISTEN_RE = re.compile(r"Listening for client connections on [^\s]+:(\d+)")
 
@@ -274,12 +276,14 @@ async def test_tenant_cannot_queue_requests_for_another_tenants_model(
         ("tenant_a", BUCKET_STATUS),
         ("tenant_a", BUCKET_PIPELINES),
         ("tenant_a", BUCKET_JOBS),
+        ("tenant_a", BUCKET_ROUTES),
         ("worker", BUCKET_MODELS),
         ("worker", BUCKET_ASSIGNMENTS),
         ("worker", BUCKET_LEADER),
         ("worker", BUCKET_STATUS),
         ("worker", BUCKET_PIPELINES),
         ("worker", BUCKET_JOBS),
+        ("worker", BUCKET_ROUTES),
     ],
 )
 async def test_only_the_admin_writes_control_state(
