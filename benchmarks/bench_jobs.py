@@ -17,7 +17,6 @@ if str(REPO_ROOT) not in sys.path:
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import platform
 import signal
@@ -25,7 +24,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -39,7 +38,7 @@ from benchmarks.cpu import CpuMeter
 from benchmarks.job_watch import JobRun, RssWatch, follow_job, verify_results
 from benchmarks.loadgen import LoadResult, closed_loop, percentile_ms
 from benchmarks.mesh_watch import wait_serving
-from benchmarks.report import Check, Row
+from benchmarks.report import Check, Row, publish
 from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision
 from broker.jobs import Job
 from broker.loop import run as run_on_loop
@@ -478,10 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     results.elapsed_s = time.monotonic() - started
     judge(results)
-    print("\n" + render(results))
-    if opts.json_out is not None:
-        opts.json_out.write_text(json.dumps(asdict(results), indent=2) + "\n")
-        print(f"results written to {opts.json_out}")
+    publish(render(results), results, opts.json_out)
     return 0
 
 

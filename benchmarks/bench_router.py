@@ -16,7 +16,6 @@ if str(REPO_ROOT) not in sys.path:
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -27,7 +26,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -36,6 +35,7 @@ import numpy as np
 from benchmarks import bench_policy
 from benchmarks.bench_mesh import Children
 from benchmarks.mesh_watch import POLL_S, Failed, Json, Mesh, until
+from benchmarks.report import publish
 from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision
 from broker.server import find_nats_server
 from examples.build_models import build_identity_onnx, build_slow_onnx
@@ -394,10 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     results.elapsed_s = time.monotonic() - started
     judge(results)
-    print("\n" + render(results))
-    if opts.json_out is not None:
-        opts.json_out.write_text(json.dumps(asdict(results), indent=2) + "\n")
-        print(f"results written to {opts.json_out}")
+    publish(render(results), results, opts.json_out)
     if any(s.failed for s in results.spikes):
         errors = [e for s in results.spikes for e in s.errors]
         print(f"\nFAILED: requests failed under spike load, e.g. {errors[:3]}", file=sys.stderr)

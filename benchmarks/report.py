@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Check", "Report", "Row", "render", "write_json"]
+__all__ = ["Check", "Report", "Row", "publish", "render", "write_json"]
 
 
 @dataclass(slots=True)
@@ -112,3 +112,11 @@ def render(report: Report) -> str:
 
 def write_json(report: Report, path: Path) -> None:
     path.write_text(json.dumps(asdict(report), indent=2, allow_nan=True) + "\n")
+
+
+def publish(table: str, results: Any, json_out: Path | None) -> None:
+    """Print a benchmark's table and, when asked, write its results (a dataclass) as JSON."""
+    print("\n" + table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(asdict(results), indent=2) + "\n")
+        print(f"results written to {json_out}")
