@@ -27,6 +27,7 @@ from broker.registry import Registry
 from broker.results import Result, results_on
 from broker.routes import choose, default_weights, effective_weights, ready_counts
 from broker.settings import Settings
+from broker.shadow import Shadowing, shadow_config
 from schemas.envelope import Reply, decode_bundle, decode_reply, encode_request
 from schemas.errors import BadInput, DeadlineExceeded, MeshError, NoCapacity, UnknownModel
 from schemas.spec import ModelSpec
@@ -74,6 +75,7 @@ class MeshClient:
         self._plans: dict[
             tuple[tuple[str, ...], str | None], tuple[float, tuple[tuple[str, dict[str, float]], ...]]
         ] = {}
+        self._shadowing = Shadowing(conn, self._inbox)
 
     @classmethod
     async def connect(cls, url: str | None = None, settings: Settings | None = None) -> MeshClient:
@@ -114,7 +116,7 @@ class MeshClient:
         ``model`` may name a registered pipeline, or list stages (``"name"`` or ``"name:version"``):
         each stage's outputs become the next one's inputs and the last stage answers.
         """
-        request_id = f"{self._id_prefix}{next(self._counter)}"
+        request_id = self._new_id()
         reply_to = f"{self._inbox}.r.{request_id}"
         subject, payload, headers = await self._prepare(model, inputs, version, priority, timeout, request_id, reply_to)
         headers[HDR_REPLY_INBOX] = self._inbox
@@ -123,12 +125,20 @@ class MeshClient:
         self._pending[request_id] = pending
         timer = loop.call_later(timeout, self._expire, request_id)
         span = tracing.start_producer(subject, request_id, headers)
+        mirror_id = None
+        if version is None and isinstance(model, str):  # a pinned version or a pipeline is never mirrored
+            mirror_id = self._shadowing.pick(model, subject, self._new_id)
         error: BaseException | None = None
         try:
             # The stream's PubAck comes to our own inbox too: no round trip is awaited on its own,
             # yet a rejection (full queue, no stream) still fails the call at once.
             await self._conn.nc.publish(subject, payload, reply=f"{self._inbox}.a.{request_id}", headers=headers)
-            return decode_reply(await pending.future)
+            if mirror_id is not None:
+                await self._shadowing.send(mirror_id, subject, payload, headers[HDR_DEADLINE], timeout)
+            reply = decode_reply(await pending.future)
+            if mirror_id is not None:
+                self._shadowing.book.primary_done(mirror_id, reply)
+            return reply
         except MeshError as exc:
             error = exc
             raise
@@ -139,6 +149,11 @@ class MeshClient:
             timer.cancel()
             del self._pending[request_id]
             tracing.end(span, error)
+            if mirror_id is not None and isinstance(error, MeshError):
+                self._shadowing.book.primary_done(mirror_id, error)
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}{next(self._counter)}"
 
     def _expire(self, request_id: str) -> None:
         pending = self._pending.get(request_id)
@@ -253,13 +268,15 @@ class MeshClient:
     async def _weights(self, model: str, version: str | None) -> dict[str, float]:
         spec = await self._spec(model)
         route = None if version is not None else await (await self._open_registry()).get_route(model)
+        if version is None:
+            self._shadowing.configs[model] = shadow_config(route)
         if version is not None:
             if version not in spec.versions:
                 raise UnknownModel(f"model {model!r} has no version {version!r}", model=model, version=version)
             await self._check_loadable(model, version)
             return {version: 1.0}
         ready = ready_counts(await (await self._open_registry()).get_status(model))
-        if route is None:
+        if route is None or not route.get("weights"):  # no route, or one that only shadows
             target = spec.resolve_version(None)
             weights = default_weights(target, spec.versions, ready)
             if weights == {target: 1.0}:
@@ -327,6 +344,14 @@ class MeshClient:
         if kind == "r":
             self._resolve(request_id, msg.data)
             return
+        if kind == "s":
+            self._shadowing.book.shadow_reply(request_id, msg.data)
+            return
+        if kind == "t":
+            error = pub_ack_error(msg)
+            if error is not None:
+                self._shadowing.book.shadow_failed(request_id, error)
+            return
         pending = self._pending.get(request_id)
         if pending is None or pending.future.done():
             return
@@ -347,6 +372,7 @@ class MeshClient:
     async def close(self) -> None:
         for pending in self._pending.values():
             pending.future.cancel()
+        await self._shadowing.close()
         await self._conn.close()
 
     async def __aenter__(self) -> MeshClient:

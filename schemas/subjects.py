@@ -27,6 +27,7 @@ __all__ = [
     "INFER_PREFIX",
     "JOBS_PREFIX",
     "PRIORITIES",
+    "SHADOW_PREFIX",
     "STREAM_INFER",
     "STREAM_JOBS",
     "Priority",
@@ -36,6 +37,7 @@ __all__ = [
     "infer_subject",
     "job_result_subject",
     "parse_infer_subject",
+    "shadow_subject",
 ]  # fmt: skip
 
 Priority = Literal["high", "normal", "low"]
@@ -53,6 +55,8 @@ BUCKET_JOBS: Final = "mesh-jobs"
 BUCKET_ROUTES: Final = "mesh-routes"
 STREAM_JOBS: Final = "MESH_JOBS"
 JOBS_PREFIX: Final = "mesh.jobs"
+# Clients report how a mirrored request compared with its primary; routers tally the reports.
+SHADOW_PREFIX: Final = "mesh.shadow"
 
 HDR_MSG_ID: Final = "Nats-Msg-Id"
 HDR_REPLY: Final = "Mesh-Reply"
@@ -102,6 +106,11 @@ def parse_infer_subject(subject: str) -> tuple[str, str, str]:
     if len(parts) != 5 or ".".join(parts[:2]) != INFER_PREFIX:
         raise ValueError(f"not an inference subject: {subject!r}")
     return parts[2], parts[3], parts[4]
+
+
+def shadow_subject(model: str) -> str:
+    """Where clients report shadow comparisons for ``model`` (core NATS, not stored)."""
+    return f"{SHADOW_PREFIX}.{model}"
 
 
 def consumer_name(model: str, version: str, priority: str) -> str:
