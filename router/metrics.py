@@ -1,4 +1,5 @@
-"""Prometheus metrics of a router: lag per subject, replicas desired vs ready, decisions by action."""
+"""Prometheus metrics of a router: lag per subject, replicas desired vs ready, decisions by action,
+and shadow traffic (agreement and latency of candidate versions)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from router.service import Router
@@ -45,6 +46,27 @@ class _RouterCollector(Collector):
             want.add_metric([model, version], desired[(model, version)])
             have.add_metric([model, version], ready[(model, version)])
         yield from (want, have)
+        yield from _shadow_metrics(self.router)
+
+
+def _shadow_metrics(router: Router) -> Iterator[Metric]:
+    labels = ["model", "version", "shadow_version"]
+    outcomes = CounterMetricFamily("servemesh_shadow_requests", "Mirrored requests by outcome of the comparison.",
+                                   labels=[*labels, "outcome"])  # fmt: skip
+    agreement = GaugeMetricFamily("servemesh_shadow_agreement_ratio", "Share of compared replies that agreed.",
+                                  labels=labels)  # fmt: skip
+    latency = HistogramMetricFamily("servemesh_shadow_latency_seconds", "Client-side latency of mirrored requests "
+                                    "that both versions answered, by side (primary or shadow).",
+                                    labels=[*labels, "side"])  # fmt: skip
+    for key, tally in sorted(router.shadow.tallies.items()):
+        for outcome, count in sorted(tally.outcomes.items()):
+            outcomes.add_metric([*key, outcome], count)
+        compared = tally.outcomes["agree"] + tally.outcomes["disagree"]
+        if compared:
+            agreement.add_metric(list(key), tally.outcomes["agree"] / compared)
+        for side, hist in tally.latency.items():
+            latency.add_metric([*key, side], hist.cumulative(), hist.sum)
+    yield from (outcomes, agreement, latency)
 
 
 def router_metrics(router: Router) -> bytes:

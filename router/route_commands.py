@@ -1,4 +1,5 @@
-"""``servemesh routes ...``: split a model's traffic across its versions; promote safely, roll back."""
+"""``servemesh routes ...``: split a model's traffic across its versions; promote safely, roll back;
+mirror a share of it to a candidate version (shadow) and see how often the candidate agrees."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import json
 import time
 from typing import Any
 
+from pydantic import ValidationError
+
 from broker.registry import Registry
 from broker.routes import default_weights, ready_counts
 from router.cli_support import add_common_flags, on_registry
+from schemas.shadow import ShadowConfig
 
 __all__ = ["add_parsers", "run"]
 
@@ -28,7 +32,7 @@ def _weights(pairs: list[str]) -> dict[str, float]:
 
 async def _current(registry: Registry, name: str) -> dict[str, float]:
     route = await registry.get_route(name)
-    if route is not None:
+    if route is not None and route.get("weights"):
         return dict(route["weights"])
     spec = await registry.get_spec(name)
     if spec is None:
@@ -46,7 +50,8 @@ async def _set(registry: Registry, args: argparse.Namespace) -> Any:
     unknown = sorted(set(weights) - set(spec.versions))
     if unknown:
         raise SystemExit(f"{args.name} has no version(s) {unknown}")
-    route = {"weights": weights, "previous": await _current(registry, args.name), "updated": time.time()}
+    old = await registry.get_route(args.name) or {}
+    route = {**old, "weights": weights, "previous": await _current(registry, args.name), "updated": time.time()}
     await registry.put_route(args.name, route)
     return route
 
@@ -55,13 +60,40 @@ async def _rollback(registry: Registry, args: argparse.Namespace) -> Any:
     route = await registry.get_route(args.name)
     if route is None or not route.get("previous"):
         raise SystemExit(f"{args.name} has no earlier route to go back to")
-    back = {"weights": route["previous"], "previous": route["weights"], "updated": time.time()}
+    back = {**route, "weights": route["previous"], "previous": route["weights"], "updated": time.time()}
     await registry.put_route(args.name, back)
     return back
 
 
 async def _show(registry: Registry, args: argparse.Namespace) -> Any:
-    return await registry.get_route(args.name) or {"weights": await _current(registry, args.name)}
+    route = await registry.get_route(args.name) or {}
+    shown = {**route, "weights": await _current(registry, args.name)}
+    results = ((await registry.get_status(args.name)) or {}).get("shadow")
+    if results:
+        shown["shadow_results"] = results  # since the leading router started
+    return shown
+
+
+async def _shadow(registry: Registry, args: argparse.Namespace) -> Any:
+    route = await registry.get_route(args.name) or {}
+    if args.off:
+        route.pop("shadow", None)
+    else:
+        if args.version is None:
+            raise SystemExit("name the version to mirror to, or pass --off")
+        spec = await registry.get_spec(args.name)
+        if spec is None:
+            raise SystemExit(f"no model {args.name!r}")
+        if args.version not in spec.versions:
+            raise SystemExit(f"{args.name} has no version {args.version!r}")
+        try:
+            config = ShadowConfig(version=args.version, percent=args.percent, rtol=args.rtol, atol=args.atol)
+        except ValidationError as exc:
+            raise SystemExit(f"invalid shadow settings: {exc.errors()[0]['msg']}") from None
+        route["shadow"] = config.model_dump()
+    route["updated"] = time.time()
+    await registry.put_route(args.name, route)
+    return route
 
 
 async def _rm(registry: Registry, args: argparse.Namespace) -> Any:
@@ -69,7 +101,7 @@ async def _rm(registry: Registry, args: argparse.Namespace) -> Any:
     return {"removed": args.name}
 
 
-_COMMANDS = {"set": _set, "rollback": _rollback, "show": _show, "rm": _rm}
+_COMMANDS = {"set": _set, "rollback": _rollback, "show": _show, "rm": _rm, "shadow": _shadow}
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -86,4 +118,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     set_.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT")
     for verb in ("rollback", "show", "rm"):
         rsub.add_parser(verb).add_argument("name")
+    shadow = rsub.add_parser("shadow", help="e.g. `routes shadow iris 2 --percent 10`: mirror 10%% of the "
+                             "requests to version 2, compare its replies, never return them; --off stops")  # fmt: skip
+    shadow.add_argument("name")
+    shadow.add_argument("version", nargs="?")
+    shadow.add_argument("--percent", type=float, default=10.0, help="share of requests mirrored (default 10)")
+    shadow.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance for agreement")
+    shadow.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance for agreement")
+    shadow.add_argument("--off", action="store_true", help="stop mirroring")
     add_common_flags(rsub.choices.values())

@@ -20,8 +20,10 @@ from broker.connection import Connection
 from broker.lease import Lease
 from broker.provision import provision
 from broker.registry import Json, Registry
+from broker.shadow import shadow_events
 from router.observe import Failures, observe, unit_to_json
 from router.policy import PolicyConfig, PolicyState, plan
+from router.shadow import ShadowTally
 from router.snapshot import Assignments, Decision, Snapshot
 
 __all__ = ["Router"]
@@ -47,11 +49,15 @@ class Router:
         self.last_snapshot: Snapshot | None = None
         self.last_assignments: Assignments = {}
         self.decision_counts: Counter[str] = Counter()
+        # Every router tallies shadow reports, so that a new leader has them too; the leader
+        # writes them into each model's status.
+        self.shadow = ShadowTally()
 
     async def run(self, stop: asyncio.Event) -> None:
         await provision(self.conn)
         self._registry = await Registry.open(self.conn)
         lease = await Lease.open(self.conn, LEASE_KEY, self.id)
+        tallying = asyncio.create_task(self._tally_shadow())
         try:
             while not stop.is_set():
                 started = time.monotonic()
@@ -68,7 +74,12 @@ class Router:
                         log.exception("router tick failed; next tick retries")
                 await _sleep_until(stop, started + self.tick_s)
         finally:
+            tallying.cancel()
             await lease.release()
+
+    async def _tally_shadow(self) -> None:
+        async for event in shadow_events(self.conn):
+            self.shadow.add(event)
 
     async def tick(self) -> list[Decision]:
         assert self._registry is not None
@@ -102,12 +113,12 @@ class Router:
             per_model[model][version] = _version_status(snapshot, assignments, model, version, mv.priorities,
                                                         self._last_decisions.get((model, version)))  # fmt: skip
             per_model[model][version]["failed"] = failures.get((model, version), {})
+        shadow = self.shadow.by_model()
         for model, versions in per_model.items():
-            if self._written.get(model) != versions:
-                await self._registry.put_status(
-                    model, {"updated": snapshot.now, "leader": self.id, "versions": versions}
-                )
-                self._written[model] = versions
+            written: Json = {"versions": versions, **({"shadow": shadow[model]} if model in shadow else {})}
+            if self._written.get(model) != written:
+                await self._registry.put_status(model, {"updated": snapshot.now, "leader": self.id, **written})
+                self._written[model] = written
         for model in [m for m in self._written if m not in per_model]:
             await self._registry.delete_status(model)
             del self._written[model]
