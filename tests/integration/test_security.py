@@ -32,6 +32,7 @@ from pydantic import SecretStr
 
 from broker import Connection, MeshClient, Registry, Settings, provision
 from broker.server import find_nats_server
+from broker.shadow import shadow_events
 from examples.build_models import build_identity_onnx
 from schemas.envelope import encode_request
 from schemas.errors import DeadlineExceeded, MeshError, MeshUnavailable
@@ -249,6 +250,38 @@ async def test_admin_provisions_and_a_tenant_gets_replies_from_a_worker(
     assert reply.timing.worker == worker.id
     # The worker pulled and acked it: the work queue no longer holds it.
     await wait_for(lambda: _is(queued(admin, subject_of(spec)), 0), what="the request acked")
+
+
+async def test_a_tenant_shadows_its_model_and_the_router_hears_how_it_compared(
+    secure: Mesh, admin: Connection, tmp_path: Path
+) -> None:
+    await register(admin, tmp_path, "echo_a")
+    spec = await register(admin, tmp_path, "echo_a")  # a second version, the candidate
+    primary, candidate = sorted(spec.versions, key=lambda v: v != spec.resolve_version(None))
+    registry = await Registry.open(admin)
+    await registry.put_route("echo_a", {"weights": {primary: 1}, "shadow": {"version": candidate, "percent": 100}})
+    reports = []
+
+    async def hear() -> None:
+        async for event in shadow_events(admin):
+            reports.append(event)
+
+    hearing = asyncio.create_task(hear())
+    try:
+        tenant = secure.settings("tenant_a")
+        async with serving(secure.settings("worker"), [spec]), await MeshClient.connect(settings=tenant) as client:
+            for _ in range(5):
+                reply = await client.infer("echo_a", ones(), timeout=10)
+                np.testing.assert_array_equal(reply["output"], ones()["input"])
+            await wait_for(lambda: _is(_count(reports), 5), what="five shadow reports")
+    finally:
+        hearing.cancel()
+        await registry.delete_route("echo_a")  # later tests register echo_a versions of their own
+    assert {(e.version, e.shadow_version, e.outcome) for e in reports} == {(primary, candidate, "agree")}
+
+
+async def _count(items: list[Any]) -> int:
+    return len(items)
 
 
 async def test_tenant_cannot_queue_requests_for_another_tenants_model(
