@@ -1,4 +1,5 @@
-"""``servemesh top``: a live terminal view of models (lag, replicas, rps, latency) and workers."""
+"""``servemesh top``: a live terminal view of models (lag, replicas, rps, latency), workers, and
+shadow traffic (how often each candidate version agrees with its primary)."""
 
 from __future__ import annotations
 
@@ -51,12 +52,35 @@ def _workers_table(beats: dict[str, Any]) -> Table:
     return table
 
 
+def _shadow_table(statuses: dict[str, Any]) -> Table | None:
+    rows = [(model, pair, results) for model, st in sorted(statuses.items())
+            for pair, results in sorted(((st or {}).get("shadow") or {}).items())]  # fmt: skip
+    if not rows:
+        return None
+    table = Table(title="shadow traffic", expand=True)
+    for column in ("model primary->candidate", "mirrored", "agree %", "errors/timeouts", "max |diff|",
+                   "p50/p99 ms primary", "p50/p99 ms candidate"):  # fmt: skip
+        table.add_column(column)
+    for model, pair, r in rows:
+        outcomes = r.get("outcomes", {})
+        agreement = r.get("agreement")
+        latency = [(r.get("latency_ms") or {}).get(side) or {} for side in ("primary", "shadow")]
+        table.add_row(f"{model} {pair}", str(r.get("mirrored", 0)),
+                      "-" if agreement is None else f"{100 * agreement:.1f}",
+                      f"{outcomes.get('shadow_error', 0)}/{outcomes.get('shadow_timeout', 0)}",
+                      f"{r.get('max_abs_diff', 0):.3g}",
+                      *(f"{x.get('p50', 0):.1f}/{x.get('p99', 0):.1f}" for x in latency))  # fmt: skip
+    return table
+
+
 async def render(registry: Registry) -> Group:
     specs = await registry.list_specs()
     statuses = {spec.name: await registry.get_status(spec.name) for spec in specs}
     beats = await registry.heartbeats()
     stamp = time.strftime("%H:%M:%S")
-    return Group(f"servemesh top — {stamp}", _models_table(specs, statuses, beats), _workers_table(beats))
+    shadow = _shadow_table(statuses)
+    tables = [_models_table(specs, statuses, beats), _workers_table(beats), *([shadow] if shadow else [])]
+    return Group(f"servemesh top — {stamp}", *tables)
 
 
 async def run_top(settings: Settings, interval_s: float = 1.0, once: bool = False) -> None:

@@ -4,6 +4,8 @@ and agreement, errors and latency show in `servemesh routes show` and the router
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -57,6 +59,12 @@ async def test_shadow_compares_every_mirror_and_reports_agreement(cluster: Clust
     assert _sample(metrics, "servemesh_shadow_requests_total", **labels, outcome="disagree") == 15
     assert _sample(metrics, "servemesh_shadow_agreement_ratio", **labels) == 25 / 40
     assert _sample(metrics, "servemesh_shadow_latency_seconds_count", **labels, side="shadow") == 40
+    top = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "top", "--once", "--nats", url,
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": "220"},
+    )  # fmt: skip
+    frame = (await asyncio.wait_for(top.communicate(), 60))[0].decode()
+    assert "shadow traffic" in frame and f"{name} 1->2" in frame and "62.5" in frame  # agree %
 
     await _routes(url, "shadow", name, "--off")
     assert "shadow" not in await _routes(url, "show", name)
