@@ -99,13 +99,20 @@ def decode_bundle(payload: bytes) -> list[tuple[str, bytes]]:
 
 
 def decode_reply(payload: bytes) -> Reply:
-    """Decode a reply; an error reply is raised as its typed MeshError."""
+    """Decode a reply; an error reply is raised as its typed MeshError.
+
+    A reply that cannot be read is the worker's fault, not the caller's: ModelFailure.
+    """
     try:
         body = msgpack.unpackb(payload, raw=False)
         timing = Timing(**body.get("timing", {}))
+        error = body.get("error")
+        if error is not None:
+            error = error_from_wire(error)
+        else:
+            outputs = {str(name): decode_tensor(obj, str(name)) for name, obj in body.get("outputs", {}).items()}
     except Exception as exc:
         raise ModelFailure(f"unreadable reply from worker: {exc}") from exc
-    if "error" in body:
-        raise error_from_wire(body["error"])
-    outputs = {name: decode_tensor(obj, name) for name, obj in body.get("outputs", {}).items()}
+    if error is not None:
+        raise error
     return Reply(outputs, timing)

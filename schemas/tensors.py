@@ -13,7 +13,7 @@ import numpy as np
 
 from schemas.errors import BadInput
 
-__all__ = ["NUMERIC_DTYPES", "decode_tensor", "dtype_name", "encode_tensor"]
+__all__ = ["MAX_RANK", "NUMERIC_DTYPES", "decode_tensor", "dtype_name", "encode_tensor"]
 
 NUMERIC_DTYPES: frozenset[str] = frozenset(
     {
@@ -22,6 +22,8 @@ NUMERIC_DTYPES: frozenset[str] = frozenset(
     }
 )  # fmt: skip
 _ITEM_DTYPES = frozenset({"bytes", "str"})
+# Ranks numpy 1 and 2 both support; no model takes more.
+MAX_RANK = 32
 
 
 def dtype_name(dtype: np.dtype[Any]) -> str:
@@ -69,10 +71,10 @@ def decode_tensor(obj: Any, name: str = "tensor") -> np.ndarray[Any, Any]:
     """Rebuild an array from its wire form; numeric data is viewed in place, not copied."""
     if not isinstance(obj, dict):
         raise BadInput(f"{name}: a tensor must be a map of dt, sh and data", input=name)
-    dt, shape = obj.get("dt"), obj.get("sh")
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise BadInput(f"{name}: shape must be a list of non-negative integers", input=name)
+    dt, shape = obj.get("dt"), _shape(obj.get("sh"), name)
     count = math.prod(shape)
+    if not isinstance(dt, str):
+        raise BadInput(f"{name}: dtype must be a name, not {type(dt).__name__}", input=name)
     if dt in _ITEM_DTYPES:
         items = obj.get("items")
         if not isinstance(items, list) or len(items) != count:
@@ -82,13 +84,31 @@ def decode_tensor(obj: Any, name: str = "tensor") -> np.ndarray[Any, Any]:
             raise BadInput(f"{name}: every item of a {dt} tensor must be {dt}", input=name)
         out = np.empty(count, dtype=object)
         out[:] = items
-        return out.reshape(tuple(shape))
+        return _reshape(out, shape, name)
     if dt not in NUMERIC_DTYPES:
-        raise BadInput(f"{name}: unknown dtype {dt!r}", input=name, dtype=str(dt))
+        raise BadInput(f"{name}: unknown dtype {dt!r}", input=name, dtype=dt)
     data = obj.get("b")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BadInput(f"{name}: tensor data must be raw bytes", input=name)
     dtype = np.dtype(dt).newbyteorder("<")
     if len(data) != count * dtype.itemsize:
         raise BadInput(f"{name}: {len(data)} bytes do not fit dtype {dt} and shape {list(shape)}", input=name)
-    return np.frombuffer(data, dtype=dtype).reshape(tuple(shape))
+    return _reshape(np.frombuffer(data, dtype=dtype), shape, name)
+
+
+def _shape(shape: Any, name: str) -> tuple[int, ...]:
+    # bool is an int to Python, not to numpy; the rank limit also keeps math.prod cheap.
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) > MAX_RANK
+        or not all(type(d) is int and d >= 0 for d in shape)
+    ):
+        raise BadInput(f"{name}: shape must be a list of at most {MAX_RANK} non-negative integers", input=name)
+    return tuple(shape)
+
+
+def _reshape(flat: np.ndarray[Any, Any], shape: tuple[int, ...], name: str) -> np.ndarray[Any, Any]:
+    try:
+        return flat.reshape(shape)
+    except ValueError as exc:  # a zero-size shape with an axis beyond numpy's index range
+        raise BadInput(f"{name}: shape {list(shape)} is not a valid array shape: {exc}", input=name) from exc
