@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
@@ -16,9 +17,12 @@ from schemas.subjects import (
     HDR_REPLY_INBOX,
     HDR_REQUEST_ID,
     HDR_ROUTE,
+    is_reply_subject,
 )
 
 __all__ = ["Delivery"]
+
+log = logging.getLogger(__name__)
 
 _ACK = b"+ACK"
 _NAK = b"-NAK"
@@ -43,8 +47,10 @@ class Delivery:
         self._msg = msg
         self.priority = priority
         headers = msg.headers or {}
-        self.reply_to: str | None = headers.get(HDR_REPLY)
-        self.reply_inbox: str | None = headers.get(HDR_REPLY_INBOX)
+        # Subjects a client chose: one nobody can publish to is as good as none (else the publish
+        # raises in the middle of a batch).
+        self.reply_to: str | None = _subject(headers.get(HDR_REPLY))
+        self.reply_inbox: str | None = _subject(headers.get(HDR_REPLY_INBOX))
         # A pipeline stage's message id is "<request id>~<stage subject>": the request's own id comes first.
         msg_id = headers.get(HDR_MSG_ID)
         self.request_id: str | None = msg_id.partition("~")[0] if msg_id else None
@@ -52,8 +58,7 @@ class Delivery:
         self.job: str | None = headers.get(HDR_JOB)  # set on the items of a batch job
         self.job_item: str | None = headers.get(HDR_JOB_ITEM)
         self.span: Any = None  # the worker's trace span for this request, when tracing is on
-        raw_deadline = headers.get(HDR_DEADLINE)
-        self.deadline_ms: int | None = int(raw_deadline) if raw_deadline and raw_deadline.isdigit() else None
+        self.deadline_ms: int | None = _deadline(headers.get(HDR_DEADLINE))
         # num_pending: messages left in the consumer after this one, as the server saw it.
         self.num_delivered, self.stored_ns, self.num_pending = _ack_metadata(msg.reply or "")
 
@@ -70,9 +75,13 @@ class Delivery:
         return self._msg.headers or {}
 
     async def reply(self, payload: bytes) -> None:
+        """Publish to the reply subject, if any; never raises, so one request cannot fail its batch."""
         if self.reply_to:
             headers = {HDR_REQUEST_ID: self.request_id} if self.request_id else None
-            await self._nc.publish(self.reply_to, payload, headers=headers)
+            try:
+                await self._nc.publish(self.reply_to, payload, headers=headers)
+            except Exception as exc:  # e.g. too large for max_payload, or the connection is closed
+                log.warning("could not reply to %s: %s", self.reply_to, exc)
 
     async def ack(self) -> None:
         await self._settle(_ACK)
@@ -90,6 +99,19 @@ class Delivery:
     async def _settle(self, verb: bytes) -> None:
         if self._msg.reply and not self._nc.is_closed:
             await self._nc.publish(self._msg.reply, verb)
+
+
+def _subject(raw: str | None) -> str | None:
+    return raw if raw and is_reply_subject(raw) else None
+
+
+def _deadline(raw: str | None) -> int | None:
+    """Milliseconds since the epoch, or None: a deadline no one can read is no deadline.
+    ASCII only (``"²".isdigit()``, yet int() refuses it), and short enough to be a time that
+    converts to a float (thousands of digits would not)."""
+    if raw and len(raw) <= 15 and raw.isascii() and raw.isdigit():
+        return int(raw)
+    return None
 
 
 def _ack_metadata(ack_subject: str) -> tuple[int, int, int]:

@@ -35,6 +35,7 @@ __all__ = [
     "check_name",
     "consumer_name",
     "infer_subject",
+    "is_reply_subject",
     "job_result_subject",
     "parse_infer_subject",
     "shadow_subject",
@@ -84,6 +85,15 @@ def check_name(model: str, version: str | None = None) -> None:
         raise ValueError(f"invalid model name {model!r}: use letters, digits, '_' and '-'")
     if version is not None and not _VERSION_RE.match(version):
         raise ValueError(f"invalid version {version!r}: use letters, digits and '-'")
+
+
+# A subject one can publish to: non-empty tokens, no wildcards, no whitespace or control characters.
+_PUBLISH_RE = re.compile(r"^[^\s*>.\x00-\x1f\x7f]+(\.[^\s*>.\x00-\x1f\x7f]+)*$")
+
+
+def is_reply_subject(subject: str) -> bool:
+    """Whether a subject taken from a request's headers can be published to (NATS refuses others)."""
+    return len(subject) <= 1024 and _PUBLISH_RE.match(subject) is not None
 
 
 def bundle_subject(inbox: str) -> str:
