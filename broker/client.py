@@ -254,6 +254,12 @@ class MeshClient:
             return cached[1]
         if not names:
             raise BadInput("a pipeline needs at least one stage")
+        for stage in names:  # each becomes a subject token: refused here, never sent
+            name, _, pinned = stage.partition(":")
+            try:
+                check_name(name, pinned or version)
+            except ValueError as exc:
+                raise BadInput(str(exc), model=name) from None
         if len(names) == 1 and ":" not in names[0]:
             stages = await self._pipeline(names[0])
             if stages is not None:
