@@ -21,6 +21,7 @@ from nats.js.errors import BucketNotFoundError
 from nats.nuid import NUID
 
 from broker import tracing
+from broker.claims import Claims
 from broker.connection import Connection, pub_ack_error, translate_error
 from broker.jobs import Job, items_of, start_job
 from broker.registry import Registry
@@ -28,7 +29,7 @@ from broker.results import Result, results_on
 from broker.routes import choose, default_weights, effective_weights, ready_counts
 from broker.settings import Settings
 from broker.shadow import Shadowing, shadow_config
-from schemas.envelope import Reply, decode_bundle, decode_reply, encode_request
+from schemas.envelope import Reply, claim_of, decode_bundle, decode_reply, encode_request
 from schemas.errors import BadInput, DeadlineExceeded, MeshError, NoCapacity, UnknownModel
 from schemas.spec import ModelSpec
 from schemas.subjects import (
@@ -47,6 +48,8 @@ __all__ = ["MeshClient"]
 log = logging.getLogger(__name__)
 
 _SPEC_TTL_S = 2.0
+# Room kept for a request's headers (ids, reply subjects, deadline, route, trace context).
+_HEADER_ROOM = 4096
 
 
 _Plan = tuple[tuple[str, dict[str, float]], ...]  # per stage: model, weight of each version
@@ -66,6 +69,7 @@ class MeshClient:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._registry: Registry | None = None
+        self._claims = Claims(conn)
         self._inbox = conn.nc.new_inbox()
         # Request ids: a client-unique prefix and a counter (unique across clients for de-duplication).
         self._id_prefix = NUID().next().decode()
@@ -135,7 +139,10 @@ class MeshClient:
             await self._conn.nc.publish(subject, payload, reply=f"{self._inbox}.a.{request_id}", headers=headers)
             if mirror_id is not None:
                 await self._shadowing.send(mirror_id, subject, payload, headers[HDR_DEADLINE], timeout)
-            reply = decode_reply(await pending.future)
+            data = await pending.future
+            if claim_of(data) is not None:  # a large reply, handed over through the object store
+                data = await self._claims.resolve(data, take=True)
+            reply = decode_reply(data)
             if mirror_id is not None:
                 self._shadowing.book.primary_done(mirror_id, reply)
             return reply
@@ -151,6 +158,10 @@ class MeshClient:
             tracing.end(span, error)
             if mirror_id is not None and isinstance(error, MeshError):
                 self._shadowing.book.primary_done(mirror_id, error)
+            # Answered or given up on: our stored request can go (a mirrored one is left to the TTL,
+            # for the shadow copy may not have read it yet).
+            if mirror_id is None and claim_of(payload) is not None:
+                await self._claims.release(payload)
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._counter)}"
@@ -221,9 +232,14 @@ class MeshClient:
             raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
         route = await self._route(model, version, priority)
         payload = encode_request(inputs)
-        if len(payload) > self._conn.nc.max_payload:
+        if len(payload) > self._claims.threshold:
+            payload = await self._claims.wrap(payload)  # claim check: through the object store, if on
+        # Headers count against max_payload too; beyond it the server drops the whole connection.
+        if len(payload) > self._conn.nc.max_payload - _HEADER_ROOM:
             raise BadInput(
-                f"request is {len(payload)} bytes; the server accepts at most {self._conn.nc.max_payload}",
+                f"request is {len(payload)} bytes; the server accepts at most {self._conn.nc.max_payload} "
+                f"with headers (up to {_HEADER_ROOM}); turn the claim check on to send it through the "
+                "object store: SERVEMESH_CLAIMS=true",
                 size=len(payload),
             )
         headers = {

@@ -10,16 +10,18 @@ from nats.js.api import (
     ConsumerConfig,
     DiscardPolicy,
     KeyValueConfig,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from broker.connection import Connection
 from broker.settings import Settings
 from schemas.subjects import (
     BUCKET_ASSIGNMENTS,
+    BUCKET_CLAIMS,
     BUCKET_JOBS,
     BUCKET_LEADER,
     BUCKET_MODELS,
@@ -35,7 +37,15 @@ from schemas.subjects import (
     infer_subject,
 )
 
-__all__ = ["HEARTBEAT_TTL_S", "LEASE_TTL_S", "ensure_buckets", "ensure_consumer", "ensure_stream", "provision"]
+__all__ = [
+    "HEARTBEAT_TTL_S",
+    "LEASE_TTL_S",
+    "ensure_buckets",
+    "ensure_claims_bucket",
+    "ensure_consumer",
+    "ensure_stream",
+    "provision",
+]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +135,18 @@ async def ensure_buckets(js: JetStreamContext, settings: Settings) -> None:
         KeyValueConfig(bucket=BUCKET_JOBS, history=1, storage=storage, replicas=replicas),
     ):
         await js.create_key_value(config)
+    await ensure_claims_bucket(js, settings)
+
+
+async def ensure_claims_bucket(js: JetStreamContext, settings: Settings) -> None:
+    """The object store of claim-checked payloads; its TTL removes what nobody deleted."""
+    config = ObjectStoreConfig(ttl=settings.claim_ttl_s, storage=_storage(settings), replicas=settings.replicas)
+    try:
+        await js.create_object_store(BUCKET_CLAIMS, config)
+    except BadRequestError as exc:
+        # Created by a process with another TTL: keep the bucket as it is, not fail to start.
+        await js.object_store(BUCKET_CLAIMS)
+        log.info("bucket %s exists with another configuration (%s); using it as it is", BUCKET_CLAIMS, exc.description)
 
 
 async def provision(conn: Connection) -> None:

@@ -39,6 +39,14 @@ class Settings(BaseModel):
     # S3 for job inputs and outputs given as s3:// URIs (credentials: the standard AWS variables).
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
+    # Claim check: a request or reply above claim_threshold bytes (0: half the server's max_payload)
+    # travels through the object store bucket mesh-claims, the message carrying a reference. Off:
+    # requests above max_payload are refused. Objects expire after claim_ttl_s (set when the
+    # bucket is created); a claim above claim_max_bytes is refused.
+    claims: bool = True
+    claim_threshold: int = Field(default=0, ge=0)
+    claim_max_bytes: int = Field(default=256 * 2**20, ge=1)
+    claim_ttl_s: float = Field(default=900.0, gt=0)
     # Reply inboxes are subjects under this prefix; a restricted user may subscribe only to its own.
     inbox_prefix: str = Field(default="_INBOX", pattern=r"^[^\s*>.]+(\.[^\s*>.]+)*$")
 

@@ -16,8 +16,8 @@ from schemas.errors import BadInput, MeshError, ModelFailure, error_from_wire
 from schemas.tensors import decode_tensor, encode_tensor
 
 __all__ = [
-    "Reply", "Timing", "decode_bundle", "decode_reply", "decode_request", "encode_bundle", "encode_error",
-    "encode_outputs", "encode_request",
+    "Claim", "Reply", "Timing", "claim_of", "decode_bundle", "decode_reply", "decode_request", "encode_bundle",
+    "encode_claim", "encode_error", "encode_outputs", "encode_request",
 ]  # fmt: skip
 
 WIRE_VERSION = 1
@@ -40,6 +40,15 @@ class Timing:
 class Reply:
     outputs: Tensors
     timing: Timing
+
+
+@dataclass(slots=True, frozen=True)
+class Claim:
+    """A claim check: the real payload (request or reply) is the object ``name`` of ``bucket``."""
+
+    bucket: str
+    name: str
+    size: int
 
 
 def _timing_map(t: Timing) -> dict[str, Any]:
@@ -116,3 +125,26 @@ def decode_reply(payload: bytes) -> Reply:
     if error is not None:
         raise error
     return Reply(outputs, timing)
+
+
+# Every claim envelope starts with these bytes (map of 2: "v", 1, "claim", ...), so telling one
+# from an ordinary payload costs a prefix comparison, not a decode.
+_CLAIM_PREFIX = b"\x82\xa1v" + msgpack.packb(WIRE_VERSION) + b"\xa5claim"
+
+
+def encode_claim(claim: Claim) -> bytes:
+    return _pack({"v": WIRE_VERSION, "claim": {"bucket": claim.bucket, "name": claim.name, "size": claim.size}})
+
+
+def claim_of(payload: bytes) -> Claim | None:
+    """The claim a payload carries instead of tensors, or None for an ordinary payload."""
+    if not payload.startswith(_CLAIM_PREFIX):
+        return None
+    try:
+        ref = msgpack.unpackb(payload, raw=False)["claim"]
+        bucket, name, size = ref["bucket"], ref["name"], ref["size"]
+    except Exception as exc:
+        raise BadInput(f"malformed claim reference: {exc}") from exc
+    if not (isinstance(bucket, str) and isinstance(name, str) and name and type(size) is int and size >= 0):
+        raise BadInput("malformed claim reference: expected bucket, name and size")
+    return Claim(bucket, name, size)

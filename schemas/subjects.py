@@ -7,6 +7,7 @@ from typing import Final, Literal
 
 __all__ = [
     "BUCKET_ASSIGNMENTS",
+    "BUCKET_CLAIMS",
     "BUCKET_JOBS",
     "BUCKET_LEADER",
     "BUCKET_MODELS",
@@ -54,6 +55,8 @@ BUCKET_STATUS: Final = "mesh-status"
 BUCKET_PIPELINES: Final = "mesh-pipelines"
 BUCKET_JOBS: Final = "mesh-jobs"
 BUCKET_ROUTES: Final = "mesh-routes"
+# Object store: payloads too large for one message (claim check); a TTL removes what nobody deleted.
+BUCKET_CLAIMS: Final = "mesh-claims"
 STREAM_JOBS: Final = "MESH_JOBS"
 JOBS_PREFIX: Final = "mesh.jobs"
 # Clients report how a mirrored request compared with its primary; routers tally the reports.

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from broker import tracing
+from broker.claims import Claims
 from broker.connection import Connection
 from broker.delivery import Delivery
 from broker.feed import PullFeed
@@ -96,6 +97,7 @@ class ModelServer:
         jobs: JobBook | None = None,
     ) -> None:
         self._conn = conn
+        self._claims = Claims(conn)
         self._jobs = jobs
         self.priorities = [p for p in PRIORITIES if p in set(priorities or spec.priorities)]
         self.spec = spec
@@ -201,7 +203,7 @@ class ModelServer:
             await self._fail(delivery, err)
             return
         try:
-            inputs = decode_request(delivery.data)
+            inputs = decode_request(await self._claims.resolve(delivery.data))  # a claim check is fetched first
             rows = self.signature.validate(inputs)
         except MeshError as err:
             await self._fail(delivery, err)
@@ -279,7 +281,10 @@ class ModelServer:
                 sender.forward(request.delivery, encode_request(result))  # a pipeline: on to the next stage
             else:
                 self.stats.succeeded += 1
-                sender.add(request.delivery, encode_outputs(result, timing))
+                payload = encode_outputs(result, timing)
+                if len(payload) > self._claims.threshold:  # too large for a message: by claim check
+                    payload = await self._claims.wrap_reply(payload, timing)
+                sender.add(request.delivery, payload)
             if request.delivery.span is not None:
                 error = result if isinstance(result, MeshError) else None
                 tracing.end(request.delivery.span, error, **{"mesh.queue_wait_ms": queue_ms})
