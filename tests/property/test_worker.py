@@ -28,9 +28,10 @@ from nats.aio.msg import Msg
 
 from broker import Connection, MeshClient, NatsServer, Settings
 from examples.build_models import build_fixed_shape_onnx, build_identity_onnx, build_mlp_onnx
-from schemas.envelope import decode_reply, decode_request, encode_request
+from schemas.envelope import Claim, decode_reply, decode_request, encode_claim, encode_request
 from schemas.errors import BadInput, DeadlineExceeded, MeshError, UnknownModel
 from schemas.subjects import (
+    BUCKET_CLAIMS,
     HDR_DEADLINE,
     HDR_MSG_ID,
     HDR_REPLY,
@@ -177,6 +178,10 @@ def local_verdict(signature: Signature, payload: bytes) -> MeshError | None:
 
 def check_reply(mesh: Mesh, model: str, payload: bytes, reply: bytes | None) -> None:
     assert reply is not None
+    if payload.startswith(encode_claim(Claim("", "", 0))[:9]):  # a claim check, of whatever quality
+        with pytest.raises(BadInput):
+            decode_reply(reply)
+        return
     verdict = local_verdict(mesh.signature(model), payload)
     if verdict is None:
         outputs = decode_reply(reply).outputs
@@ -411,3 +416,75 @@ def test_made_up_subjects_in_headers_do_not_stop_the_worker(mesh: Mesh, header: 
             decode_reply(reply)
         assert err.value.status in (400, 503)
     assert mesh.worker.conn.nc.is_connected
+
+
+# -- payloads too large for one message ----------------------------------------------------------------
+
+
+async def _claimed_bytes(mesh: Mesh) -> int:
+    """Bytes the claims bucket holds (deleted objects leave only their small metadata)."""
+    return int((await mesh.raw.js.stream_info(f"OBJ_{BUCKET_CLAIMS}")).state.bytes)
+
+
+def test_20_mib_travel_by_claim_check_and_nothing_is_left_behind(mesh: Mesh) -> None:
+    assert mesh.raw.nc.max_payload == 1024 * 1024  # the server's default: 20 MiB is 20 messages' worth
+    x = mesh.rng.integers(0, 256, (1, 20 * 2**20), dtype=np.uint8)
+
+    async def run() -> tuple[Any, int]:
+        reply = await mesh.client.infer_reply(mesh.ident, {"input": x}, timeout=60)
+        return reply, await _claimed_bytes(mesh)
+
+    reply, left = mesh.run(mesh.alongside(run()))
+    np.testing.assert_array_equal(reply.outputs["output"], x)
+    assert left < 64 * 1024  # the client deleted its request's object and the reply's
+
+
+def test_above_max_payload_without_claims_is_refused_client_side(mesh: Mesh) -> None:
+    async def refused() -> MeshError:
+        async with await MeshClient.connect(settings=Settings.from_url(mesh.url, claims=False)) as client:
+            try:
+                await client.infer(mesh.ident, {"input": np.zeros((1, 2**20), np.uint8)})
+            except MeshError as err:
+                return err
+        raise AssertionError("a request above max_payload was sent")
+
+    err = mesh.run(mesh.alongside(refused()))
+    assert isinstance(err, BadInput) and err.status == 400
+    assert err.data["size"] > 2**20
+    assert f"the server accepts at most {2**20}" in err.message and "claim check" in err.message
+
+
+@settings(PROPS, max_examples=20)
+@given(st.integers(2**19 - 256, 2**20 + 256), st.booleans())
+@example(2**20 - 120, False)  # the request fits, its reply would not: a typed error, not a dead batch
+def test_sizes_around_the_limits_get_output_or_a_typed_error(mesh: Mesh, size: int, claims: bool) -> None:
+    x = np.full((1, size), 7, np.uint8)
+
+    async def call() -> dict[str, np.ndarray[Any, Any]] | MeshError:
+        async with await MeshClient.connect(settings=Settings.from_url(mesh.url, claims=claims)) as client:
+            try:
+                return await client.infer(mesh.ident, {"input": x}, timeout=20)
+            except MeshError as err:
+                return err
+
+    result = mesh.run(mesh.alongside(call()))
+    if isinstance(result, MeshError):
+        assert not claims, result
+        assert result.status in (400, 500) and str(2**20) in result.message, result
+    else:
+        np.testing.assert_array_equal(result["output"], x)
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        Claim(BUCKET_CLAIMS, "no-such-object", 5),
+        Claim("mesh-models", "iris", 5),
+        Claim(BUCKET_CLAIMS, "huge", 2**40),
+    ],
+)
+def test_claims_that_cannot_be_resolved_are_400(mesh: Mesh, claim: Claim) -> None:
+    headers, token = mesh.headers()
+    reply = mesh.run(mesh.alongside(mesh.send(mesh.mlp, encode_claim(claim), headers, token)))
+    with pytest.raises(BadInput):
+        decode_reply(reply)  # type: ignore[arg-type]
