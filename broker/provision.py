@@ -145,8 +145,10 @@ async def ensure_claims_bucket(js: JetStreamContext, settings: Settings) -> None
         await js.create_object_store(BUCKET_CLAIMS, config)
     except BadRequestError as exc:
         # Created by a process with another TTL: keep the bucket as it is, not fail to start.
-        await js.object_store(BUCKET_CLAIMS)
-        log.info("bucket %s exists with another configuration (%s); using it as it is", BUCKET_CLAIMS, exc.description)
+        log.info("bucket %s exists with another configuration (%s); keeping it", BUCKET_CLAIMS, exc.description)
+    except Exception as exc:
+        # Ordinary requests do not need it: serve them, and answer claims with a typed error.
+        log.warning("no %s bucket (%s): large payloads cannot travel by claim check", BUCKET_CLAIMS, exc)
 
 
 async def provision(conn: Connection) -> None:

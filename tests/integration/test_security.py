@@ -39,6 +39,7 @@ from schemas.errors import DeadlineExceeded, MeshError, MeshUnavailable
 from schemas.spec import ModelSpec
 from schemas.subjects import (
     BUCKET_ASSIGNMENTS,
+    BUCKET_CLAIMS,
     BUCKET_JOBS,
     BUCKET_LEADER,
     BUCKET_MODELS,
@@ -68,6 +69,7 @@ BUCKETS = (
     BUCKET_PIPELINES,
     BUCKET_JOBS,
     BUCKET_ROUTES,
+    BUCKET_CLAIMS,
 )
 _LISTEN_RE = re.compile(r"Listening for client connections on [^\s]+:(\d+)")
 
@@ -237,8 +239,8 @@ async def test_admin_provisions_and_a_tenant_gets_replies_from_a_worker(
 ) -> None:
     for stream in (STREAM_INFER, STREAM_JOBS):
         assert (await admin.js.stream_info(stream)).config.name == stream
-    for bucket in BUCKETS:
-        await admin.js.key_value(bucket)  # raises unless provisioned
+    for bucket in BUCKETS:  # each raises unless provisioned
+        await (admin.js.object_store(bucket) if bucket == BUCKET_CLAIMS else admin.js.key_value(bucket))
     spec = await register(admin, tmp_path, "echo_a")
     async with serving(secure.settings("worker"), [spec]) as worker:
         # The worker wrote its own heartbeat.
@@ -282,6 +284,19 @@ async def test_a_tenant_shadows_its_model_and_the_router_hears_how_it_compared(
 
 async def _count(items: list[Any]) -> int:
     return len(items)
+
+
+async def test_large_tensors_travel_by_claim_check_between_a_tenant_and_a_worker(
+    secure: Mesh, admin: Connection, tmp_path: Path
+) -> None:
+    spec = await register(admin, tmp_path, "echo_a")
+    x = {"input": np.arange(3 * 2**20, dtype=np.float32)[None]}  # 12 MiB, on a 1 MiB max_payload
+    async with (
+        serving(secure.settings("worker"), [spec]),
+        await MeshClient.connect(settings=secure.settings("tenant_a")) as client,
+    ):
+        reply = await client.infer_reply("echo_a", x, timeout=30)
+    np.testing.assert_array_equal(reply.outputs["output"], x["input"])
 
 
 async def test_tenant_cannot_queue_requests_for_another_tenants_model(
@@ -614,7 +629,8 @@ async def test_cluster_keeps_three_fsynced_copies_and_the_same_permissions(
             return True
 
         await wait_for(provisioned, timeout=30, what="JetStream cluster to accept the stream")
-        for stream in (STREAM_INFER, *(f"KV_{bucket}" for bucket in BUCKETS)):
+        buckets = (f"OBJ_{bucket}" if bucket == BUCKET_CLAIMS else f"KV_{bucket}" for bucket in BUCKETS)
+        for stream in (STREAM_INFER, *buckets):
             info = await admin.js.stream_info(stream)
             assert info.config.num_replicas == 3
             assert info.cluster is not None and len(info.cluster.replicas or []) == 2
