@@ -40,8 +40,10 @@ class Claims:
 
     @property
     def threshold(self) -> int:
-        """Payloads above this many bytes travel by claim check."""
-        return self._conn.settings.claim_threshold or self._conn.nc.max_payload // 2
+        """Payloads above this many bytes travel by claim check (a setting above what a message
+        can carry with its headers is lowered to that)."""
+        max_payload = self._conn.nc.max_payload
+        return min(self._conn.settings.claim_threshold or max_payload // 2, max_payload - 8 * _BUNDLE_ROOM)
 
     async def _bucket(self) -> ObjectStore:
         if self._store is None:

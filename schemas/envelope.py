@@ -115,6 +115,8 @@ def decode_reply(payload: bytes) -> Reply:
     try:
         body = msgpack.unpackb(payload, raw=False)
         timing = Timing(**body.get("timing", {}))
+        if "claim" in body:  # its receiver resolves a claim before decoding; an empty reply would mislead
+            raise ValueError("a claim check, not resolved")
         error = body.get("error")
         if error is not None:
             error = error_from_wire(error)

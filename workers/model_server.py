@@ -282,7 +282,8 @@ class ModelServer:
             else:
                 self.stats.succeeded += 1
                 payload = encode_outputs(result, timing)
-                if len(payload) > self._claims.threshold:  # too large for a message: by claim check
+                # Too large for a message: by claim check (not a job's result, kept longer than claims are).
+                if len(payload) > self._claims.threshold and not request.delivery.job:
                     payload = await self._claims.wrap_reply(payload, timing)
                 sender.add(request.delivery, payload)
             if request.delivery.span is not None:
