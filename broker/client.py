@@ -79,7 +79,7 @@ class MeshClient:
         self._plans: dict[
             tuple[tuple[str, ...], str | None], tuple[float, tuple[tuple[str, dict[str, float]], ...]]
         ] = {}
-        self._shadowing = Shadowing(conn, self._inbox)
+        self._shadowing = Shadowing(conn, self._inbox, self._claims)
 
     @classmethod
     async def connect(cls, url: str | None = None, settings: Settings | None = None) -> MeshClient:
@@ -207,10 +207,13 @@ class MeshClient:
         """
         if priority not in PRIORITIES:
             raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+        (subject,) = await self._route(model, version, priority)  # checks the names first: a 400, not a lookup
         spec = await self._spec(model)
-        (subject,) = await self._route(model, version, priority)
         job_id = job_id or f"job-{NUID().next().decode()}"
-        check_name(job_id)
+        try:
+            check_name(job_id)
+        except ValueError as exc:
+            raise BadInput(f"job id: {exc}", job=job_id) from None
         items = items_of(inputs, spec, self._conn.settings)
         return await start_job(self._conn, await self._open_registry(), spec, subject, items, job_id)
 
@@ -367,7 +370,7 @@ class MeshClient:
             self._resolve(request_id, msg.data)
             return
         if kind == "s":
-            self._shadowing.book.shadow_reply(request_id, msg.data)
+            self._shadowing.reply(request_id, msg.data)
             return
         if kind == "t":
             error = pub_ack_error(msg)

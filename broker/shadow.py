@@ -11,15 +11,16 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
+from broker.claims import Claims
 from broker.connection import Connection, translate_error
-from schemas.envelope import Reply, decode_reply
+from schemas.envelope import Reply, claim_of, decode_reply
 from schemas.errors import MeshError
 from schemas.shadow import Outcome, ShadowConfig, ShadowEvent, decode_event, encode_event
 from schemas.subjects import (
@@ -182,11 +183,11 @@ class Shadowing:
     """A client's shadow traffic: which models mirror (read with their routes), the mirrors in
     flight, and their reports. Mirrors reply to ``<inbox>.s.<id>``; the stream acks them on ``.t.``."""
 
-    def __init__(self, conn: Connection, inbox: str) -> None:
-        self._conn, self._inbox = conn, inbox
+    def __init__(self, conn: Connection, inbox: str, claims: Claims) -> None:
+        self._conn, self._inbox, self._claims = conn, inbox, claims
         self.configs: dict[str, ShadowConfig | None] = {}
         self.book = ShadowBook(self._report)
-        self._reports: set[asyncio.Future[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
 
     def pick(self, model: str, subject: str, new_id: Callable[[], str]) -> str | None:
         """A request id for a mirror of this request, if the model's route shadows it this time."""
@@ -208,15 +209,31 @@ class Shadowing:
         except Exception as exc:  # the caller's own request is queued already; only the mirror fails
             self.book.shadow_failed(mirror_id, translate_error(exc, "queue a shadow request"))
 
+    def reply(self, mirror_id: str, payload: bytes) -> None:
+        """A mirror's reply; a large one is read from the claim check first, off the reply path."""
+        if claim_of(payload) is None:
+            self.book.shadow_reply(mirror_id, payload)
+        else:
+            self._spawn(self._claimed_reply(mirror_id, payload))
+
+    async def _claimed_reply(self, mirror_id: str, payload: bytes) -> None:
+        try:
+            self.book.shadow_reply(mirror_id, await self._claims.resolve(payload, take=True))
+        except MeshError as err:
+            self.book.shadow_failed(mirror_id, err)
+
     def _report(self, event: ShadowEvent) -> None:
-        task = asyncio.ensure_future(self._conn.nc.publish(shadow_subject(event.model), encode_event(event)))
-        self._reports.add(task)
-        task.add_done_callback(self._reports.discard)
+        self._spawn(self._conn.nc.publish(shadow_subject(event.model), encode_event(event)))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         self.book.close()
-        if self._reports:
-            await asyncio.wait(self._reports, timeout=1.0)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=1.0)
 
 
 def _ms_since(start: float) -> float:

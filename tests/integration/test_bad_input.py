@@ -84,6 +84,18 @@ async def test_bad_priority_is_rejected_by_the_client(
             await client.infer(name, {"input": np.zeros((1, 4), np.float32)}, priority="urgent")
 
 
+async def test_a_job_with_an_invalid_model_name_or_job_id_is_400(
+    client: MeshClient, nats_server: NatsServer, ident: tuple[Path, str]
+) -> None:
+    repo, name = ident
+    items = [{"input": np.zeros((1, 4), np.float32)}]
+    with pytest.raises(BadInput, match="invalid model name"):
+        await client.submit_job("no such.model", items)
+    async with serving(nats_server.url, repo, [name]):
+        with pytest.raises(BadInput, match="job id"):
+            await client.submit_job(name, items, job_id="a.b")
+
+
 @pytest.mark.parametrize(
     "payload",
     [

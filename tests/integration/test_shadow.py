@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 
 from broker import Connection, MeshClient, NatsServer, Settings
 from broker.shadow import shadow_events
+from examples.build_models import build_identity_onnx
 from schemas.shadow import ShadowEvent
 from tests.conftest import serving, unique
 from tests.integration.cluster import Cluster, eventually
@@ -126,3 +127,31 @@ def _build_renamed_input(path: Path) -> None:
 
 async def _settled(book: object, events: list[ShadowEvent]) -> bool:
     return book.in_flight == 0 and len(events) == book.mirrored  # type: ignore[attr-defined]
+
+
+async def test_a_large_request_is_mirrored_through_the_claim_check(nats_server: NatsServer, tmp_path: Path) -> None:
+    name = unique("shadowbig")
+    for version in ("1", "2"):
+        build_identity_onnx(tmp_path, name, "float32", version=version)
+    big = np.random.default_rng(0).standard_normal((1, 512 * 1024)).astype(np.float32)  # 2 MiB: over max_payload
+    conn = await Connection.open(Settings.from_url(nats_server.url))
+    events: list[ShadowEvent] = []
+
+    async def collect() -> None:
+        async for event in shadow_events(conn):
+            if event.model == name:
+                events.append(event)
+
+    collecting = asyncio.create_task(collect())
+    try:
+        async with serving(nats_server.url, tmp_path, [name]):
+            await _routes(nats_server.url, "set", name, "1=100")
+            await _routes(nats_server.url, "shadow", name, "2", "--percent", "100")
+            async with await MeshClient.connect(nats_server.url) as client:
+                out = await client.infer(name, {"input": big}, timeout=20)
+                await eventually(lambda: _settled(client._shadowing.book, events), 25, "the mirror reported")
+    finally:
+        collecting.cancel()
+        await conn.close()
+    np.testing.assert_array_equal(out["output"], big)
+    assert [(e.outcome, e.max_abs_diff) for e in events] == [("agree", 0.0)]
