@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from nats.aio.msg import Msg
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.nuid import NUID
 
 from broker import tracing
@@ -53,13 +54,18 @@ _Plan = tuple[tuple[str, dict[str, float]], ...]  # per stage: model, weight of 
 
 
 class _Pending:
-    __slots__ = ("future", "queued", "subject", "timeout")
+    __slots__ = ("ack", "future", "headers", "payload", "queued", "subject", "timeout")
 
-    def __init__(self, future: asyncio.Future[bytes], subject: str, timeout: float) -> None:
+    def __init__(
+        self, future: asyncio.Future[bytes], subject: str, timeout: float, payload: bytes, headers: dict[str, str]
+    ) -> None:
         self.future = future
         self.subject = subject
         self.timeout = timeout
+        self.payload = payload  # kept until the stream acknowledges it, to publish again after a reconnect
+        self.headers = headers
         self.queued = False
+        self.ack = b""  # the stream's acknowledgement: where the request is stored
 
 
 class MeshClient:
@@ -71,6 +77,7 @@ class MeshClient:
         self._id_prefix = NUID().next().decode()
         self._counter = itertools.count()
         self._pending: dict[str, _Pending] = {}
+        self._recovering: set[asyncio.Task[None]] = set()
         self._specs: dict[str, tuple[float, ModelSpec]] = {}
         self._plans: dict[
             tuple[tuple[str, ...], str | None], tuple[float, tuple[tuple[str, dict[str, float]], ...]]
@@ -85,6 +92,7 @@ class MeshClient:
         await conn.nc.subscribe(
             f"{client._inbox}.*.*", cb=client._on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1
         )
+        conn.on_reconnect.append(client._after_reconnect)
         return client
 
     @property
@@ -121,7 +129,7 @@ class MeshClient:
         subject, payload, headers = await self._prepare(model, inputs, version, priority, timeout, request_id, reply_to)
         headers[HDR_REPLY_INBOX] = self._inbox
         loop = asyncio.get_running_loop()
-        pending = _Pending(loop.create_future(), subject, timeout)
+        pending = _Pending(loop.create_future(), subject, timeout, payload, headers)
         self._pending[request_id] = pending
         timer = loop.call_later(timeout, self._expire, request_id)
         span = tracing.start_producer(subject, request_id, headers)
@@ -154,6 +162,46 @@ class MeshClient:
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._counter)}"
+
+    async def _after_reconnect(self) -> None:
+        task = asyncio.create_task(self._recover_pending(), name="mesh-client-recover")
+        self._recovering.add(task)
+        task.add_done_callback(self._recovering.discard)
+
+    async def _recover_pending(self) -> None:
+        """Requests in flight across a reconnect: a publish written just before the connection
+        broke may never have reached the stream, and a reply sent while we were away is gone. The
+        first are published again under the same id (the stream drops a copy it already stored);
+        the second, once the stream no longer holds them, are queued again under a new id (the
+        reply still comes to the same request id; a late original is ignored as a duplicate)."""
+        for request_id, pending in list(self._pending.items()):
+            if pending.future.done():
+                continue
+            if pending.queued and await self._still_queued(pending):
+                continue
+            headers = pending.headers
+            if pending.queued:
+                again = pending.headers.get(HDR_MSG_ID, request_id).partition("~again")[0]
+                headers = {**headers, HDR_MSG_ID: f"{again}~again{next(self._counter)}"}
+                pending.queued = False
+            try:
+                await self._conn.nc.publish(
+                    pending.subject, pending.payload, reply=f"{self._inbox}.a.{request_id}", headers=headers
+                )
+            except Exception as exc:  # disconnected again: the next reconnect tries again
+                log.info("could not queue %s again: %s", request_id, exc)
+                return
+
+    async def _still_queued(self, pending: _Pending) -> bool:
+        """Whether the stream still holds the request (waiting, or taken but not yet acked)."""
+        try:
+            ack = json.loads(pending.ack)
+            await self._conn.js.get_msg(ack["stream"], seq=int(ack["seq"]))
+        except NotFoundError:
+            return False
+        except Exception as exc:  # no right to read the stream, or no answer: leave it to the timeout
+            log.debug("cannot tell whether a request is still queued: %s", exc)
+        return True
 
     def _expire(self, request_id: str) -> None:
         pending = self._pending.get(request_id)
@@ -358,6 +406,7 @@ class MeshClient:
         error = pub_ack_error(msg)
         if error is None:
             pending.queued = True
+            pending.ack = msg.data
         else:
             pending.future.set_exception(error)
 
