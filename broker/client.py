@@ -192,8 +192,8 @@ class MeshClient:
 
     async def _publish(self, request_id: str, pending: _Pending, headers: dict[str, str] | None = None) -> None:
         try:
-            reply = f"{self._inbox}.a.{request_id}"
-            await self._conn.nc.publish(pending.subject, pending.payload, reply=reply, headers=headers or pending.headers)
+            ack_to, headers = f"{self._inbox}.a.{request_id}", headers or pending.headers
+            await self._conn.nc.publish(pending.subject, pending.payload, reply=ack_to, headers=headers)
         except Exception as exc:  # disconnected: the next attempt, or the reconnect, publishes it
             log.debug("could not publish %s again: %s", request_id, exc)
 

@@ -5,6 +5,7 @@ tallying every request as answered (with the expected output), failed with a typ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import Counter
@@ -97,10 +98,8 @@ class Load:
             if left <= 0:
                 raise AssertionError(f"only {self.tally.answered - target + more} of {more} {what} in {timeout}s")
             self._answered_changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._answered_changed.wait(), left)
-            except TimeoutError:
-                pass
         return time.monotonic() - start
 
     def _input(self, caller: int, seq: int) -> np.ndarray:

@@ -37,18 +37,28 @@ def record(scenario: str, tally: Tally, seconds: float, **notes: Any) -> str:
     return line
 
 
+# The order (#7); scenarios not listed come after.
+ORDER = [
+    "worker SIGKILL mid-batch", "worker SIGTERM (drain)", "leader router SIGKILL",
+    "nats-server restart (SIGTERM, file storage)", "nats-server restart (SIGKILL, file storage)",
+    "3-node cluster: stream leader SIGKILL, then back", "S3 down while a model loads",
+    "model whose load always fails", "poison request (crashes its worker)", "worker SIGSTOP (stalled)",
+    "client killed before its replies",
+]  # fmt: skip
+
+
 def table(results: dict[str, Any]) -> str:
     rows = [
         "| scenario | sent | answered | failed (typed, by status) | lost | redelivered | notes |",
         "|---|---|---|---|---|---|---|",
     ]
-    for scenario, r in results.items():
+    rank = {name: i for i, name in enumerate(ORDER)}
+    for scenario, r in sorted(results.items(), key=lambda item: rank.get(item[0], len(ORDER))):
         by_status = ", ".join(f"{n}×{s}" for s, n in r["failed_by_status"].items())
         failed = f"{r['failed']} ({by_status})" if by_status else "0"
         notes = "; ".join(f"{k} {v}" for k, v in r["notes"].items())
-        rows.append(
-            f"| {scenario} | {r['sent']:,} | {r['answered']:,} | {failed} | {r['lost']} | {r['redelivered']:,} | {notes} |"
-        )
+        figures = f"{r['sent']:,} | {r['answered']:,} | {failed} | {r['lost']} | {r['redelivered']:,}"
+        rows.append(f"| {scenario} | {figures} | {notes} |")
     return "\n".join(rows)
 
 

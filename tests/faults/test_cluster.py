@@ -20,7 +20,7 @@ from tests.faults.conftest import identity_repo
 from tests.faults.fleet import Fleet
 from tests.faults.load import Load
 from tests.faults.report import record
-from tests.integration.test_security import ConfigServer, Mesh, _free_ports, deploy_copy
+from tests.integration.test_security import ConfigServer, Mesh, _free_ports, connected, deploy_copy
 from workers.repository import read_model
 
 NODES = (1, 2, 3)
@@ -87,39 +87,39 @@ async def test_cluster_node_killed_under_load_and_rejoins(
         leader, _ = await _stream_replicas(conn)
         victim = next(s for s in servers if s.config == f"cluster-{leader[-1]}.conf") if leader else servers[1]
         started = time.monotonic()
-        async with await MeshClient.connect(settings=meshes[0].settings("admin")) as client:
-            async with Load(client, model, callers=16, timeout=15) as load:
-                await load.answers(500, 30, "answers before the kill")
-                assert victim.proc is not None
-                victim.proc.send_signal(signal.SIGKILL)
-                victim.proc.wait(10)
-                killed_at = time.monotonic()
-                survivor = meshes[0] if victim is not servers[0] else meshes[1]
-                async with _connected(survivor.settings("admin")) as watcher:
+        # The test watches the stream through a node that survives.
+        survivor = meshes[0] if victim is not servers[0] else meshes[1]
+        client = await MeshClient.connect(settings=meshes[0].settings("admin"))
+        async with client, connected(survivor.settings("admin")) as watcher, Load(client, model, 16, 15) as load:
+            await load.answers(500, 30, "answers before the kill")
+            assert victim.proc is not None
+            victim.proc.send_signal(signal.SIGKILL)
+            victim.proc.wait(10)
+            killed_at = time.monotonic()
 
-                    async def new_leader() -> bool:
-                        try:
-                            now_leading, _ = await _stream_replicas(watcher)
-                        except Exception:
-                            return False
-                        return bool(now_leading) and now_leading != leader
+            async def new_leader() -> bool:
+                try:
+                    now_leading, _ = await _stream_replicas(watcher)
+                except Exception:
+                    return False
+                return bool(now_leading) and now_leading != leader
 
-                    await wait_for(new_leader, timeout=20, what="a new stream leader")
-                    failover_s = time.monotonic() - killed_at
-                    await load.answers(500, 30, "answers with one node down")
-                    await asyncio.get_running_loop().run_in_executor(None, _restart, victim)
-                    back_at = time.monotonic()
+            await wait_for(new_leader, timeout=20, what="a new stream leader")
+            failover_s = time.monotonic() - killed_at
+            await load.answers(500, 30, "answers with one node down")
+            await asyncio.get_running_loop().run_in_executor(None, _restart, victim)
+            back_at = time.monotonic()
 
-                    async def rejoined() -> bool:
-                        try:
-                            _, followers = await _stream_replicas(watcher)
-                        except Exception:
-                            return False
-                        return leader in followers and all(followers.values())
+            async def rejoined() -> bool:
+                try:
+                    _, followers = await _stream_replicas(watcher)
+                except Exception:
+                    return False
+                return leader in followers and all(followers.values())
 
-                    await wait_for(rejoined, timeout=30, what="the node back and current in the stream")
-                    rejoin_s = time.monotonic() - back_at
-                    await load.answers(500, 30, "answers after the node rejoined")
+            await wait_for(rejoined, timeout=30, what="the node back and current in the stream")
+            rejoin_s = time.monotonic() - back_at
+            await load.answers(500, 30, "answers after the node rejoined")
         tally = load.tally
         record("3-node cluster: stream leader SIGKILL, then back", tally, time.monotonic() - started,
                new_leader_s=round(failover_s, 1), rejoined_s=round(rejoin_s, 1))  # fmt: skip
@@ -137,15 +137,3 @@ def _env(settings: Settings) -> dict[str, str]:
         "SERVEMESH_USER": settings.user or "", "SERVEMESH_PASSWORD": settings.password.get_secret_value(),
         "SERVEMESH_INBOX_PREFIX": settings.inbox_prefix, "SERVEMESH_REPLICAS": str(settings.replicas),
     }  # fmt: skip
-
-
-class _connected:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    async def __aenter__(self) -> Connection:
-        self.conn = await Connection.open(self.settings)
-        return self.conn
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.conn.close()

@@ -8,7 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-from broker import Connection, MeshClient, NatsServer
+from broker import Connection, MeshClient
 from tests.faults.conftest import ACK_WAIT_S, identity_repo, start_workers
 from tests.faults.fleet import Fleet
 from tests.faults.load import Load
