@@ -54,6 +54,8 @@ _SPEC_TTL_S = 2.0
 _REPUBLISH_S = (0.25, 0.5, 1.0, 2.0)
 # With a cached plan to fall back on, a registry read may take this long before the cache is used.
 _STALE_AFTER_S = 1.0
+# After a reconnect, how often to ask again whether the stream still holds a request.
+_RECHECK_S = 1.0
 
 
 _Plan = tuple[tuple[str, dict[str, float]], ...]  # per stage: model, weight of each version
@@ -210,26 +212,37 @@ class MeshClient:
         broke may never have reached the stream, and a reply sent while we were away is gone. The
         first are published again under the same id (the stream drops a copy it already stored);
         the second, once the stream no longer holds them, are queued again under a new id (the
-        reply still comes to the same request id; a late original is ignored as a duplicate)."""
-        for request_id, pending in list(self._pending.items()):
-            if pending.future.done():
-                continue
-            if pending.queued and await self._still_queued(pending):
-                continue
-            headers = pending.headers
-            if pending.queued:
-                headers = {**headers, HDR_MSG_ID: f"{request_id}~again{next(self._counter)}"}
-            await self._publish(request_id, pending, headers)
+        reply still comes to the same request id; a late original is ignored as a duplicate).
+        Where the stream cannot tell yet (a cluster electing a leader), it is asked again."""
+        unsure = list(self._pending)
+        while unsure:
+            live = [(rid, p) for rid in unsure if (p := self._pending.get(rid)) is not None and not p.future.done()]
+            held = await asyncio.gather(*(self._still_queued(p) for _, p in live))
+            unsure = []
+            for (request_id, pending), still in zip(live, held, strict=True):
+                if still is None:
+                    unsure.append(request_id)
+                elif not still:
+                    headers = pending.headers
+                    if pending.queued:
+                        headers = {**headers, HDR_MSG_ID: f"{request_id}~again{next(self._counter)}"}
+                    await self._publish(request_id, pending, headers)
+            if unsure:
+                await asyncio.sleep(_RECHECK_S)
 
-    async def _still_queued(self, pending: _Pending) -> bool:
-        """Whether the stream still holds the request (waiting, or taken but not yet acked)."""
+    async def _still_queued(self, pending: _Pending) -> bool | None:
+        """Whether the stream still holds the request (waiting, or taken but not yet acked);
+        None when it cannot tell now. A request it never acknowledged it does not hold."""
+        if not pending.queued:
+            return False
         try:
             ack = json.loads(pending.ack)
-            await self._conn.js.get_msg(ack["stream"], seq=int(ack["seq"]))
+            await asyncio.wait_for(self._conn.js.get_msg(ack["stream"], seq=int(ack["seq"])), _RECHECK_S)
         except NotFoundError:
             return False
-        except Exception as exc:  # no right to read the stream, or no answer: leave it to the timeout
-            log.debug("cannot tell whether a request is still queued: %s", exc)
+        except Exception as exc:  # no leader yet, or no right to read the stream: ask again later
+            log.debug("cannot tell yet whether a request is still queued: %s", exc)
+            return None
         return True
 
     def _expire(self, request_id: str) -> None:
