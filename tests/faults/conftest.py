@@ -3,15 +3,20 @@ a fleet of worker and router processes stopped by PID, and the identity model th
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision
 from examples.build_models import build_identity_onnx
 from router.local import wait_workers_ready
-from tests.conftest import set_config, unique
+from schemas.spec import ModelSpec, TensorSpec, VersionSpec
+from tests.conftest import set_config, unique, wait_for
+from tests.faults import faulty_runtime
 from tests.faults.fleet import Fleet
 from tests.faults.report import LINES
 
@@ -80,3 +85,32 @@ async def holders(conn: Connection, model: str, version: str = "1") -> set[str]:
     """Workers whose latest heartbeat says they serve ``model:version``."""
     beats = await (await Registry.open(conn)).heartbeats()
     return {worker for worker, beat in beats.items() if f"{model}:{version}" in beat.get("models", {})}
+
+
+async def faulty_model(
+    conn: Connection, fleet: Fleet, tmp_path: Path, workers: list[str], delay_s: float = 0.0, **spec: Any
+) -> str:
+    """Register a model on the faulty runtime plugin (identity, ``delay_s`` per batch, crashes on
+    the poison value), start a router and ``workers`` that can load it, and wait until every one
+    of them serves it. Returns the model's name."""
+    name = unique("faulty")
+    artifact = tmp_path / f"{name}.json"
+    artifact.write_text(json.dumps({"delay_s": delay_s}))
+    tensor = TensorSpec(name="input", dtype="float32", shape=(4,))
+    model = ModelSpec(
+        name=name, versions={"1": VersionSpec(uri=artifact.as_uri(), format=faulty_runtime.FORMAT)},
+        inputs=[tensor], outputs=[tensor.model_copy(update={"name": "output"})], ack_wait_s=ACK_WAIT_S,
+        min_replicas=len(workers), max_replicas=len(workers), **spec,
+    )  # fmt: skip
+    await (await Registry.open(conn)).put_spec(model)
+    plugin = faulty_runtime.install(tmp_path / "plugin")
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(plugin)])}
+    fleet.router("r1")
+    for worker in workers:
+        fleet.worker(worker, env=env)
+
+    async def all_serving() -> bool:
+        return await holders(conn, name) == set(workers)
+
+    await wait_for(all_serving, timeout=60, what=f"{', '.join(workers)} serving {name}")
+    return name

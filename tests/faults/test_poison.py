@@ -4,19 +4,16 @@ times, then answered with an error (dead letter), and the mesh keeps serving eve
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from broker import Connection, MeshClient, Registry
+from broker import Connection, MeshClient
 from schemas.errors import ModelFailure
-from schemas.spec import ModelSpec, TensorSpec, VersionSpec
-from tests.conftest import unique, wait_for
-from tests.faults import crash_runtime
-from tests.faults.conftest import ACK_WAIT_S, REPO_ROOT, holders
+from tests.faults import faulty_runtime
+from tests.faults.conftest import faulty_model
 from tests.faults.fleet import Fleet
 from tests.faults.load import Load
 from tests.faults.report import record
@@ -38,33 +35,14 @@ async def _supervise(fleet: Fleet, crashes: list[str]) -> None:
 async def test_poison_request_ends_as_dead_letter_and_serving_goes_on(
     conn: Connection, client: MeshClient, fleet: Fleet, tmp_path: Path
 ) -> None:
-    name = unique("crashy")
-    artifact = tmp_path / "crashy.bin"
-    artifact.write_bytes(b"no weights: the plugin computes identity")
-    tensor = [TensorSpec(name="input", dtype="float32", shape=(4,))]
-    spec = ModelSpec(
-        name=name, versions={"1": VersionSpec(uri=artifact.as_uri(), format=crash_runtime.FORMAT)},
-        max_batch_size=64, inputs=tensor, outputs=[TensorSpec(name="output", dtype="float32", shape=(4,))],
-        max_attempts=MAX_ATTEMPTS, ack_wait_s=ACK_WAIT_S, min_replicas=2, max_replicas=2,
-    )  # fmt: skip
-    await (await Registry.open(conn)).put_spec(spec)
-    plugin = crash_runtime.install(tmp_path / "plugin")
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(plugin)])}
-    fleet.router("r1")
-    for worker in WORKERS:
-        fleet.worker(worker, env=env)
-
-    async def both_serving() -> bool:
-        return await holders(conn, name) == set(WORKERS)
-
-    await wait_for(both_serving, timeout=60, what="both workers serving the model")
+    name = await faulty_model(conn, fleet, tmp_path, WORKERS, max_batch_size=64, max_attempts=MAX_ATTEMPTS)
     crashes: list[str] = []
     supervisor = asyncio.create_task(_supervise(fleet, crashes))
     started = time.monotonic()
     try:
         async with Load(client, name, callers=8, timeout=15) as load:
             await load.answers(500, 20, "answers before the poison")
-            poison = np.full((1, 4), crash_runtime.POISON, np.float32)
+            poison = np.full((1, 4), faulty_runtime.POISON, np.float32)
             poisoned_at = time.monotonic()
             with pytest.raises(ModelFailure) as err:
                 await client.infer(name, {"input": poison}, timeout=60)

@@ -9,17 +9,20 @@ import time
 from pathlib import Path
 
 from broker import Connection, MeshClient
-from tests.faults.conftest import ACK_WAIT_S, identity_repo, start_workers
+from tests.faults.conftest import ACK_WAIT_S, faulty_model, identity_repo, start_workers
 from tests.faults.fleet import Fleet
 from tests.faults.load import Load
 from tests.faults.report import record
 
 
 async def test_sigkill_worker_mid_batch(conn: Connection, client: MeshClient, fleet: Fleet, tmp_path: Path) -> None:
-    model = identity_repo(tmp_path / "repo")
-    await start_workers(fleet, conn, tmp_path / "repo", ["victim", "survivor"])
+    # Batches that take 5 ms, and more callers than both workers' pull windows (2 x 16): the
+    # workers are the bottleneck, so at any moment the victim holds a full window of pulled,
+    # unacked requests, one batch computing. (With a fast model and fewer callers, closed-loop
+    # load falls into lockstep: right after a worker's reply, it may hold nothing at all.)
+    model = await faulty_model(conn, fleet, tmp_path, ["victim", "survivor"], delay_s=0.005, max_batch_size=8)
     started = time.monotonic()
-    async with Load(client, model, callers=16) as load:
+    async with Load(client, model, callers=48) as load:
         await load.answers(1000, 20, "answers before the kill")
         assert load.tally.by_worker["victim"] > 0, "the victim must have been serving"
         fleet.signal("victim", signal.SIGKILL)
