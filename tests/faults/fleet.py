@@ -15,12 +15,15 @@ class Fleet:
         self.url = url
         self.logs = logs
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._args: dict[str, tuple[Path | None, dict[str, str] | None]] = {}
+        self._args: dict[str, tuple[Path | None, dict[str, str] | None, str | None]] = {}
 
-    def worker(self, name: str, models: Path | None = None, env: dict[str, str] | None = None) -> None:
-        """A worker serving ``models`` as they are, or (None) following the router."""
-        self._args[name] = (models, env)
-        self.procs[name] = spawn_worker(self.url, models, name, self.logs / f"{name}.log", env)
+    def worker(
+        self, name: str, models: Path | None = None, env: dict[str, str] | None = None, url: str | None = None
+    ) -> None:
+        """A worker serving ``models`` as they are, or (None) following the router; connected to
+        ``url`` when given (a node of a cluster), else to the fleet's server."""
+        self._args[name] = (models, env, url)
+        self.procs[name] = spawn_worker(url or self.url, models, name, self.logs / f"{name}.log", env)
 
     def restart(self, name: str) -> None:
         """Start a dead worker again under the same id (what a supervisor such as Kubernetes does)."""

@@ -81,8 +81,7 @@ async def test_cluster_node_killed_under_load_and_rejoins(
         # Each worker on a node of its own; the client on the first.
         fleet = Fleet(servers[0].url, tmp_path)
         for i, name in ((1, "w1"), (2, "w2")):
-            fleet.url = servers[i].url
-            fleet.worker(name, tmp_path / "repo", env=_env(meshes[i].settings("admin", replicas=3)))
+            fleet.worker(name, tmp_path / "repo", env=_env(meshes[i].settings("admin", replicas=3)), url=servers[i].url)
         await wait_workers_ready(await Registry.open(conn), ["w1", "w2"], timeout=60)
         leader, _ = await _stream_replicas(conn)
         victim = next(s for s in servers if s.config == f"cluster-{leader[-1]}.conf") if leader else servers[1]
