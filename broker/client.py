@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 from nats.aio.msg import Msg
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.nuid import NUID
 
 from broker import tracing
@@ -30,7 +31,7 @@ from broker.routes import choose, default_weights, effective_weights, ready_coun
 from broker.settings import Settings
 from broker.shadow import Shadowing, shadow_config
 from schemas.envelope import Reply, claim_of, decode_bundle, decode_reply, encode_request
-from schemas.errors import BadInput, DeadlineExceeded, MeshError, NoCapacity, UnknownModel
+from schemas.errors import BadInput, DeadlineExceeded, MeshError, MeshUnavailable, NoCapacity, UnknownModel
 from schemas.spec import ModelSpec
 from schemas.subjects import (
     HDR_DEADLINE,
@@ -50,19 +51,35 @@ log = logging.getLogger(__name__)
 _SPEC_TTL_S = 2.0
 # Room kept for a request's headers (ids, reply subjects, deadline, route, trace context).
 _HEADER_ROOM = 4096
+# A request the stream has not acknowledged is published again after these delays (then every
+# last one) until its deadline: a publish can be lost with a node, or meet a stream between
+# leaders. The request id makes the stream drop any copy it already stored.
+_REPUBLISH_S = (0.25, 0.5, 1.0, 2.0)
+# With a cached plan to fall back on, a registry read may take this long before the cache is used.
+_STALE_AFTER_S = 1.0
+# After a reconnect, how often to ask again whether the stream still holds a request.
+_RECHECK_S = 1.0
 
 
 _Plan = tuple[tuple[str, dict[str, float]], ...]  # per stage: model, weight of each version
 
 
 class _Pending:
-    __slots__ = ("future", "queued", "subject", "timeout")
+    __slots__ = ("ack", "future", "headers", "payload", "publishes", "queued", "refused", "retry", "subject", "timeout")
 
-    def __init__(self, future: asyncio.Future[bytes], subject: str, timeout: float) -> None:
+    def __init__(
+        self, future: asyncio.Future[bytes], subject: str, timeout: float, payload: bytes, headers: dict[str, str]
+    ) -> None:
         self.future = future
         self.subject = subject
         self.timeout = timeout
+        self.payload = payload  # kept until the stream acknowledges it, to publish again after a reconnect
+        self.headers = headers
         self.queued = False
+        self.ack = b""  # the stream's acknowledgement: where the request is stored
+        self.publishes = 1
+        self.refused: MeshError | None = None  # the stream's latest refusal, if it was unavailable
+        self.retry: asyncio.TimerHandle | None = None
 
 
 class MeshClient:
@@ -75,6 +92,7 @@ class MeshClient:
         self._id_prefix = NUID().next().decode()
         self._counter = itertools.count()
         self._pending: dict[str, _Pending] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._specs: dict[str, tuple[float, ModelSpec]] = {}
         self._plans: dict[
             tuple[tuple[str, ...], str | None], tuple[float, tuple[tuple[str, dict[str, float]], ...]]
@@ -89,6 +107,7 @@ class MeshClient:
         await conn.nc.subscribe(
             f"{client._inbox}.*.*", cb=client._on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1
         )
+        conn.on_reconnect.append(client._after_reconnect)
         return client
 
     @property
@@ -122,12 +141,19 @@ class MeshClient:
         """
         request_id = self._new_id()
         reply_to = f"{self._inbox}.r.{request_id}"
-        subject, payload, headers = await self._prepare(model, inputs, version, priority, timeout, request_id, reply_to)
-        headers[HDR_REPLY_INBOX] = self._inbox
         loop = asyncio.get_running_loop()
-        pending = _Pending(loop.create_future(), subject, timeout)
+        started = loop.time()
+        try:
+            subject, payload, headers = await asyncio.wait_for(
+                self._prepare(model, inputs, version, priority, timeout, request_id, reply_to), timeout
+            )
+        except TimeoutError:
+            raise DeadlineExceeded(f"{model}: the registry did not answer within {timeout:.3g}s") from None
+        headers[HDR_REPLY_INBOX] = self._inbox
+        pending = _Pending(loop.create_future(), subject, timeout, payload, headers)
         self._pending[request_id] = pending
-        timer = loop.call_later(timeout, self._expire, request_id)
+        timer = loop.call_later(max(0.0, timeout - (loop.time() - started)), self._expire, request_id)
+        pending.retry = loop.call_later(_REPUBLISH_S[0], self._republish, request_id)
         span = tracing.start_producer(subject, request_id, headers)
         mirror_id = None
         if version is None and isinstance(model, str):  # a pinned version or a pipeline is never mirrored
@@ -154,6 +180,8 @@ class MeshClient:
             raise error from exc
         finally:
             timer.cancel()
+            if pending.retry is not None:
+                pending.retry.cancel()
             del self._pending[request_id]
             tracing.end(span, error)
             if mirror_id is not None and isinstance(error, MeshError):
@@ -166,9 +194,74 @@ class MeshClient:
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._counter)}"
 
+    def _republish(self, request_id: str) -> None:
+        pending = self._pending.get(request_id)
+        if pending is None or pending.future.done() or pending.queued:
+            return
+        self._spawn(self._publish(request_id, pending))
+        delay = _REPUBLISH_S[min(pending.publishes, len(_REPUBLISH_S) - 1)]
+        pending.publishes += 1
+        pending.retry = asyncio.get_running_loop().call_later(delay, self._republish, request_id)
+
+    async def _publish(self, request_id: str, pending: _Pending, headers: dict[str, str] | None = None) -> None:
+        try:
+            ack_to, headers = f"{self._inbox}.a.{request_id}", headers or pending.headers
+            await self._conn.nc.publish(pending.subject, pending.payload, reply=ack_to, headers=headers)
+        except Exception as exc:  # disconnected: the next attempt, or the reconnect, publishes it
+            log.debug("could not publish %s again: %s", request_id, exc)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _after_reconnect(self) -> None:
+        self._spawn(self._recover_pending())
+
+    async def _recover_pending(self) -> None:
+        """Requests in flight across a reconnect: a publish written just before the connection
+        broke may never have reached the stream, and a reply sent while we were away is gone. The
+        first are published again under the same id (the stream drops a copy it already stored);
+        the second, once the stream no longer holds them, are queued again under a new id (the
+        reply still comes to the same request id; a late original is ignored as a duplicate).
+        Where the stream cannot tell yet (a cluster electing a leader), it is asked again."""
+        unsure = list(self._pending)
+        while unsure:
+            live = [(rid, p) for rid in unsure if (p := self._pending.get(rid)) is not None and not p.future.done()]
+            held = await asyncio.gather(*(self._still_queued(p) for _, p in live))
+            unsure = []
+            for (request_id, pending), still in zip(live, held, strict=True):
+                if still is None:
+                    unsure.append(request_id)
+                elif not still:
+                    headers = pending.headers
+                    if pending.queued:
+                        headers = {**headers, HDR_MSG_ID: f"{request_id}~again{next(self._counter)}"}
+                    await self._publish(request_id, pending, headers)
+            if unsure:
+                await asyncio.sleep(_RECHECK_S)
+
+    async def _still_queued(self, pending: _Pending) -> bool | None:
+        """Whether the stream still holds the request (waiting, or taken but not yet acked);
+        None when it cannot tell now. A request it never acknowledged it does not hold."""
+        if not pending.queued:
+            return False
+        try:
+            ack = json.loads(pending.ack)
+            await asyncio.wait_for(self._conn.js.get_msg(ack["stream"], seq=int(ack["seq"])), _RECHECK_S)
+        except NotFoundError:
+            return False
+        except Exception as exc:  # no leader yet, or no right to read the stream: ask again later
+            log.debug("cannot tell yet whether a request is still queued: %s", exc)
+            return None
+        return True
+
     def _expire(self, request_id: str) -> None:
         pending = self._pending.get(request_id)
         if pending is not None and not pending.future.done():
+            if pending.refused is not None and not pending.queued:
+                pending.future.set_exception(pending.refused)  # unavailable until the end: say so
+                return
             what = "no reply" if pending.queued else "the stream did not acknowledge the request"
             pending.future.set_exception(
                 DeadlineExceeded(f"{pending.subject}: {what} within {pending.timeout:.3g}s", request_id=request_id)
@@ -279,6 +372,20 @@ class MeshClient:
                 check_name(name, pinned or version)
             except ValueError as exc:
                 raise BadInput(str(exc), model=name) from None
+        try:
+            plan = await asyncio.wait_for(self._read_plan(names, version), _STALE_AFTER_S if cached else None)
+        except MeshError as exc:
+            if cached is None or not isinstance(exc, MeshUnavailable):
+                raise
+            plan = cached[1]  # the registry is unreachable for now: the last plan still routes
+        except Exception as exc:
+            if cached is None:
+                raise translate_error(exc, f"look up {', '.join(names)}") from exc
+            plan = cached[1]
+        self._plans[key] = (now, plan)
+        return plan
+
+    async def _read_plan(self, names: tuple[str, ...], version: str | None) -> _Plan:
         if len(names) == 1 and ":" not in names[0]:
             stages = await self._pipeline(names[0])
             if stages is not None:
@@ -287,7 +394,6 @@ class MeshClient:
         for stage in names:
             name, _, pinned = stage.partition(":")
             plan.append((name, await self._weights(name, pinned or version)))
-        self._plans[key] = (now, tuple(plan))
         return tuple(plan)
 
     async def _weights(self, model: str, version: str | None) -> dict[str, float]:
@@ -380,11 +486,14 @@ class MeshClient:
         pending = self._pending.get(request_id)
         if pending is None or pending.future.done():
             return
-        error = pub_ack_error(msg)
+        error = pub_ack_error(msg, pending.subject)
         if error is None:
             pending.queued = True
+            pending.ack = msg.data
+        elif isinstance(error, MeshUnavailable):
+            pending.refused = error  # e.g. no stream leader during an election: publishing again may work
         else:
-            pending.future.set_exception(error)
+            pending.future.set_exception(error)  # a full queue (429) is answered at once: load shedding
 
     def _resolve(self, request_id: str, data: bytes) -> None:
         pending = self._pending.get(request_id)

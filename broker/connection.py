@@ -108,11 +108,13 @@ def _tls_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
-def pub_ack_error(msg: Msg) -> MeshError | None:
-    """The error in a JetStream publish acknowledgement, or None when the message was stored."""
+def pub_ack_error(msg: Msg, subject: str | None = None) -> MeshError | None:
+    """The error in a JetStream publish acknowledgement (of a message published on ``subject``),
+    or None when the message was stored."""
     status = msg.headers.get("Status") if msg.headers else None
     if status == "503":
-        return MeshUnavailable(f"no stream accepts {msg.subject!r}: is the mesh provisioned?")
+        # No responders: no stream, or (in a cluster) none of its replicas leading at the moment.
+        return MeshUnavailable(f"no stream accepts {subject or msg.subject!r} (is the mesh provisioned?)")
     if b'"error"' not in msg.data:
         return None
     try:

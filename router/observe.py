@@ -81,7 +81,8 @@ async def observe(conn: Connection, registry: Registry, now: float) -> tuple[Sna
     failures: Failures = {}
     for worker_id, beat in beats.items():
         if now - float(beat.get("time", 0.0)) < STALE_AFTER_S:
-            for label, reason in beat.get("failed", {}).items():
+            # "retrying": failed, backoff over; placeable again, yet still failed as far as users can see.
+            for label, reason in {**beat.get("failed", {}), **beat.get("retrying", {})}.items():
                 failures.setdefault(_key(label), {})[worker_id] = reason
     lag = await read_lag(conn.js, now)
     assigned = await registry.assignments()

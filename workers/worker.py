@@ -191,8 +191,19 @@ class Worker:
             "memory_mb": self.memory_mb, "memory_used_mb": used,
             "models": {server.key: {**server.status(), **self._rates_of(key, server)}
                        for key, server in self.servers.items()},
-            "cached": sorted(f"{m}:{v}" for m, v in self.cached), "failed": self.failed,
+            "cached": sorted(f"{m}:{v}" for m, v in self.cached), **self._failures(),
         }  # fmt: skip
+
+    def _failures(self) -> dict[str, dict[str, str]]:
+        """Load failures: "failed" while backing off, then "retrying". The router places nothing
+        where a load failed; once the backoff is over it may assign the version here again, which
+        is how a load that failed (S3 down, say) is retried, with growing backoff."""
+        now = time.monotonic()
+        due = {f"{m}:{v}" for (m, v), (retry_at, _) in self._retry.items() if retry_at <= now}
+        return {
+            "failed": {label: why for label, why in self.failed.items() if label not in due},
+            "retrying": {label: why for label, why in self.failed.items() if label in due},
+        }
 
     def _rates_of(self, key: Key, server: ModelServer) -> dict[str, float]:
         """Requests completed per second and the busy fraction since the previous heartbeat."""

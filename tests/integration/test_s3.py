@@ -166,7 +166,8 @@ async def test_a_version_that_cannot_be_fetched_is_reported_and_the_worker_stays
     cluster.worker("w1", env={"SERVEMESH_S3_ENDPOINT_URL": s3.endpoint, "SERVEMESH_CACHE_DIR": str(tmp_path / "c")})
     await eventually(lambda: _failed(cluster, name), 30, "the failure shows in the heartbeat")
     beat = (await cluster.registry.heartbeats())["w1"]
-    assert "no such bucket" in beat["failed"][f"{name}:1"] or "no such key" in beat["failed"][f"{name}:1"]
+    reason = {**beat["failed"], **beat.get("retrying", {})}[f"{name}:1"]  # "retrying" once its backoff is over
+    assert "no such bucket" in reason or "no such key" in reason
     assert cluster.procs["w1"].poll() is None  # the worker is alive
     await eventually(lambda: _shown_failed(cluster, name), 15, "models show names the failure")
     async with await MeshClient.connect(cluster.server.url) as client:
@@ -187,7 +188,7 @@ async def _shown_failed(cluster: Cluster, name: str) -> bool:
 async def _failed(cluster: Cluster, name: str) -> bool:
     assert cluster.registry is not None
     beat = (await cluster.registry.heartbeats()).get("w1", {})
-    return f"{name}:1" in beat.get("failed", {})
+    return f"{name}:1" in {**beat.get("failed", {}), **beat.get("retrying", {})}
 
 
 async def test_job_reads_its_items_from_s3_and_writes_results_there(
