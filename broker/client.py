@@ -186,8 +186,8 @@ class MeshClient:
             tracing.end(span, error)
             if mirror_id is not None and isinstance(error, MeshError):
                 self._shadowing.book.primary_done(mirror_id, error)
-            # Answered or given up on: our stored request can go (a mirrored one is left to the TTL,
-            # for the shadow copy may not have read it yet).
+            # Answered or given up on: our stored request can go (a mirrored one goes once its
+            # mirror is settled, for the shadow copy may not have read it yet).
             if mirror_id is None and claim_of(payload) is not None:
                 await self._claims.release(payload)
 

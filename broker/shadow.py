@@ -110,8 +110,12 @@ class _Mirror:
 class ShadowBook:
     """The mirrors one client has in flight, keyed by the mirror's request id."""
 
-    def __init__(self, emit: Callable[[ShadowEvent], None], limit: int = 1024, rng: random.Random | None = None):
+    def __init__(
+        self, emit: Callable[[ShadowEvent], None], limit: int = 1024, rng: random.Random | None = None,
+        closed: Callable[[str], None] | None = None,
+    ) -> None:  # fmt: skip
         self._emit = emit
+        self._closed = closed  # told each mirror id once the book is done with it
         self._limit = limit
         self._rng = rng or random.Random()
         self._open: dict[str, _Mirror] = {}
@@ -167,6 +171,8 @@ class ShadowBook:
         if mirror is None:
             return
         mirror.timer.cancel()
+        if self._closed is not None:
+            self._closed(mirror_id)
         outcome, diff, status = verdict(mirror.primary, mirror.shadow, mirror.config)
         self._emit(ShadowEvent(
             model=mirror.model, version=mirror.version, shadow_version=mirror.config.version, outcome=outcome,
@@ -174,8 +180,10 @@ class ShadowBook:
         ))  # fmt: skip
 
     def close(self) -> None:
-        for mirror in self._open.values():
+        for mirror_id, mirror in self._open.items():
             mirror.timer.cancel()
+            if self._closed is not None:
+                self._closed(mirror_id)
         self._open.clear()
 
 
@@ -186,7 +194,10 @@ class Shadowing:
     def __init__(self, conn: Connection, inbox: str, claims: Claims) -> None:
         self._conn, self._inbox, self._claims = conn, inbox, claims
         self.configs: dict[str, ShadowConfig | None] = {}
-        self.book = ShadowBook(self._report)
+        self.book = ShadowBook(self._report, closed=self._closed)
+        # A request that went by claim check is read by both versions: its object goes once the
+        # mirror is settled, which is never before the primary's reply (or timeout).
+        self._claimed: dict[str, bytes] = {}
         self._tasks: set[asyncio.Future[None]] = set()
 
     def pick(self, model: str, subject: str, new_id: Callable[[], str]) -> str | None:
@@ -202,6 +213,8 @@ class Shadowing:
         config = self.configs[model]
         assert config is not None
         self.book.open(mirror_id, model, version, config, timeout)
+        if claim_of(payload) is not None:
+            self._claimed[mirror_id] = payload
         headers = {HDR_MSG_ID: mirror_id, HDR_REPLY: f"{self._inbox}.s.{mirror_id}", HDR_DEADLINE: deadline}
         try:
             await self._conn.nc.publish(infer_subject(model, config.version, priority), payload,
@@ -221,6 +234,11 @@ class Shadowing:
             self.book.shadow_reply(mirror_id, await self._claims.resolve(payload, take=True))
         except MeshError as err:
             self.book.shadow_failed(mirror_id, err)
+
+    def _closed(self, mirror_id: str) -> None:
+        payload = self._claimed.pop(mirror_id, None)
+        if payload is not None:
+            self._spawn(self._claims.release(payload))
 
     def _report(self, event: ShadowEvent) -> None:
         self._spawn(self._conn.nc.publish(shadow_subject(event.model), encode_event(event)))
