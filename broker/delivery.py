@@ -39,7 +39,7 @@ class Delivery:
 
     __slots__ = (
         "_msg", "_nc", "deadline_ms", "job", "job_item", "num_delivered", "num_pending", "priority",
-        "reply_inbox", "reply_to", "request_id", "route", "span", "stored_ns",
+        "reply_inbox", "reply_to", "request_id", "route", "span", "stored_ns", "stream_seq",
     )  # fmt: skip
 
     def __init__(self, nc: NatsClient, msg: Msg, priority: str) -> None:
@@ -60,7 +60,8 @@ class Delivery:
         self.span: Any = None  # the worker's trace span for this request, when tracing is on
         self.deadline_ms: int | None = _deadline(headers.get(HDR_DEADLINE))
         # num_pending: messages left in the consumer after this one, as the server saw it.
-        self.num_delivered, self.stored_ns, self.num_pending = _ack_metadata(msg.reply or "")
+        # stream_seq: where the stream stores this message (0 if unknown), unique per message.
+        self.num_delivered, self.stream_seq, self.stored_ns, self.num_pending = _ack_metadata(msg.reply or "")
 
     @property
     def data(self) -> bytes:
@@ -114,12 +115,12 @@ def _deadline(raw: str | None) -> int | None:
     return None
 
 
-def _ack_metadata(ack_subject: str) -> tuple[int, int, int]:
-    """(delivery count, stored-at ns, pending), read from the ack subject:
+def _ack_metadata(ack_subject: str) -> tuple[int, int, int, int]:
+    """(delivery count, stream sequence, stored-at ns, pending), read from the ack subject:
     ``$JS.ACK.[domain.hash.]stream.consumer.delivered.sseq.cseq.ts.pending``."""
     tokens = ack_subject.split(".")
     offset = 4 if len(tokens) == 9 else 6
     try:
-        return int(tokens[offset]), int(tokens[offset + 3]), int(tokens[offset + 4])
+        return int(tokens[offset]), int(tokens[offset + 1]), int(tokens[offset + 3]), int(tokens[offset + 4])
     except (IndexError, ValueError):
-        return 1, 0, 0
+        return 1, 0, 0, 0

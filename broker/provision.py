@@ -21,6 +21,7 @@ from broker.connection import Connection
 from broker.settings import Settings
 from schemas.subjects import (
     BUCKET_ASSIGNMENTS,
+    BUCKET_ATTEMPTS,
     BUCKET_CLAIMS,
     BUCKET_JOBS,
     BUCKET_LEADER,
@@ -38,12 +39,14 @@ from schemas.subjects import (
 )
 
 __all__ = [
+    "ATTEMPTS_TTL_S",
     "HEARTBEAT_TTL_S",
     "LEASE_TTL_S",
     "ensure_buckets",
     "ensure_claims_bucket",
     "ensure_consumer",
     "ensure_stream",
+    "max_deliveries",
     "provision",
 ]
 
@@ -52,6 +55,13 @@ log = logging.getLogger(__name__)
 HEARTBEAT_TTL_S = 10.0
 # A router that stops renewing loses the lead after this long; a standby takes over then.
 LEASE_TTL_S = 3.0
+# Attempt counts outlive any redelivery of their request (ack waits are seconds to minutes).
+ATTEMPTS_TTL_S = 3600.0
+
+
+def max_deliveries(max_attempts: int) -> int:
+    """Deliveries a request may have before a worker gives up on it whatever its attempts."""
+    return 4 * max_attempts
 
 
 def _storage(settings: Settings) -> StorageType:
@@ -110,9 +120,10 @@ async def ensure_consumer(
         filter_subject=infer_subject(model, version, priority),
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
-        # One delivery beyond max_attempts lets a worker answer "gave up" instead of the
-        # message sitting undeliverable in the work queue forever.
-        max_deliver=max_attempts + 1,
+        # A request held (not computed) by a worker that crashed is delivered again without being
+        # charged an attempt (broker/attempts.py), so deliveries may exceed attempts; the last one
+        # lets a worker answer "gave up" instead of the message sitting undeliverable forever.
+        max_deliver=max_deliveries(max_attempts) + 1,
         max_waiting=1024,
         max_ack_pending=-1,
     )
@@ -133,6 +144,7 @@ async def ensure_buckets(js: JetStreamContext, settings: Settings) -> None:
         KeyValueConfig(bucket=BUCKET_PIPELINES, history=5, storage=storage, replicas=replicas),
         KeyValueConfig(bucket=BUCKET_ROUTES, history=10, storage=storage, replicas=replicas),
         KeyValueConfig(bucket=BUCKET_JOBS, history=1, storage=storage, replicas=replicas),
+        KeyValueConfig(bucket=BUCKET_ATTEMPTS, history=1, ttl=ATTEMPTS_TTL_S, storage=storage, replicas=replicas),
     ):
         await js.create_key_value(config)
     await ensure_claims_bucket(js, settings)

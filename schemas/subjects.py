@@ -7,6 +7,7 @@ from typing import Final, Literal
 
 __all__ = [
     "BUCKET_ASSIGNMENTS",
+    "BUCKET_ATTEMPTS",
     "BUCKET_CLAIMS",
     "BUCKET_JOBS",
     "BUCKET_LEADER",
@@ -55,6 +56,9 @@ BUCKET_STATUS: Final = "mesh-status"
 BUCKET_PIPELINES: Final = "mesh-pipelines"
 BUCKET_JOBS: Final = "mesh-jobs"
 BUCKET_ROUTES: Final = "mesh-routes"
+# How often each redelivered request was computed alone: crashes are charged to the request that
+# caused them, not to those that were merely held by the same worker.
+BUCKET_ATTEMPTS: Final = "mesh-attempts"
 # Object store: payloads too large for one message (claim check); a TTL removes what nobody deleted.
 BUCKET_CLAIMS: Final = "mesh-claims"
 STREAM_JOBS: Final = "MESH_JOBS"

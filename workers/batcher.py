@@ -4,7 +4,8 @@ A batch is due when it is full (``max_rows``), when nothing more is waiting upst
 it, or ``max_delay_s`` after its oldest request arrived. Requests leave in priority order
 (high, normal, low), but every ``aging_s`` a request waits lifts it one priority level, so
 low priority is slowed under load, never starved.
-Requests past their deadline are handed back as expired and never reach the model.
+Requests past their deadline are handed back as expired and never reach the model. A request
+put ``alone`` (one suspected of crashing its worker) leaves in a batch of its own, at once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Queued(Generic[T]):
     rank: int  # 0 = highest priority
     arrived: float
     deadline: float | None
+    alone: bool = False
 
 
 class BatchQueue(Generic[T]):
@@ -36,12 +38,16 @@ class BatchQueue(Generic[T]):
         self.aging_s = aging_s
         self._levels: list[deque[Queued[T]]] = [deque() for _ in range(levels)]
         self.rows = 0
+        self._alone = 0  # queued requests that go alone: the batch ahead of them cannot grow past them
 
     def __len__(self) -> int:
         return sum(len(level) for level in self._levels)
 
-    def put(self, item: T, rows: int, rank: int, now: float, deadline: float | None = None) -> None:
-        self._levels[rank].append(Queued(item, rows, rank, now, deadline))
+    def put(
+        self, item: T, rows: int, rank: int, now: float, deadline: float | None = None, alone: bool = False
+    ) -> None:
+        self._levels[rank].append(Queued(item, rows, rank, now, deadline, alone))
+        self._alone += alone
         self.rows += rows
 
     def due_at(self, more_coming: bool = True) -> float | None:
@@ -50,7 +56,7 @@ class BatchQueue(Generic[T]):
         heads = [level[0].arrived for level in self._levels if level]
         if not heads:
             return None
-        if self.rows >= self.max_rows or not more_coming:
+        if self.rows >= self.max_rows or not more_coming or self._alone:
             return float("-inf")
         return min(heads) + self.max_delay_s
 
@@ -64,13 +70,14 @@ class BatchQueue(Generic[T]):
             if level is None:
                 break
             head = level[0]
-            if batch and rows + head.rows > self.max_rows:
+            if batch and (rows + head.rows > self.max_rows or head.alone):
                 break
             level.popleft()
             self.rows -= head.rows
+            self._alone -= head.alone
             rows += head.rows
             batch.append(head.item)
-            if rows >= self.max_rows:
+            if rows >= self.max_rows or head.alone:
                 break
         return batch, expired
 
@@ -78,7 +85,7 @@ class BatchQueue(Generic[T]):
         items = [q.item for level in self._levels for q in level]
         for level in self._levels:
             level.clear()
-        self.rows = 0
+        self.rows = self._alone = 0
         return items
 
     def _pick(self, now: float) -> deque[Queued[T]] | None:
@@ -101,6 +108,7 @@ class BatchQueue(Generic[T]):
                     if q.deadline is not None and q.deadline <= now:
                         expired.append(q.item)
                         self.rows -= q.rows
+                        self._alone -= q.alone
                     else:
                         keep.append(q)
                 self._levels[i] = keep

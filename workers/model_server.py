@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 
 from broker import tracing
+from broker.attempts import Attempts
 from broker.claims import Claims
 from broker.connection import Connection
 from broker.delivery import Delivery
 from broker.feed import PullFeed
-from broker.provision import ensure_consumer
+from broker.provision import ensure_consumer, max_deliveries
 from broker.replies import ReplySender
 from schemas.envelope import Timing, decode_request, encode_error, encode_outputs, encode_request
 from schemas.errors import DeadlineExceeded, MeshError, ModelFailure
@@ -121,12 +122,14 @@ class ModelServer:
         self.last_used = 0.0  # wall-clock time of the latest request
         self.load_ms = 0.0  # artifact to serving: load, warm up, subscribe
         self._computing = 0
+        self._attempts = Attempts(None)  # opened in start()
 
     @property
     def key(self) -> str:
         return f"{self.spec.name}:{self.version}"
 
     async def start(self) -> None:
+        self._attempts = await Attempts.open(self._conn)
         await asyncio.get_running_loop().run_in_executor(self._executor, self._warm_up)
         self._loop_task = asyncio.create_task(self._serve(), name=f"serve-{self.key}")
         for priority in self.priorities:
@@ -196,11 +199,8 @@ class ModelServer:
             await delivery.ack()  # a cancelled job's item: dropped, not computed
             await self._feed(delivery.priority).release()
             return
-        if delivery.num_delivered > self.spec.max_attempts:
-            err = ModelFailure(
-                f"{self.key}: gave up after {self.spec.max_attempts} attempts", attempts=self.spec.max_attempts
-            )
-            await self._fail(delivery, err)
+        if delivery.num_delivered > max_deliveries(self.spec.max_attempts):
+            await self._fail(delivery, self._gave_up())
             return
         try:
             inputs = decode_request(await self._claims.resolve(delivery.data))  # a claim check is fetched first
@@ -211,8 +211,26 @@ class ModelServer:
         deadline = None
         if delivery.deadline_ms is not None:
             deadline = time.monotonic() + (delivery.deadline_ms - now_wall_ms) / 1000.0
-        self._queue.put(_Request(delivery, inputs, rows), rows, _RANK[delivery.priority], time.monotonic(), deadline)
+        # A redelivered request may be the one that crashed a worker: it is computed alone.
+        suspect = delivery.num_delivered > 1
+        self._queue.put(_Request(delivery, inputs, rows), rows, _RANK[delivery.priority], time.monotonic(), deadline,
+                        alone=suspect)  # fmt: skip
         self._wake.set()
+
+    def _gave_up(self) -> ModelFailure:
+        attempts = self.spec.max_attempts
+        return ModelFailure(f"{self.key}: gave up after {attempts} attempts", attempts=attempts)
+
+    async def _may_attempt(self, batch: list[_Request]) -> bool:
+        """A redelivered request, alone in its batch, is charged an attempt before it is computed;
+        once it has had max_attempts it is answered "gave up" instead (False)."""
+        delivery = batch[0].delivery
+        if len(batch) > 1 or delivery.num_delivered == 1:
+            return True
+        if await self._attempts.charge(delivery.stream_seq, delivery.num_delivered) <= self.spec.max_attempts:
+            return True
+        await self._fail(delivery, self._gave_up())
+        return False
 
     async def _serve(self) -> None:
         while True:
@@ -234,7 +252,8 @@ class ModelServer:
                 await self._expire(request.delivery)
             if batch:
                 try:
-                    await self._run(batch)
+                    if await self._may_attempt(batch):
+                        await self._run(batch)
                 except Exception:  # never let one batch end the serving loop
                     log.exception("%s: batch of %d failed unexpectedly", self.key, len(batch))
                     for request in batch:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from broker import Connection, MeshClient, NatsServer, Settings, ensure_consumer, provision
+from broker.provision import max_deliveries
 from examples.build_models import build_identity_onnx
 from schemas.envelope import decode_reply, encode_request
 from schemas.errors import ModelFailure
@@ -18,7 +19,7 @@ from schemas.subjects import HDR_DEADLINE, HDR_MSG_ID, HDR_REPLY, STREAM_INFER, 
 from tests.conftest import serving, set_config, unique
 
 
-async def test_request_that_keeps_failing_ends_as_dead_letter(
+async def test_deliveries_never_computed_are_not_attempts_but_end_at_the_delivery_cap(
     nats_server: NatsServer, tmp_path: Path, client: MeshClient
 ) -> None:
     name = unique("ident")
@@ -28,25 +29,37 @@ async def test_request_that_keeps_failing_ends_as_dead_letter(
     await ensure_consumer(conn.js, name, "1", "normal", ack_wait_s=30, max_attempts=3)
     nc = await nats.connect(nats_server.url)
     try:
-        inbox = nc.new_inbox()
-        replies = await nc.subscribe(inbox)
         x = np.ones((1, 4), np.float32)
-        await conn.js.publish(
-            infer_subject(name, "1", "normal"),
-            encode_request({"input": x}),
-            headers={HDR_MSG_ID: unique("r"), HDR_REPLY: inbox, HDR_DEADLINE: "9999999999999"},
-        )
-        # Three workers took it and died before acking (simulated by nak from a raw pull).
         pull = await nc.jetstream().pull_subscribe_bind(consumer_name(name, "1", "normal"), STREAM_INFER)
-        for attempt in (1, 2, 3):
+        # Taken by workers that died before computing them (simulated by naks from a raw pull):
+        # one "held" 3 times, one for every delivery the cap allows.
+        target = {"held": 3, "capped": max_deliveries(3)}
+        inboxes, ids = {}, {}
+        for label in target:
+            inboxes[label], ids[label] = nc.new_inbox(), unique("r")
+            await conn.js.publish(
+                infer_subject(name, "1", "normal"),
+                encode_request({"input": x}),
+                headers={HDR_MSG_ID: ids[label], HDR_REPLY: inboxes[label], HDR_DEADLINE: "9999999999999"},
+            )
+        done: set[str] = set()
+        while len(done) < len(target):
             (msg,) = await pull.fetch(1, timeout=5)
-            assert msg.metadata.num_delivered == attempt
-            await msg.nak()
+            label = next(k for k, v in ids.items() if v == msg.headers[HDR_MSG_ID])
+            assert label not in done
+            if msg.metadata.num_delivered < target[label]:
+                await msg.nak()
+            else:  # back to the queue once the other is through too
+                done.add(label)
+                await msg.nak(delay=1.0)
         await pull.unsubscribe()
+        replies = {label: await nc.subscribe(inbox) for label, inbox in inboxes.items()}
         async with serving(nats_server.url, tmp_path, [name]):
-            reply = await replies.next_msg(timeout=10)
+            held = decode_reply((await replies["held"].next_msg(timeout=10)).data)
+            np.testing.assert_array_equal(held.outputs["output"], x)  # computed alone, and answered
+            assert held.timing.attempt == 4 and held.timing.batch_size == 1
             with pytest.raises(ModelFailure) as err:
-                decode_reply(reply.data)
+                decode_reply((await replies["capped"].next_msg(timeout=10)).data)
             assert err.value.status == 500 and "gave up after 3 attempts" in err.value.message
             np.testing.assert_array_equal((await client.infer(name, {"input": x}))["output"], x)
         info = await conn.js.consumer_info(STREAM_INFER, consumer_name(name, "1", "normal"))

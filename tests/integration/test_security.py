@@ -39,6 +39,7 @@ from schemas.errors import DeadlineExceeded, MeshError, MeshUnavailable
 from schemas.spec import ModelSpec
 from schemas.subjects import (
     BUCKET_ASSIGNMENTS,
+    BUCKET_ATTEMPTS,
     BUCKET_CLAIMS,
     BUCKET_JOBS,
     BUCKET_LEADER,
@@ -70,6 +71,7 @@ BUCKETS = (
     BUCKET_JOBS,
     BUCKET_ROUTES,
     BUCKET_CLAIMS,
+    BUCKET_ATTEMPTS,
 )
 _LISTEN_RE = re.compile(r"Listening for client connections on [^\s]+:(\d+)")
 

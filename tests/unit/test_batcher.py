@@ -76,3 +76,14 @@ def test_batch_leaves_at_once_when_nothing_more_is_coming() -> None:
     q.put("only", 1, NORMAL, now=1.0)
     assert q.due_at(more_coming=True) == pytest.approx(1.010)
     assert q.due_at(more_coming=False) == float("-inf")
+
+
+def test_a_request_put_alone_leaves_in_a_batch_of_its_own_at_once() -> None:
+    queue: BatchQueue[str] = BatchQueue(max_rows=8, max_delay_s=1.0)
+    queue.put("a", 1, rank=1, now=0.0)
+    queue.put("suspect", 1, rank=1, now=0.0, alone=True)
+    queue.put("b", 1, rank=1, now=0.0)
+    assert queue.due_at(more_coming=True) == float("-inf")  # no waiting for more to join it
+    assert queue.take(0.0)[0] == ["a"]
+    assert queue.take(0.0)[0] == ["suspect"]
+    assert queue.take(0.0)[0] == ["b"]
