@@ -29,6 +29,9 @@ async def test_client_gone_before_its_replies(
     started = time.monotonic()
     async with Load(client, model, callers=8) as load:
         await load.answers(500, 20, "answers before the impatient client")
+        # The worker is paused while the client queues and dies (well within the ack wait), so its
+        # replies are all still to come when it is gone: at full speed it could answer them first.
+        fleet.signal("w1", signal.SIGSTOP)
         impatient = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.faults.impatient", server.url, model, str(ORPHANS),
             stdout=asyncio.subprocess.PIPE, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
@@ -44,6 +47,7 @@ async def test_client_gone_before_its_replies(
         at_kill = await conn.js.consumer_info(STREAM_INFER, consumer)
         # Still to compute or settle when the client died (the load's callers hold at most 8).
         outstanding = at_kill.num_pending + at_kill.num_ack_pending
+        fleet.signal("w1", signal.SIGCONT)
 
         async def orphans_settled() -> bool:
             info = await conn.js.consumer_info(STREAM_INFER, consumer)

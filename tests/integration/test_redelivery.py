@@ -26,44 +26,41 @@ async def test_deliveries_never_computed_are_not_attempts_but_end_at_the_deliver
     set_config(build_identity_onnx(tmp_path, name, "float32", shape=(4,)), max_attempts=3)
     conn = await Connection.open(Settings.from_url(nats_server.url))
     await provision(conn)
-    await ensure_consumer(conn.js, name, "1", "normal", ack_wait_s=30, max_attempts=3)
+    # Each on a subject of its own (priorities), so that their redeliveries do not interleave.
+    target = {"normal": 3, "high": max_deliveries(3)}  # "held" 3 times; every delivery the cap allows
     nc = await nats.connect(nats_server.url)
     try:
         x = np.ones((1, 4), np.float32)
-        pull = await nc.jetstream().pull_subscribe_bind(consumer_name(name, "1", "normal"), STREAM_INFER)
-        # Taken by workers that died before computing them (simulated by naks from a raw pull):
-        # one "held" 3 times, one for every delivery the cap allows.
-        target = {"held": 3, "capped": max_deliveries(3)}
-        inboxes, ids = {}, {}
-        for label in target:
-            inboxes[label], ids[label] = nc.new_inbox(), unique("r")
+        inboxes = {}
+        # Taken by workers that died before computing them (simulated by naks from a raw pull).
+        for priority, deliveries in target.items():
+            await ensure_consumer(conn.js, name, "1", priority, ack_wait_s=30, max_attempts=3)
+            inboxes[priority] = nc.new_inbox()
             await conn.js.publish(
-                infer_subject(name, "1", "normal"),
+                infer_subject(name, "1", priority),
                 encode_request({"input": x}),
-                headers={HDR_MSG_ID: ids[label], HDR_REPLY: inboxes[label], HDR_DEADLINE: "9999999999999"},
+                headers={HDR_MSG_ID: unique("r"), HDR_REPLY: inboxes[priority], HDR_DEADLINE: "9999999999999"},
             )
-        done: set[str] = set()
-        while len(done) < len(target):
-            (msg,) = await pull.fetch(1, timeout=5)
-            label = next(k for k, v in ids.items() if v == msg.headers[HDR_MSG_ID])
-            assert label not in done
-            if msg.metadata.num_delivered < target[label]:
-                await msg.nak()
-            else:  # back to the queue once the other is through too
-                done.add(label)
-                await msg.nak(delay=1.0)
-        await pull.unsubscribe()
+            pull = await nc.jetstream().pull_subscribe_bind(consumer_name(name, "1", priority), STREAM_INFER)
+            try:
+                for delivery in range(1, deliveries + 1):
+                    (msg,) = await pull.fetch(1, timeout=5)
+                    assert msg.metadata.num_delivered == delivery
+                    await msg.nak()
+            finally:
+                await pull.unsubscribe()
         replies = {label: await nc.subscribe(inbox) for label, inbox in inboxes.items()}
         async with serving(nats_server.url, tmp_path, [name]):
-            held = decode_reply((await replies["held"].next_msg(timeout=10)).data)
+            held = decode_reply((await replies["normal"].next_msg(timeout=10)).data)
             np.testing.assert_array_equal(held.outputs["output"], x)  # computed alone, and answered
             assert held.timing.attempt == 4 and held.timing.batch_size == 1
             with pytest.raises(ModelFailure) as err:
-                decode_reply((await replies["capped"].next_msg(timeout=10)).data)
+                decode_reply((await replies["high"].next_msg(timeout=10)).data)
             assert err.value.status == 500 and "gave up after 3 attempts" in err.value.message
             np.testing.assert_array_equal((await client.infer(name, {"input": x}))["output"], x)
-        info = await conn.js.consumer_info(STREAM_INFER, consumer_name(name, "1", "normal"))
-        assert info.num_pending == 0 and info.num_ack_pending == 0  # settled, not looping
+        for priority in target:
+            info = await conn.js.consumer_info(STREAM_INFER, consumer_name(name, "1", priority))
+            assert info.num_pending == 0 and info.num_ack_pending == 0  # settled, not looping
     finally:
         await nc.close()
         await conn.close()
