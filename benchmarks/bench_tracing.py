@@ -1,7 +1,7 @@
-"""What tracing costs: mesh throughput at concurrency 64 with tracing off, on at 100% sampling
-(OTLP/HTTP export to a local sink), and with the instrumentation path stripped out.
+"""What tracing costs: mesh throughput at concurrency 64 with tracing off, on at 100% and 10% sampling
+(BatchSpanProcessor, OTLP/HTTP export to a local sink), and with the instrumentation path stripped out.
 
-Run from the repository root: ``python benchmarks/bench_tracing.py [--quick] [--rounds N]``.
+Run from the repository root: ``python benchmarks/bench_tracing.py [--quick] [--rounds N] [--model identity|mlp]``.
 """
 
 # ruff: noqa: E402
@@ -28,10 +28,11 @@ from benchmarks.loadgen import closed_loop
 from benchmarks.stripped_worker import restore_tracing, strip_tracing
 from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision, tracing
 from broker.loop import run
-from examples.build_models import build_identity_onnx
+from examples.build_models import build_identity_onnx, build_mlp_onnx
 from router.local import wait_workers_ready
 
-MODEL, CONCURRENCY = "traced_echo", 64
+CONCURRENCY = 64
+WIDTHS = {"identity": 16, "mlp": 512}
 MODES = ("stripped", "off", "on", "sampled")  # sampled: 10% of traces (parent-based ratio sampler)
 
 
@@ -67,13 +68,13 @@ def _spawn_worker(mode: str, url: str, repo: Path, log: Path, sink_port: int) ->
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
 
 
-async def _cell(mode: str, url: str, seconds: float) -> float:
+async def _cell(mode: str, url: str, seconds: float, model: str) -> float:
     """Requests per second of one closed-loop cell, this process traced (or not) like the worker."""
     async with await MeshClient.connect(url) as client:
-        x = np.ones((1, 16), np.float32)
+        x = np.ones((1, WIDTHS[model]), np.float32)
 
         async def send(i: int) -> None:
-            await client.infer(MODEL, {"input": x}, timeout=30)
+            await client.infer(model, {"input": x}, timeout=30)
 
         result = await closed_loop(send, CONCURRENCY, duration_s=seconds, warmup_s=0.5)
     if result.errors:
@@ -88,7 +89,7 @@ def _client_mode(mode: str, sink_port: int) -> None:
         tracing.configure_from_env("bench-client")
 
 
-async def _round(mode: str, url: str, repo: Path, logs: Path, sink_port: int, seconds: float) -> float:
+async def _round(mode: str, url: str, repo: Path, logs: Path, sink_port: int, seconds: float, model: str) -> float:
     children = Children()
     try:
         proc = children.add(mode, _spawn_worker(mode, url, repo, logs / f"{mode}.log", sink_port))
@@ -98,7 +99,7 @@ async def _round(mode: str, url: str, repo: Path, logs: Path, sink_port: int, se
         _client_mode(mode, sink_port)
         originals = strip_tracing() if mode == "stripped" else {}  # the client's hooks go too
         try:
-            rps = await _cell(mode, url, seconds)
+            rps = await _cell(mode, url, seconds, model)
         finally:
             restore_tracing(originals)
         print(f"  {mode:<9} {rps:9,.0f} req/s  (worker pid {proc.pid})", flush=True)
@@ -109,20 +110,24 @@ async def _round(mode: str, url: str, repo: Path, logs: Path, sink_port: int, se
         children.stop_all()
 
 
-async def main(rounds: int, seconds: float) -> dict[str, list[float]]:
+async def main(rounds: int, seconds: float, model: str) -> dict[str, list[float]]:
     sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     results: dict[str, list[float]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="servemesh-trace-") as tmp, NatsServer() as server:
         repo, logs = Path(tmp) / "models", Path(tmp)
-        build_identity_onnx(repo, MODEL, "float32", max_batch_size=64, max_delay_ms=1, shape=(16,))
+        if model == "mlp":
+            build_mlp_onnx(repo, model, max_batch_size=128, max_delay_ms=2)
+        else:
+            build_identity_onnx(repo, model, "float32", max_batch_size=64, max_delay_ms=1, shape=(16,))
         conn = await Connection.open(Settings.from_url(server.url))
         await provision(conn)
         await conn.close()
         for i in range(rounds):  # interleaved, so drift in the machine's load hits every mode alike
             print(f"round {i + 1}/{rounds}", flush=True)
             for mode in MODES:
-                results[mode].append(await _round(mode, server.url, repo, logs, sink.server_address[1], seconds))
+                rps = await _round(mode, server.url, repo, logs, sink.server_address[1], seconds, model)
+                results[mode].append(rps)
     sink.shutdown()
     print(f"OTLP export requests received by the sink: {_Sink.received:,}")
     return results
@@ -148,6 +153,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s cells")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", choices=sorted(WIDTHS), default="identity")
     args = parser.parse_args()
     rounds, seconds = (1, 2.0) if args.quick else (args.rounds, 5.0)
-    report(run(main(rounds, seconds), "uvloop"))
+    print(f"model {args.model}, concurrency {CONCURRENCY}, {seconds:g} s per cell", flush=True)
+    report(run(main(rounds, seconds, args.model), "uvloop"))
