@@ -11,7 +11,18 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, TracerProvider
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TracerProvider,
+    TraceState,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from schemas.subjects import parse_infer_subject
@@ -108,6 +119,24 @@ def _not_sampled(traceparent: str | None) -> bool:
         return False
 
 
+def _parent_context(headers: Mapping[str, str]) -> Context:
+    """The remote parent in ``headers``: a well-formed version-00 ``traceparent`` read directly (the
+    propagator's regex and checks cost ~4 µs a request), anything else through the propagator."""
+    traceparent = headers.get("traceparent")
+    if traceparent is not None and len(traceparent) == 55 and traceparent.startswith("00-"):
+        try:
+            trace_id, span_id = int(traceparent[3:35], 16), int(traceparent[36:52], 16)
+            flags = int(traceparent[53:], 16)
+        except ValueError:
+            trace_id = span_id = 0
+        if trace_id and span_id and traceparent[35] == traceparent[52] == "-" and traceparent[3:].islower():
+            raw_state = headers.get("tracestate")
+            state = TraceState.from_header([raw_state]) if raw_state else None
+            context = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags), trace_state=state)
+            return trace.set_span_in_context(NonRecordingSpan(context))
+    return _propagator.extract(headers)
+
+
 def _write_context(span: Span, headers: MutableMapping[str, str]) -> None:
     """W3C ``traceparent`` (and ``tracestate``) of ``span``, as the propagator would write them."""
     ctx = span.get_span_context()
@@ -134,7 +163,7 @@ def start_consumer(headers: Mapping[str, str], subject: str, request_id: str | N
         return None
     if _parent_decides and _not_sampled(headers.get("traceparent")):
         return None
-    parent: Context = _propagator.extract(headers)
+    parent = _parent_context(headers)
     attrs = _attributes(subject, request_id, **{"messaging.operation.type": "process", "mesh.worker": worker})
     span = _tracer.start_span(
         f"process {attrs['mesh.model']}", context=parent, kind=SpanKind.CONSUMER, attributes=attrs
