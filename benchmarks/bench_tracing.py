@@ -136,8 +136,8 @@ async def main(rounds: int, seconds: float, model: str) -> dict[str, list[tuple[
         await conn.close()
         for i in range(rounds):  # interleaved, so drift in the machine's load hits every mode alike
             print(f"round {i + 1}/{rounds}", flush=True)
-            # Each round starts with another mode: the stream's de-duplication window fills as a run goes on, so a
-            # fixed order would favour whichever mode comes first.
+            # Each round starts with another mode: server state grows as a run goes on (the stream's
+            # de-duplication window, for one), so a fixed order would favour whichever mode comes first.
             for mode in MODES[i % len(MODES) :] + MODES[: i % len(MODES)]:
                 results[mode].append(await _round(mode, server, repo, logs, sink.server_address[1], seconds, model))
     sink.shutdown()
