@@ -62,7 +62,8 @@ def _otel_env(sink_port: int, mode: str) -> dict[str, str]:
 
 def _spawn_worker(mode: str, url: str, repo: Path, log: Path, sink_port: int) -> subprocess.Popen[bytes]:
     traced = mode in ("on", "sampled")
-    env = {**os.environ, "SERVEMESH_LOOP": "uvloop", **(_otel_env(sink_port, mode) if traced else {})}
+    untraced_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env = {**untraced_env, "SERVEMESH_LOOP": "uvloop", **(_otel_env(sink_port, mode) if traced else {})}
     script = ["benchmarks/stripped_worker.py"] if mode == "stripped" else ["-m", "router", "worker"]
     args = [sys.executable, *script, "--models", str(repo), "--id", f"w-{mode}", "--nats", url]
     with open(log, "ab") as out:
@@ -91,8 +92,15 @@ async def _cell(mode: str, url: str, seconds: float, model: str, meter: CpuMeter
 def _client_mode(mode: str, sink_port: int) -> None:
     tracing.disable()
     if mode in ("on", "sampled"):
-        os.environ.update(_otel_env(sink_port, mode))
-        tracing.configure_from_env("bench-client")
+        # Only for as long as configuring takes: left in the environment, the settings would reach the
+        # workers of later untraced rounds too.
+        variables = _otel_env(sink_port, mode)
+        os.environ.update(variables)
+        try:
+            tracing.configure_from_env("bench-client")
+        finally:
+            for name in variables:
+                os.environ.pop(name, None)
 
 
 async def _round(
