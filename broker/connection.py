@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,9 +45,9 @@ def translate_error(exc: BaseException, what: str) -> MeshError:
 
 
 class _Client(NatsClient):
-    """nats-py's client with a cheaper header parser: every request carries headers, and the
-    stock parser tests each character of each name in Python. Same results: names holding
-    whitespace are skipped, values are stripped and decoded leniently."""
+    """nats-py's client with cheaper header parsing and encoding: every request carries headers,
+    and the stock code handles each character of each name or value in Python. Same results:
+    names holding whitespace are skipped, values are stripped and decoded leniently."""
 
     @staticmethod
     def _parse_header_lines(raw: bytes) -> dict[str, str]:
@@ -60,6 +61,44 @@ class _Client(NatsClient):
                 continue
             out[name.decode("ascii")] = value.strip().decode("utf-8", "replace")
         return out
+
+    async def _send_publish(
+        self, subject: str, reply: str, payload: bytes, payload_size: int, headers: dict[str, Any] | None
+    ) -> None:
+        """nats-py's, with the header block built without ``str.translate``, which costs ~3 µs per
+        value and so ~13 µs per request. Same bytes on the wire, same checks: keys must be tokens,
+        values are stripped and CR/LF become spaces."""
+        if headers is None:
+            return await super()._send_publish(subject, reply, payload, payload_size, headers)
+        if subject == "":
+            raise nats.errors.BadSubjectError
+        lines = ["NATS/1.0\r\n"]
+        for k, v in headers.items():
+            key = k.strip()
+            if not key:
+                continue
+            if key not in _GOOD_KEYS:
+                if not _HEADER_KEY.fullmatch(key):
+                    raise nats.errors.BadHeaderError(key)
+                if len(_GOOD_KEYS) < 256:
+                    _GOOD_KEYS.add(key)
+            value = v.strip()
+            if "\r" in value or "\n" in value:
+                value = value.replace("\r", " ").replace("\n", " ")
+            lines.append(f"{key}: {value}\r\n")
+        lines.append("\r\n")
+        hdr = "".join(lines).encode()
+        cmd = f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + len(payload)}\r\n".encode() + hdr + payload + b"\r\n"
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += payload_size
+        await self._send_command(cmd)
+        if self._flush_queue is not None and self._flush_queue.empty():
+            await self._flush_pending()
+
+
+# Header names already checked against the token grammar (a mesh uses a handful, over and over).
+_GOOD_KEYS: set[str] = set()
+_HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def _auth_options(settings: Settings) -> dict[str, Any]:

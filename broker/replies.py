@@ -104,7 +104,7 @@ class ReplySender:
                 headers[name] = value
         if rest:
             headers[HDR_ROUTE] = rest
-        tracing.inject(delivery.span, headers)  # the next stage joins the same trace
+        tracing.inject(delivery.span, headers, delivery.headers)  # the next stage joins the same trace
         try:
             await self._conn.js.publish(subject, request, headers=headers, timeout=5.0)
         except Exception as exc:

@@ -28,7 +28,7 @@ from broker.delivery import Delivery
 from broker.feed import PullFeed
 from broker.provision import ensure_consumer, max_deliveries
 from broker.replies import ReplySender
-from schemas.envelope import Timing, decode_request, encode_error, encode_outputs, encode_request
+from schemas.envelope import Timing, decode_request, encode_error
 from schemas.errors import DeadlineExceeded, MeshError, ModelFailure
 from schemas.spec import ModelSpec
 from schemas.subjects import PRIORITIES, STREAM_INFER
@@ -36,6 +36,8 @@ from workers.batcher import BatchQueue
 from workers.histogram import BATCH_BUCKETS, SECONDS_BUCKETS, Histogram
 from workers.jobs import JobBook
 from workers.runtimes.base import Runtime, Tensors
+from workers.settle import Computed, Settler
+from workers.settle import Request as _Request
 from workers.signature import Signature
 
 __all__ = ["ModelServer", "ServingStats"]
@@ -47,13 +49,6 @@ log = logging.getLogger(__name__)
 INLINE_BUDGET_S = 0.0002
 
 _RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
-
-
-@dataclass(slots=True)
-class _Request:
-    delivery: Delivery
-    inputs: Tensors
-    rows: int
 
 
 @dataclass
@@ -123,6 +118,7 @@ class ModelServer:
         self.load_ms = 0.0  # artifact to serving: load, warm up, subscribe
         self._computing = 0
         self._attempts = Attempts(None)  # opened in start()
+        self._settler = Settler(conn, self._claims, self.key, worker_id, self.stats, self._release, self._fail)
 
     @property
     def key(self) -> str:
@@ -165,8 +161,8 @@ class ModelServer:
 
     @property
     def in_flight(self) -> int:
-        """Requests this replica holds: queued here or computing."""
-        return len(self._queue) + self._computing
+        """Requests this replica holds: queued here, computing, or being answered."""
+        return len(self._queue) + self._computing + self._settler.settling
 
     def _warm_up(self) -> None:
         """One tiny prediction before subscribing, so the first real request does not pay for lazy init."""
@@ -260,6 +256,8 @@ class ModelServer:
                         await self._fail(request.delivery, ModelFailure(f"{self.key}: internal error"))
 
     async def _run(self, batch: list[_Request]) -> None:
+        """Compute one batch, then hand its answers to the settler and return: the next batch can
+        start while this one's replies and acks go out."""
         started_ns = time.time_ns()
         t0 = time.monotonic()
         rows = sum(r.rows for r in batch)
@@ -270,14 +268,18 @@ class ModelServer:
                 self.spec.name, self.version, (r.delivery.span for r in batch), self.worker_id
             )
             inference_span = tracing.start_inference(batch_span, self.spec.name, rows)
-        if self._row_cost_s is not None and self._row_cost_s * rows < INLINE_BUDGET_S:
-            results = self._compute(batch)
-        else:
-            keepalive = asyncio.create_task(self._keep_alive(batch))
-            try:
-                results = await asyncio.get_running_loop().run_in_executor(self._executor, self._compute, batch)
-            finally:
-                keepalive.cancel()
+        try:
+            if self._row_cost_s is not None and self._row_cost_s * rows < INLINE_BUDGET_S:
+                results = self._compute(batch)
+            else:
+                keepalive = asyncio.create_task(self._keep_alive(batch))
+                try:
+                    loop = asyncio.get_running_loop()
+                    results = await loop.run_in_executor(self._executor, self._compute, batch)
+                finally:
+                    keepalive.cancel()
+        finally:
+            self._computing = 0
         compute_ms = (time.monotonic() - t0) * 1000
         tracing.end(inference_span)
         self.stats.busy_s += compute_ms / 1000
@@ -286,41 +288,7 @@ class ModelServer:
         self.stats.batches += 1
         self.stats.rows += rows
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
-        sender = ReplySender(self._conn)
-        for request, result in zip(batch, results, strict=True):
-            queue_ms = max(0.0, (started_ns - request.delivery.stored_ns) / 1e6) if request.delivery.stored_ns else 0.0
-            timing = Timing(queue_ms, compute_ms, len(batch), self.worker_id, request.delivery.num_delivered)
-            self.stats.queue_s.observe(queue_ms / 1000)
-            if isinstance(result, MeshError):
-                self.stats.errors[result.status] += 1
-                result.data.setdefault("stage", self.key)
-                sender.add(request.delivery, encode_error(result, timing), ok=False)
-            elif request.delivery.route:
-                self.stats.succeeded += 1
-                sender.forward(request.delivery, encode_request(result))  # a pipeline: on to the next stage
-            else:
-                self.stats.succeeded += 1
-                payload = encode_outputs(result, timing)
-                # Too large for a message: by claim check (not a job's result, kept longer than claims are).
-                if len(payload) > self._claims.threshold and not request.delivery.job:
-                    payload = await self._claims.wrap_reply(payload, timing)
-                sender.add(request.delivery, payload)
-            if request.delivery.span is not None:
-                error = result if isinstance(result, MeshError) else None
-                tracing.end(request.delivery.span, error, **{"mesh.queue_wait_ms": queue_ms})
-        tracing.end(batch_span)
-        for delivery, err in await sender.send():
-            err.data["stage"] = delivery.route.partition(",")[0] if delivery.route else self.key
-            await delivery.reply(encode_error(err, Timing(worker=self.worker_id)))
-        sent_ns = time.time_ns()
-        self.stats.recent_ms.extend((sent_ns - r.delivery.stored_ns) / 1e6 for r in batch if r.delivery.stored_ns)
-        for request in batch:
-            if request.delivery in sender.unsaved:
-                await request.delivery.nak()  # its job result was not stored: compute it again
-            else:
-                await request.delivery.ack()
-        self._computing = 0
-        await self._release(batch)
+        self._settler.submit(Computed(batch, results, started_ns, compute_ms, batch_span))
 
     def _compute(self, batch: list[_Request]) -> list[Tensors | MeshError]:
         """The whole batch at once, else each member alone (usually in the executor thread)."""
@@ -408,6 +376,7 @@ class ModelServer:
         self._wake.set()
         if self._loop_task is not None:
             await self._loop_task
+        await self._settler.wait()
         self._executor.shutdown(wait=True)
         self.runtime.close()
         log.info("drained %s", self.key)

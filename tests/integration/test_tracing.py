@@ -124,3 +124,52 @@ async def test_pipeline_stages_appear_in_one_trace(
     assert first.context.trace_id == second.context.trace_id == send.context.trace_id
     assert first.parent is not None and first.parent.span_id == send.context.span_id
     assert second.parent is not None and second.parent.span_id == first.context.span_id
+
+
+async def test_sampling_decided_once_per_trace(nats_server: NatsServer, tmp_path: Path) -> None:
+    """With a parent-based ratio sampler, the worker records exactly the requests the client sampled, and
+    every recorded request reaches a recorded batch span; dropped traces still carry their context."""
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.5)))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.enable(provider)
+    name = unique("ident")
+    build_identity_onnx(tmp_path, name, "float32", max_batch_size=8, max_delay_ms=20, shape=(2,))
+    try:
+        async with serving(nats_server.url, tmp_path, [name]), await MeshClient.connect(nats_server.url) as c:
+            await asyncio.gather(*(c.infer(name, {"input": np.full((1, 2), i, np.float32)}) for i in range(40)))
+    finally:
+        tracing.disable()
+    sends = _by_name(exporter, "send ")
+    processes = _by_name(exporter, "process ")
+    assert 0 < len(sends) < 40  # some traces were dropped, some kept
+    assert {p.parent.span_id for p in processes if p.parent} == {s.context.span_id for s in sends}
+    linked = {link.context.span_id for b in _by_name(exporter, "batch ") for link in b.links}
+    assert linked == {p.context.span_id for p in processes}
+
+
+async def test_a_dropped_trace_makes_no_worker_spans_and_keeps_its_context(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    import nats
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.0)))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.enable(provider)
+    name = unique("ident")
+    build_identity_onnx(tmp_path, name, "float32", shape=(2,))
+    nc = await nats.connect(nats_server.url)
+    try:
+        wire = await nc.subscribe(f"mesh.infer.{name}.>")
+        async with serving(nats_server.url, tmp_path, [name]), await MeshClient.connect(nats_server.url) as c:
+            await c.infer(name, {"input": np.ones((1, 2), np.float32)})
+            headers = (await wire.next_msg(timeout=5)).headers or {}
+    finally:
+        tracing.disable()
+        await nc.close()
+    assert int(headers["traceparent"][-2:], 16) & 1 == 0  # context sent, marked not sampled
+    assert exporter.get_finished_spans() == ()
