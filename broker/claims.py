@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import logging
 
-from nats.js.api import ObjectMeta, ObjectMetaOptions
+from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig, StorageType
 from nats.js.errors import BucketNotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 from nats.nuid import NUID
@@ -20,7 +20,7 @@ from nats.nuid import NUID
 from broker.connection import Connection, translate_error
 from schemas.envelope import Claim, Timing, claim_of, encode_claim, encode_error
 from schemas.errors import BadInput, MeshError, ModelFailure
-from schemas.subjects import BUCKET_CLAIMS
+from schemas.subjects import BUCKET_CLAIMS, is_claims_bucket
 
 __all__ = ["Claims"]
 
@@ -35,7 +35,7 @@ class Claims:
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        self._store: ObjectStore | None = None
+        self._stores: dict[str, ObjectStore] = {}
         self._nuid = NUID()
 
     @property
@@ -45,21 +45,45 @@ class Claims:
         max_payload = self._conn.nc.max_payload
         return min(self._conn.settings.claim_threshold or max_payload // 2, max_payload - 8 * _BUNDLE_ROOM)
 
-    async def _bucket(self) -> ObjectStore:
-        if self._store is None:
+    async def _bucket(self, name: str) -> ObjectStore:
+        store = self._stores.get(name)
+        if store is None:
             try:
-                self._store = await self._conn.js.object_store(BUCKET_CLAIMS)
+                store = await self._conn.js.object_store(name)
             except BucketNotFoundError:
-                raise BadInput(
-                    f"payload too large for one message and no {BUCKET_CLAIMS} bucket to carry it "
-                    "(provisioned when a worker starts)"
-                ) from None
+                if name == BUCKET_CLAIMS or name != self._conn.settings.claim_bucket:
+                    raise BadInput(
+                        f"payload too large for one message and no {name} bucket to carry it "
+                        "(mesh-claims is provisioned when a worker starts; a bucket of one's own by its owner)"
+                    ) from None
+                store = await self._create(name)  # our own bucket: made on first use
             except Exception as exc:
-                raise translate_error(exc, f"open the {BUCKET_CLAIMS} bucket") from exc
-        return self._store
+                raise translate_error(exc, f"open the {name} bucket") from exc
+            self._stores[name] = store
+        return store
 
-    async def wrap(self, payload: bytes) -> bytes:
-        """``payload`` itself when small enough (or claims are off); else stored, and a claim for it."""
+    async def ensure_own(self) -> None:
+        """Make sure this process's own claims bucket exists (a worker may have a large reply for
+        it before we ever store a request there); only logs when it cannot."""
+        name = self._conn.settings.claim_bucket
+        if name != BUCKET_CLAIMS and self._conn.settings.claims:
+            try:
+                await self._bucket(name)
+            except MeshError as err:
+                log.warning("claims bucket %s unavailable: %s", name, err.message)
+
+    async def _create(self, name: str) -> ObjectStore:
+        settings = self._conn.settings
+        storage = StorageType.FILE if settings.storage == "file" else StorageType.MEMORY
+        config = ObjectStoreConfig(ttl=settings.claim_ttl_s, storage=storage, replicas=settings.replicas)
+        try:
+            return await self._conn.js.create_object_store(name, config)
+        except Exception as exc:
+            raise translate_error(exc, f"create the {name} bucket") from exc
+
+    async def wrap(self, payload: bytes, bucket: str | None = None) -> bytes:
+        """``payload`` itself when small enough (or claims are off); else stored (in ``bucket``, by
+        default our own), and a claim for it."""
         if len(payload) <= self.threshold or not self._conn.settings.claims:
             return payload
         if len(payload) > self._conn.settings.claim_max_bytes:
@@ -67,7 +91,8 @@ class Claims:
                 f"payload is {len(payload)} bytes; claims carry at most {self._conn.settings.claim_max_bytes}",
                 size=len(payload),
             )
-        store = await self._bucket()
+        bucket = bucket or self._conn.settings.claim_bucket
+        store = await self._bucket(bucket)
         name = self._nuid.next().decode()
         # Chunks as large as a message may be: fewer acknowledged publishes per object.
         chunk = max(64 * 1024, self._conn.nc.max_payload - 4096)
@@ -75,13 +100,14 @@ class Claims:
         try:
             await store.put(name, payload, meta=meta)
         except Exception as exc:
-            raise translate_error(exc, f"store a {len(payload)}-byte payload in {BUCKET_CLAIMS}") from exc
-        return encode_claim(Claim(BUCKET_CLAIMS, name, len(payload)))
+            raise translate_error(exc, f"store a {len(payload)}-byte payload in {bucket}") from exc
+        return encode_claim(Claim(bucket, name, len(payload)))
 
-    async def wrap_reply(self, payload: bytes, timing: Timing) -> bytes:
-        """Like :meth:`wrap`, for a worker's reply: never raises, a reply that cannot go is an error reply."""
+    async def wrap_reply(self, payload: bytes, timing: Timing, bucket: str | None = None) -> bytes:
+        """Like :meth:`wrap`, for a worker's reply (into the requester's ``bucket``, if it named a
+        valid one): never raises, a reply that cannot go is an error reply."""
         try:
-            wrapped = await self.wrap(payload)
+            wrapped = await self.wrap(payload, bucket if bucket and is_claims_bucket(bucket) else BUCKET_CLAIMS)
         except MeshError as err:
             return encode_error(ModelFailure(f"the reply cannot be sent: {err.message}", size=len(payload)), timing)
         if len(wrapped) > self._conn.nc.max_payload - _BUNDLE_ROOM:
@@ -99,12 +125,12 @@ class Claims:
         claim = claim_of(payload)
         if claim is None:
             return payload
-        if claim.bucket != BUCKET_CLAIMS:
-            raise BadInput(f"claims are resolved from {BUCKET_CLAIMS} only, not {claim.bucket!r}")
+        if not is_claims_bucket(claim.bucket):
+            raise BadInput(f"claims are resolved from {BUCKET_CLAIMS} buckets only, not {claim.bucket!r}")
         limit = self._conn.settings.claim_max_bytes
         if claim.size > limit:
             raise BadInput(f"claimed payload is {claim.size} bytes; at most {limit} are accepted", size=claim.size)
-        store = await self._bucket()
+        store = await self._bucket(claim.bucket)
         try:
             info = await store.get_info(claim.name)
             if info.size != claim.size:
@@ -124,9 +150,9 @@ class Claims:
     async def release(self, payload: bytes) -> None:
         """Delete the object a claim we own refers to; best effort (the TTL is the backstop)."""
         claim = claim_of(payload)
-        if claim is None or claim.bucket != BUCKET_CLAIMS:
+        if claim is None or not is_claims_bucket(claim.bucket):
             return
         try:
-            await (await self._bucket()).delete(claim.name)
+            await (await self._bucket(claim.bucket)).delete(claim.name)
         except Exception as exc:
             log.info("could not delete claimed payload %s (it expires anyway): %s", claim.name, exc)

@@ -34,6 +34,8 @@ from schemas.envelope import Reply, claim_of, decode_bundle, decode_reply, encod
 from schemas.errors import BadInput, DeadlineExceeded, MeshError
 from schemas.spec import ModelSpec
 from schemas.subjects import (
+    BUCKET_CLAIMS,
+    HDR_CLAIM_BUCKET,
     HDR_DEADLINE,
     HDR_MSG_ID,
     HDR_REPLY,
@@ -72,6 +74,7 @@ class MeshClient:
             f"{client._inbox}.*.*", cb=client._on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1
         )
         conn.on_reconnect.append(client._pending.after_reconnect)
+        await client._claims.ensure_own()
         return client
 
     @property
@@ -230,6 +233,8 @@ class MeshClient:
         }
         if len(route) > 1:
             headers[HDR_ROUTE] = ",".join(route[1:])
+        if self._conn.settings.claim_bucket != BUCKET_CLAIMS:
+            headers[HDR_CLAIM_BUCKET] = self._conn.settings.claim_bucket  # a large reply comes back there
         return route[0], payload, headers
 
     async def _on_reply(self, msg: Msg) -> None:

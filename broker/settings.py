@@ -47,6 +47,9 @@ class Settings(BaseModel):
     claim_threshold: int = Field(default=0, ge=0)
     claim_max_bytes: int = Field(default=256 * 2**20, ge=1)
     claim_ttl_s: float = Field(default=900.0, gt=0)
+    # Where this process stores its claim-checked payloads: mesh-claims, or a bucket of its own
+    # (mesh-claims-<tenant>) where users must not read each other's (deploy/nats/accounts.conf).
+    claim_bucket: str = Field(default="mesh-claims", pattern=r"^mesh-claims(-[A-Za-z0-9_-]{1,52})?$")
     # Reply inboxes are subjects under this prefix; a restricted user may subscribe only to its own.
     inbox_prefix: str = Field(default="_INBOX", pattern=r"^[^\s*>.]+(\.[^\s*>.]+)*$")
 

@@ -24,6 +24,8 @@ from schemas.envelope import Reply, claim_of, decode_reply
 from schemas.errors import MeshError
 from schemas.shadow import Outcome, ShadowConfig, ShadowEvent, decode_event, encode_event
 from schemas.subjects import (
+    BUCKET_CLAIMS,
+    HDR_CLAIM_BUCKET,
     HDR_DEADLINE,
     HDR_MSG_ID,
     HDR_REPLY,
@@ -216,6 +218,8 @@ class Shadowing:
         if claim_of(payload) is not None:
             self._claimed[mirror_id] = payload
         headers = {HDR_MSG_ID: mirror_id, HDR_REPLY: f"{self._inbox}.s.{mirror_id}", HDR_DEADLINE: deadline}
+        if self._conn.settings.claim_bucket != BUCKET_CLAIMS:
+            headers[HDR_CLAIM_BUCKET] = self._conn.settings.claim_bucket
         try:
             await self._conn.nc.publish(infer_subject(model, config.version, priority), payload,
                                         reply=f"{self._inbox}.t.{mirror_id}", headers=headers)  # fmt: skip

@@ -16,6 +16,7 @@ __all__ = [
     "BUCKET_ROUTES",
     "BUCKET_STATUS",
     "BUCKET_WORKERS",
+    "HDR_CLAIM_BUCKET",
     "HDR_DEADLINE",
     "HDR_JOB",
     "HDR_JOB_ITEM",
@@ -37,6 +38,7 @@ __all__ = [
     "check_name",
     "consumer_name",
     "infer_subject",
+    "is_claims_bucket",
     "is_reply_subject",
     "job_result_subject",
     "parse_infer_subject",
@@ -71,6 +73,8 @@ HDR_REPLY: Final = "Mesh-Reply"
 # Optional: the client's inbox, where a worker may send several replies as one bundle.
 HDR_REPLY_INBOX: Final = "Mesh-Reply-Inbox"
 HDR_DEADLINE: Final = "Mesh-Deadline"
+# Where a large reply goes by claim check: the requester's own claims bucket, when it has one.
+HDR_CLAIM_BUCKET: Final = "Mesh-Claim-Bucket"
 # The pipeline stages still ahead of a request: their subjects, comma-separated.
 HDR_ROUTE: Final = "Mesh-Route"
 # On a reply sent alone: the request it answers (fire-and-forget consumers correlate by it).
@@ -81,6 +85,7 @@ HDR_JOB_ITEM: Final = "Mesh-Job-Item"
 HDR_TRACEPARENT: Final = "traceparent"
 HDR_TRACESTATE: Final = "tracestate"
 
+_OWNER_RE = re.compile(r"^[A-Za-z0-9_-]{1,52}$")
 # Versions carry no underscore, so a consumer name splits back into its parts unambiguously.
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
@@ -96,6 +101,12 @@ def check_name(model: str, version: str | None = None) -> None:
 
 # A subject one can publish to: non-empty tokens, no wildcards, no whitespace or control characters.
 _PUBLISH_RE = re.compile(r"^[^\s*>.\x00-\x1f\x7f]+(\.[^\s*>.\x00-\x1f\x7f]+)*$")
+
+
+def is_claims_bucket(name: str) -> bool:
+    """``mesh-claims`` or a bucket of one's own, ``mesh-claims-<owner>`` (e.g. per tenant)."""
+    owner = name.removeprefix(BUCKET_CLAIMS + "-")
+    return name == BUCKET_CLAIMS or (owner != name and _OWNER_RE.match(owner) is not None)
 
 
 def is_reply_subject(subject: str) -> bool:

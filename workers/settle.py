@@ -22,6 +22,7 @@ from broker.delivery import Delivery
 from broker.replies import ReplySender
 from schemas.envelope import Timing, encode_error, encode_outputs, encode_request
 from schemas.errors import MeshError, ModelFailure
+from schemas.subjects import HDR_CLAIM_BUCKET
 from workers.runtimes.base import Tensors
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ class Settler:
                 payload = encode_outputs(result, timing)
                 # Too large for a message: by claim check (not a job's result, kept longer than claims are).
                 if len(payload) > self._claims.threshold and not delivery.job:
-                    payload = await self._claims.wrap_reply(payload, timing)
+                    payload = await self._claims.wrap_reply(payload, timing, delivery.headers.get(HDR_CLAIM_BUCKET))
                 sender.add(delivery, payload)
         for delivery, err in await sender.send():
             err.data["stage"] = delivery.route.partition(",")[0] if delivery.route else self._key

@@ -147,6 +147,8 @@ class Mesh:
             "nats_url": self.server.url, "user": user, "password": self.passwords[user],
             "inbox_prefix": f"_INBOX.{user}",
         }  # fmt: skip
+        if user.startswith("tenant"):
+            values["claim_bucket"] = f"{BUCKET_CLAIMS}-{user}"  # tenants never share a claims bucket
         return Settings(**{**values, **overrides})
 
 
@@ -299,6 +301,21 @@ async def test_large_tensors_travel_by_claim_check_between_a_tenant_and_a_worker
     ):
         reply = await client.infer_reply("echo_a", x, timeout=30)
     np.testing.assert_array_equal(reply.outputs["output"], x["input"])
+    # Both ways through the tenant's own bucket: used (deletion markers), with no data left in it.
+    own = await admin.js.object_store(f"{BUCKET_CLAIMS}-tenant_a")
+    assert 0 < (await own.status()).size < 64 * 1024  # type: ignore[attr-defined]
+
+
+async def test_tenant_cannot_read_another_tenants_large_tensors(
+    secure: Mesh, admin: Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with await MeshClient.connect(settings=secure.settings("tenant_a")):
+        pass  # its client makes its own claims bucket
+    async with connected(secure.settings("tenant_b")) as spy:
+        for bucket in (f"{BUCKET_CLAIMS}-tenant_a", BUCKET_CLAIMS):
+            with pytest.raises(Exception):  # noqa: B017  (a denial arrives as a timeout)
+                await asyncio.wait_for(spy.js.object_store(bucket), 5)
+            await violation(caplog, "publish", f"$JS.API.STREAM.INFO.OBJ_{bucket}")
 
 
 async def test_tenant_cannot_queue_requests_for_another_tenants_model(

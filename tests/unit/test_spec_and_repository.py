@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from examples.build_models import build_identity_onnx
 from schemas.spec import ModelSpec, VersionSpec
-from schemas.subjects import check_name, consumer_name, infer_subject, parse_infer_subject
+from schemas.subjects import check_name, consumer_name, infer_subject, is_claims_bucket, parse_infer_subject
 from workers.repository import read_repository
 
 
@@ -50,3 +50,9 @@ def test_repository_reads_good_models_and_reports_broken_ones(tmp_path: Path) ->
     assert good.versions["1"].format == "onnx" and good.versions["1"].sha256 and good.max_batch_size == 64
     assert good.inputs[0].dtype == "int32" and good.inputs[0].shape == (2,)
     assert sorted(e.model for e in errors) == ["badconfig", "empty"]
+
+
+def test_claims_buckets_are_the_shared_one_or_one_of_their_own() -> None:
+    assert is_claims_bucket("mesh-claims") and is_claims_bucket("mesh-claims-tenant_a")
+    for name in ("mesh-models", "mesh-claimsx", "mesh-claims-", "mesh-claims-a.b", "mesh-claims->", "OBJ_mesh-claims"):
+        assert not is_claims_bucket(name), name
