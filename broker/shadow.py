@@ -252,7 +252,12 @@ class Shadowing:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = 2.0) -> None:
+        """Let mirrors still in flight finish and report (up to ``grace_s``), then drop the rest."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.book.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         self.book.close()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=1.0)
