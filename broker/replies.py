@@ -16,7 +16,6 @@ import logging
 from collections import defaultdict
 
 from broker import tracing
-from broker.acks import AckedPublisher
 from broker.connection import Connection, translate_error
 from broker.delivery import Delivery
 from schemas.envelope import encode_bundle
@@ -41,9 +40,8 @@ _CARRIED = frozenset({HDR_REPLY, HDR_REPLY_INBOX, HDR_DEADLINE})
 
 
 class ReplySender:
-    def __init__(self, conn: Connection, acks: AckedPublisher | None = None) -> None:
+    def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        self._acks = acks  # stores and forwards in bulk, when given (else one js.publish each)
         self._nc = conn.nc
         self._limit = max(1024, self._nc.max_payload // 2)
         self._single: list[tuple[Delivery, bytes]] = []
@@ -69,16 +67,13 @@ class ReplySender:
 
     async def send(self) -> list[tuple[Delivery, MeshError]]:
         """Send everything; returns the forwards the next stage's stream refused (to answer as errors)."""
-        refused: list[tuple[Delivery, MeshError]] = []
-        if self._acks is not None and (self._forwards or self._job_results):
-            refused = await self._send_acked(self._acks)
-        else:
-            if self._forwards:
-                outcomes = await asyncio.gather(*(self._forward(d, r) for d, r in self._forwards))
-                refused = [(d, err) for (d, _), err in zip(self._forwards, outcomes, strict=True) if err is not None]
-            if self._job_results:
-                stored = await asyncio.gather(*(self._store(d, p, ok) for d, p, ok in self._job_results))
-                self.unsaved = [d for (d, _, _), done in zip(self._job_results, stored, strict=True) if not done]
+        refused = []
+        if self._forwards:
+            outcomes = await asyncio.gather(*(self._forward(d, r) for d, r in self._forwards))
+            refused = [(d, err) for (d, _), err in zip(self._forwards, outcomes, strict=True) if err is not None]
+        if self._job_results:
+            stored = await asyncio.gather(*(self._store(d, p, ok) for d, p, ok in self._job_results))
+            self.unsaved = [d for (d, _, _), done in zip(self._job_results, stored, strict=True) if not done]
         for delivery, payload in self._single:
             await delivery.reply(payload)
         for inbox, replies in self._bundles.items():
@@ -89,30 +84,27 @@ class ReplySender:
         self._job_results.clear()
         return refused
 
-    async def _send_acked(self, acks: AckedPublisher) -> list[tuple[Delivery, MeshError]]:
-        """Forwards and job results in one go; returns the refused forwards, notes unsaved results."""
-        messages = [(*_forward_to(d), r) for d, r in self._forwards]
-        stores = [(*_store_at(d, ok), p) for d, p, ok in self._job_results]
-        outcomes = await acks.publish_all([(s, p, h) for s, h, p in messages + stores])
-        forwarded, stored = outcomes[: len(messages)], outcomes[len(messages) :]
-        for (delivery, _, _), err in zip(self._job_results, stored, strict=True):
-            if err is not None:  # left unacked, the item comes back and is computed again
-                log.warning("could not store result %s of job %s: %s", delivery.job_item, delivery.job, err.message)
-                self.unsaved.append(delivery)
-        return [(d, err) for (d, _), err in zip(self._forwards, forwarded, strict=True) if err is not None]
-
     async def _store(self, delivery: Delivery, payload: bytes, ok: bool) -> bool:
         """A job item's result, stored durably (acked by the stream) and once per item."""
-        subject, headers = _store_at(delivery, ok)
+        assert delivery.job is not None
+        headers = {HDR_MSG_ID: f"{delivery.job}:{delivery.job_item}", HDR_JOB_ITEM: delivery.job_item or ""}
         try:
-            await self._conn.js.publish(subject, payload, headers=headers, timeout=5.0)
+            await self._conn.js.publish(job_result_subject(delivery.job, ok), payload, headers=headers, timeout=5.0)
         except Exception as exc:  # left unacked, the item comes back and is computed again
             log.warning("could not store result %s of job %s: %s", delivery.job_item, delivery.job, exc)
             return False
         return True
 
     async def _forward(self, delivery: Delivery, request: bytes) -> MeshError | None:
-        subject, headers = _forward_to(delivery)
+        assert delivery.route
+        subject, _, rest = delivery.route.partition(",")
+        headers = {HDR_MSG_ID: f"{delivery.request_id}~{subject}"}
+        for name, value in delivery.headers.items():
+            if name in _CARRIED:
+                headers[name] = value
+        if rest:
+            headers[HDR_ROUTE] = rest
+        tracing.inject(delivery.span, headers, delivery.headers)  # the next stage joins the same trace
         try:
             await self._conn.js.publish(subject, request, headers=headers, timeout=5.0)
         except Exception as exc:
@@ -131,24 +123,3 @@ class ReplySender:
             size += len(payload) + len(request_id) + 8
         if chunk:
             await self._nc.publish(bundle_subject(inbox), encode_bundle(chunk))
-
-
-def _forward_to(delivery: Delivery) -> tuple[str, dict[str, str]]:
-    """Where a stage's outputs go next, and the headers they carry there."""
-    assert delivery.route
-    subject, _, rest = delivery.route.partition(",")
-    headers = {HDR_MSG_ID: f"{delivery.request_id}~{subject}"}
-    for name, value in delivery.headers.items():
-        if name in _CARRIED:
-            headers[name] = value
-    if rest:
-        headers[HDR_ROUTE] = rest
-    tracing.inject(delivery.span, headers, delivery.headers)  # the next stage joins the same trace
-    return subject, headers
-
-
-def _store_at(delivery: Delivery, ok: bool) -> tuple[str, dict[str, str]]:
-    """Where a job item's result is stored (once per item: the message id), and its headers."""
-    assert delivery.job is not None
-    headers = {HDR_MSG_ID: f"{delivery.job}:{delivery.job_item}", HDR_JOB_ITEM: delivery.job_item or ""}
-    return job_result_subject(delivery.job, ok), headers

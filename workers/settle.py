@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from broker import tracing
-from broker.acks import AckedPublisher
 from broker.claims import Claims
 from broker.connection import Connection
 from broker.delivery import Delivery
@@ -66,7 +65,6 @@ class Settler:
     ) -> None:
         self._conn = conn
         self._claims = claims
-        self._acks = AckedPublisher(conn)  # job results and forwards: acked publishes in bulk
         self._key = key
         self._worker_id = worker_id
         self._stats = stats
@@ -98,7 +96,7 @@ class Settler:
 
     async def settle(self, done: Computed) -> None:
         batch, stats = done.batch, self._stats
-        sender = ReplySender(self._conn, self._acks)
+        sender = ReplySender(self._conn)
         for request, result in zip(batch, done.results, strict=True):
             delivery = request.delivery
             queue_ms = max(0.0, (done.started_ns - delivery.stored_ns) / 1e6) if delivery.stored_ns else 0.0
