@@ -7,6 +7,8 @@ import asyncio
 import os
 import sys
 import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +81,33 @@ async def test_a_failing_candidate_never_reaches_callers(nats_server: NatsServer
     name = unique("shadowbad")
     build_versions(tmp_path, name, {"1": 3.0})
     _build_renamed_input(tmp_path / name / "2" / "model.onnx")
-    conn = await Connection.open(Settings.from_url(nats_server.url))
+    url = nats_server.url
+    async with (
+        serving(url, tmp_path, [name]),
+        _mirrored(url, name, 30) as events,
+        await MeshClient.connect(url) as client,  # after the route is set: no stale cache
+    ):
+        raw = np.arange(4, dtype=np.float32).reshape(1, 4)
+        sem = asyncio.Semaphore(16)
+
+        async def call() -> np.ndarray:
+            async with sem:
+                return (await client.infer(name, {"raw": raw}))["input"]
+
+        outputs = await asyncio.gather(*(call() for _ in range(400)))
+        book = client._shadowing.book
+        await eventually(lambda: _settled(book, events), 15, "every mirror reported")
+        mirrored = book.mirrored
+    assert all(np.array_equal(out, raw * 3.0) for out in outputs)
+    # 400 draws at 30%: the standard deviation is 9.2, so ±46 is five of them.
+    assert abs(mirrored - 120) < 46
+    assert len(events) == mirrored and {(e.outcome, e.shadow_status) for e in events} == {("shadow_error", 400)}
+
+
+@asynccontextmanager
+async def _mirrored(url: str, name: str, percent: int) -> AsyncIterator[list[ShadowEvent]]:
+    """Version 1 serves ``name``, ``percent``% of it is mirrored to version 2; yields the reports."""
+    conn = await Connection.open(Settings.from_url(url))
     events: list[ShadowEvent] = []
 
     async def collect() -> None:
@@ -89,28 +117,12 @@ async def test_a_failing_candidate_never_reaches_callers(nats_server: NatsServer
 
     collecting = asyncio.create_task(collect())
     try:
-        async with serving(nats_server.url, tmp_path, [name]):
-            await _routes(nats_server.url, "set", name, "1=100")
-            await _routes(nats_server.url, "shadow", name, "2", "--percent", "30")
-            async with await MeshClient.connect(nats_server.url) as client:
-                raw = np.arange(4, dtype=np.float32).reshape(1, 4)
-                sem = asyncio.Semaphore(16)
-
-                async def call() -> np.ndarray:
-                    async with sem:
-                        return (await client.infer(name, {"raw": raw}))["input"]
-
-                outputs = await asyncio.gather(*(call() for _ in range(400)))
-                book = client._shadowing.book
-                await eventually(lambda: _settled(book, events), 15, "every mirror reported")
-                mirrored = book.mirrored
+        await _routes(url, "set", name, "1=100")
+        await _routes(url, "shadow", name, "2", "--percent", str(percent))
+        yield events
     finally:
         collecting.cancel()
         await conn.close()
-    assert all(np.array_equal(out, raw * 3.0) for out in outputs)
-    # 400 draws at 30%: the standard deviation is 9.2, so ±46 is five of them.
-    assert abs(mirrored - 120) < 46
-    assert len(events) == mirrored and {(e.outcome, e.shadow_status) for e in events} == {("shadow_error", 400)}
 
 
 def _build_renamed_input(path: Path) -> None:
@@ -134,24 +146,13 @@ async def test_a_large_request_is_mirrored_through_the_claim_check(nats_server: 
     for version in ("1", "2"):
         build_identity_onnx(tmp_path, name, "float32", version=version)
     big = np.random.default_rng(0).standard_normal((1, 512 * 1024)).astype(np.float32)  # 2 MiB: over max_payload
-    conn = await Connection.open(Settings.from_url(nats_server.url))
-    events: list[ShadowEvent] = []
-
-    async def collect() -> None:
-        async for event in shadow_events(conn):
-            if event.model == name:
-                events.append(event)
-
-    collecting = asyncio.create_task(collect())
-    try:
-        async with serving(nats_server.url, tmp_path, [name]):
-            await _routes(nats_server.url, "set", name, "1=100")
-            await _routes(nats_server.url, "shadow", name, "2", "--percent", "100")
-            async with await MeshClient.connect(nats_server.url) as client:
-                out = await client.infer(name, {"input": big}, timeout=20)
-                await eventually(lambda: _settled(client._shadowing.book, events), 25, "the mirror reported")
-    finally:
-        collecting.cancel()
-        await conn.close()
+    url = nats_server.url
+    async with (
+        serving(url, tmp_path, [name]),
+        _mirrored(url, name, 100) as events,
+        await MeshClient.connect(url) as client,  # after the route is set: no stale cache
+    ):
+        out = await client.infer(name, {"input": big}, timeout=20)
+        await eventually(lambda: _settled(client._shadowing.book, events), 25, "the mirror reported")
     np.testing.assert_array_equal(out["output"], big)
     assert [(e.outcome, e.max_abs_diff) for e in events] == [("agree", 0.0)]
