@@ -31,7 +31,7 @@ from broker.results import Result, results_on
 from broker.settings import Settings
 from broker.shadow import Shadowing
 from schemas.envelope import Reply, claim_of, decode_bundle, decode_reply, encode_request
-from schemas.errors import BadInput, DeadlineExceeded, MeshError
+from schemas.errors import BadInput, DeadlineExceeded, Forbidden, MeshError
 from schemas.spec import ModelSpec
 from schemas.subjects import (
     BUCKET_CLAIMS,
@@ -64,16 +64,22 @@ class MeshClient:
         self._pending = InFlight(conn, self._inbox)
         self._shadowing = Shadowing(conn, self._inbox, self._claims)
         self._resolver = Resolver(conn, self._shadowing.configs)
+        self._deaf: Forbidden | None = None  # set once the server refuses our reply inbox
 
     @classmethod
     async def connect(cls, url: str | None = None, settings: Settings | None = None) -> MeshClient:
         settings = settings or Settings.from_url(url or Settings().nats_url)
         conn = await Connection.open(settings, name="servemesh-client")
         client = cls(conn)
+        conn.on_denied.append(client._on_denied)
         await conn.nc.subscribe(
             f"{client._inbox}.*.*", cb=client._on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1
         )
         conn.on_reconnect.append(client._pending.after_reconnect)
+        await conn.nc.flush()  # a refused reply subscription is reported before this returns
+        if client._deaf is not None:
+            await conn.close()
+            raise client._deaf
         await client._claims.ensure_own()
         return client
 
@@ -106,6 +112,8 @@ class MeshClient:
         ``model`` may name a registered pipeline, or list stages (``"name"`` or ``"name:version"``):
         each stage's outputs become the next one's inputs and the last stage answers.
         """
+        if self._deaf is not None:
+            raise self._deaf
         request_id = self._new_id()
         reply_to = f"{self._inbox}.r.{request_id}"
         loop = asyncio.get_running_loop()
@@ -151,6 +159,20 @@ class MeshClient:
             # mirror is settled, for the shadow copy may not have read it yet).
             if mirror_id is None and claim_of(payload) is not None:
                 await self._claims.release(payload)
+
+    def _on_denied(self, action: str, subject: str) -> None:
+        """The server refused us on permissions: fail at once what waits on it, not at its timeout."""
+        user = self._conn.settings.user or "this user"
+        # nats-server words the refusal in lower case, the subject included.
+        if action == "subscription" and subject.lower().startswith(self._inbox.lower()):
+            self._deaf = Forbidden(
+                f"{user} may not receive replies under {self._conn.settings.inbox_prefix}: set "
+                "SERVEMESH_INBOX_PREFIX to the inbox prefix its permissions allow (e.g. _INBOX.<user>)",
+                subject=subject,
+            )  # fmt: skip
+            self._pending.fail(self._deaf)
+        elif action == "publish":
+            self._pending.fail(Forbidden(f"{user} may not publish to {subject}", subject=subject), subject)
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._counter)}"

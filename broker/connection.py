@@ -147,6 +147,10 @@ def _tls_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
+# How nats-server words a refusal: 'permissions violation for publish to "subject"'.
+_DENIED_RE = re.compile(r'permissions violation for (publish|subscription) to "([^"]+)"', re.IGNORECASE)
+
+
 def pub_ack_error(msg: Msg, subject: str | None = None) -> MeshError | None:
     """The error in a JetStream publish acknowledgement (of a message published on ``subject``),
     or None when the message was stored."""
@@ -175,6 +179,8 @@ class Connection:
     js: JetStreamContext
     settings: Settings
     on_reconnect: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Told (action, subject) when the server refuses a publish or subscription on permissions.
+    on_denied: list[Callable[[str, str], None]] = field(default_factory=list)
 
     @classmethod
     async def open(cls, settings: Settings, name: str = "servemesh") -> Connection:
@@ -196,6 +202,10 @@ class Connection:
                 raise exc
             if not refused:  # closing a refused connection reports nothing new
                 log.warning("NATS connection error: %s", exc)
+            denied = _DENIED_RE.search(str(exc))
+            if denied and holder:
+                for callback in list(holder[0].on_denied):
+                    callback(denied.group(1).lower(), denied.group(2))
 
         try:
             nc = _Client()

@@ -97,6 +97,14 @@ class InFlight:
         else:
             pending.future.set_exception(error)  # a full queue (429) is answered at once: load shedding
 
+    def fail(self, error: MeshError, subject: str | None = None) -> None:
+        """Fail the requests not yet queued (on ``subject``, in any case; or all) with ``error``."""
+        for pending in self._pending.values():
+            if pending.future.done() or pending.queued:
+                continue
+            if subject is None or pending.subject.lower() == subject.lower():
+                pending.future.set_exception(error)
+
     def cancel_all(self) -> None:
         for pending in self._pending.values():
             pending.future.cancel()

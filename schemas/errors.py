@@ -2,6 +2,7 @@
 
     MeshError (status 500)
     ├── BadInput (400)          the request is malformed or does not fit the model
+    ├── Forbidden (403)         this user may not do that (the server's permissions refused it)
     ├── UnknownModel (404)      no such model or version is registered
     ├── Overloaded (429)        the model's queue is full; retry later
     ├── ModelFailure (500)      the runtime failed on this request (or it hit max attempts)
@@ -20,6 +21,7 @@ from typing import Any, ClassVar
 __all__ = [
     "BadInput",
     "DeadlineExceeded",
+    "Forbidden",
     "MeshError",
     "MeshUnavailable",
     "ModelFailure",
@@ -51,6 +53,11 @@ class MeshError(Exception):
 class BadInput(MeshError):
     status = 400
     code = "bad_input"
+
+
+class Forbidden(MeshError):
+    status = 403
+    code = "forbidden"
 
 
 class UnknownModel(MeshError):
@@ -85,9 +92,13 @@ class DeadlineExceeded(MeshError):
 
 _BY_CODE: dict[str, type[MeshError]] = {
     cls.code: cls
-    for cls in (BadInput, UnknownModel, Overloaded, ModelFailure, NoCapacity, MeshUnavailable, DeadlineExceeded)
-}
-_BY_STATUS: dict[int, type[MeshError]] = {400: BadInput, 404: UnknownModel, 429: Overloaded, 504: DeadlineExceeded}
+    for cls in (
+        BadInput, Forbidden, UnknownModel, Overloaded, ModelFailure, NoCapacity, MeshUnavailable, DeadlineExceeded
+    )
+}  # fmt: skip
+_BY_STATUS: dict[int, type[MeshError]] = {
+    400: BadInput, 403: Forbidden, 404: UnknownModel, 429: Overloaded, 504: DeadlineExceeded
+}  # fmt: skip
 
 
 def error_from_wire(payload: dict[str, Any]) -> MeshError:

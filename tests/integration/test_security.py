@@ -35,7 +35,7 @@ from broker.server import find_nats_server
 from broker.shadow import shadow_events
 from examples.build_models import build_identity_onnx
 from schemas.envelope import encode_request
-from schemas.errors import DeadlineExceeded, MeshError, MeshUnavailable
+from schemas.errors import DeadlineExceeded, Forbidden, MeshError, MeshUnavailable
 from schemas.spec import ModelSpec
 from schemas.subjects import (
     BUCKET_ASSIGNMENTS,
@@ -328,8 +328,10 @@ async def test_tenant_cannot_queue_requests_for_another_tenants_model(
             await owner.infer("echo_b", ones(), timeout=1)
     assert await queued(admin, subject) == 1
     async with await MeshClient.connect(settings=secure.settings("tenant_a")) as other:
-        with pytest.raises(DeadlineExceeded, match="did not acknowledge"):
-            await other.infer("echo_b", ones(), timeout=1)
+        started = time.monotonic()
+        with pytest.raises(Forbidden, match="tenant_a may not publish to") as denied:
+            await other.infer("echo_b", ones(), timeout=10)
+        assert denied.value.status == 403 and time.monotonic() - started < 5  # at once, not at the timeout
     await violation(caplog, "publish", subject)
     assert await queued(admin, subject) == 1
 
@@ -385,6 +387,14 @@ async def test_tenant_cannot_read_another_tenants_replies(
         # Anything routed to the spy before tenant_a had its reply is in before this PONG.
         await spy.nc.flush()
     assert overheard == []
+
+
+async def test_a_client_without_its_inbox_prefix_is_told_so_when_it_connects(secure: Mesh) -> None:
+    forgetful = secure.settings("tenant_a", inbox_prefix="_INBOX")  # not _INBOX.tenant_a
+    started = time.monotonic()
+    with pytest.raises(Forbidden, match="SERVEMESH_INBOX_PREFIX") as denied:
+        await MeshClient.connect(settings=forgetful)
+    assert denied.value.status == 403 and time.monotonic() - started < 5
 
 
 async def test_worker_pulls_acks_and_replies_but_cannot_queue_requests(
@@ -656,8 +666,8 @@ async def test_cluster_keeps_three_fsynced_copies_and_the_same_permissions(
         spec = await register(admin, tmp_path, "echo_b")
         # The rules hold on every node: tenant_a, connected elsewhere, still cannot queue for tenant_b.
         async with await MeshClient.connect(settings=meshes[2].settings("tenant_a")) as other:
-            with pytest.raises(DeadlineExceeded, match="did not acknowledge"):
-                await other.infer("echo_b", ones(), timeout=1)
+            with pytest.raises(Forbidden):
+                await other.infer("echo_b", ones(), timeout=10)
         await violation(caplog, "publish", subject_of(spec))
         assert await queued(admin, subject_of(spec)) == 0
     assert await _sync_always(meshes[0].settings("sys", inbox_prefix="_INBOX"), servers=3) == [True] * 3
