@@ -76,11 +76,12 @@ class MeshClient:
             f"{client._inbox}.*.*", cb=client._on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1
         )
         conn.on_reconnect.append(client._pending.after_reconnect)
-        await conn.nc.flush()  # a refused reply subscription is reported before this returns
+        await conn.nc.flush()  # a refused reply subscription is usually reported by now
+        if client._deaf is None:
+            await client._claims.ensure_own()
         if client._deaf is not None:
             await conn.close()
             raise client._deaf
-        await client._claims.ensure_own()
         return client
 
     @property
@@ -122,7 +123,11 @@ class MeshClient:
             subject, payload, headers = await asyncio.wait_for(
                 self._prepare(model, inputs, version, priority, timeout, request_id, reply_to), timeout
             )
-        except TimeoutError:
+        except (TimeoutError, MeshError) as exc:
+            if self._deaf is not None:  # no answer could reach us: say why
+                raise self._deaf from None
+            if isinstance(exc, MeshError):
+                raise
             raise DeadlineExceeded(f"{model}: the registry did not answer within {timeout:.3g}s") from None
         headers[HDR_REPLY_INBOX] = self._inbox
         pending = self._pending.open(request_id, subject, payload, headers, timeout, timeout - (loop.time() - started))
