@@ -1,5 +1,6 @@
 """What tracing costs: mesh throughput at concurrency 64 with tracing off, on at 100% and 10% sampling
-(BatchSpanProcessor, OTLP/HTTP export to a local sink), and with the instrumentation path stripped out.
+(the mesh's own recorder, OTLP/HTTP export to a local sink), at 100% through the SDK's
+BatchSpanProcessor and OTLP exporter, and with the instrumentation path stripped out.
 
 Run from the repository root: ``python benchmarks/bench_tracing.py [--quick] [--rounds N] [--model identity|mlp]``.
 """
@@ -34,12 +35,16 @@ from router.local import wait_workers_ready
 
 CONCURRENCY = 64
 WIDTHS = {"identity": 16, "mlp": 512}
-MODES = ("stripped", "off", "on", "sampled")  # sampled: 10% of traces (parent-based ratio sampler)
+# sampled: 10% of traces (parent-based ratio sampler); sdk: 100%, through the OpenTelemetry SDK
+MODES = ("stripped", "off", "on", "sampled", "sdk")
+TRACED = ("on", "sampled", "sdk")
 
 
 class _Sink(BaseHTTPRequestHandler):
-    """An OTLP/HTTP collector that accepts and drops spans (the export cost is the client's)."""
+    """An OTLP/HTTP collector that accepts and drops spans (the export cost is the client's). It keeps
+    connections open, as collectors do: a new connection per export would be a cost of this sink."""
 
+    protocol_version = "HTTP/1.1"
     received = 0
 
     def do_POST(self) -> None:
@@ -57,11 +62,12 @@ def _otel_env(sink_port: int, mode: str) -> dict[str, str]:
     sampler = {"OTEL_TRACES_SAMPLER": "always_on"}
     if mode == "sampled":
         sampler = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
-    return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}", **sampler}
+    export = {"SERVEMESH_TRACE_EXPORT": "sdk" if mode == "sdk" else "direct"}
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}", **sampler, **export}
 
 
 def _spawn_worker(mode: str, url: str, repo: Path, log: Path, sink_port: int) -> subprocess.Popen[bytes]:
-    traced = mode in ("on", "sampled")
+    traced = mode in TRACED
     untraced_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env = {**untraced_env, "SERVEMESH_LOOP": "uvloop", **(_otel_env(sink_port, mode) if traced else {})}
     script = ["benchmarks/stripped_worker.py"] if mode == "stripped" else ["-m", "router", "worker"]
@@ -86,12 +92,14 @@ async def _cell(mode: str, url: str, seconds: float, model: str, meter: CpuMeter
     if result.errors:
         raise RuntimeError(f"{mode}: {len(result.errors)} failed requests, e.g. {result.errors[0]}")
     busy = sum(v for k, v in cpu.items() if k != "machine") / 100  # cores
+    split = " / ".join(f"{cpu[k] / 100 / result.throughput * 1e6:.0f}" for k in ("client", "nats", "worker"))
+    print(f"    CPU µs/request, client / nats-server / worker: {split}", flush=True)
     return result.throughput, busy / result.throughput * 1e6
 
 
 def _client_mode(mode: str, sink_port: int) -> None:
     tracing.disable()
-    if mode in ("on", "sampled"):
+    if mode in TRACED:
         # Only for as long as configuring takes: left in the environment, the settings would reach the
         # workers of later untraced rounds too.
         variables = _otel_env(sink_port, mode)
@@ -164,6 +172,7 @@ def report(results: dict[str, list[tuple[float, float]]]) -> None:
     rows = [
         ("cost of tracing at 100% sampling (on vs off)", "on", "off", "≤ 10%"),
         ("cost of tracing with 10% of traces sampled (vs off)", "sampled", "off", "info"),
+        ("cost at 100% through the OpenTelemetry SDK (vs off)", "sdk", "off", "info"),
         ("cost of the path with tracing off (off vs stripped)", "off", "stripped", "≤ 1% (noise: ±15%)"),
     ]
     for name, mode, base, target in rows:

@@ -57,9 +57,30 @@ def summarize(path: Path, top: int) -> str:
     return "\n".join(lines)
 
 
-async def main(model: str, conc: int, seconds: float, out: Path, top: int) -> None:
+def _trace_to_sink() -> dict[str, str]:
+    """Trace every request (the mesh's own recorder) into a local OTLP/HTTP sink; the variables for the worker."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from benchmarks.bench_tracing import _Sink
+    from broker import tracing
+
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
+        "OTEL_TRACES_SAMPLER": "always_on",
+    }
+    os.environ.update(env)
+    tracing.configure_from_env("profile-client")
+    return env
+
+
+async def main(model: str, conc: int, seconds: float, out: Path, top: int, traced: bool) -> None:
     name, width = MODELS[model]
     children = Children()
+    if traced:
+        _trace_to_sink()
     with tempfile.TemporaryDirectory(prefix="servemesh-prof-") as tmp, NatsServer() as server:
         build_models(Path(tmp) / "models")
         conn = await Connection.open(Settings.from_url(server.url))
@@ -98,7 +119,8 @@ if __name__ == "__main__":
     parser.add_argument("--conc", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--trace", action="store_true", help="trace every request (OTLP to a local sink)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "servemesh-profile")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    run(main(args.model, args.conc, args.seconds, args.out, args.top), "uvloop")
+    run(main(args.model, args.conc, args.seconds, args.out, args.top, args.trace), "uvloop")

@@ -1,11 +1,15 @@
-"""Traces across the mesh, collected in memory: client send → worker process (its child), one batch
-span linked to every request it carried, and the model's inference span under the batch."""
+"""Traces across the mesh: client send → worker process (its child), one batch span linked to every
+request it carried, and the model's inference span under the batch. Each test runs twice: spans recorded
+by the SDK into its in-memory exporter, and spans recorded by the mesh's own recorder and exported as
+OTLP/HTTP to a receiver that decodes them."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pytest
@@ -15,28 +19,58 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from broker import MeshClient, NatsServer, tracing
+from broker.otlp import ExportSettings
+from broker.spans import Sampler
 from examples.build_models import build_identity_onnx
 from schemas.errors import BadInput
 from tests.conftest import serving, unique
+from tests.otlp_receiver import receiving
+
+RECORDERS = ("sdk", "direct")
 
 
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.enable(provider)
-    try:
-        yield exporter
-    finally:
-        tracing.disable()
+class Spans(Protocol):
+    def get_finished_spans(self) -> Sequence[ReadableSpan]: ...
 
 
-def _by_name(exporter: InMemorySpanExporter, prefix: str) -> list[ReadableSpan]:
+@contextmanager
+def recording(recorder: str, sampler: str = "parentbased_always_on", ratio: float = 1.0) -> Iterator[Spans]:
+    """Trace this process (client and in-process workers) with ``recorder`` and the named sampler."""
+    if recorder == "sdk":
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
+
+        exporter = InMemorySpanExporter()
+        root = TraceIdRatioBased(ratio) if sampler.endswith("traceidratio") else ALWAYS_ON
+        provider = TracerProvider(sampler=ParentBased(root) if sampler.startswith("parentbased_") else root)
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        tracing.enable(provider)
+        try:
+            yield exporter
+        finally:
+            tracing.disable()
+        return
+    with receiving() as receiver:
+        tracing.enable_direct(ExportSettings(url=receiver.url, delay_s=0.2), Sampler(sampler, ratio), "tests")
+        assert tracing._recorder is not None
+        receiver.flush = tracing._recorder.exporter.force_flush  # also once tracing is turned off
+        try:
+            yield receiver
+        finally:
+            tracing.shutdown()
+            tracing.disable()
+
+
+@pytest.fixture(params=RECORDERS)
+def spans(request: pytest.FixtureRequest) -> Iterator[Spans]:
+    with recording(request.param) as recorded:
+        yield recorded
+
+
+def _by_name(exporter: Spans, prefix: str) -> list[ReadableSpan]:
     return [s for s in exporter.get_finished_spans() if s.name.startswith(prefix)]
 
 
-async def test_single_request_trace(nats_server: NatsServer, tmp_path: Path, spans: InMemorySpanExporter) -> None:
+async def test_single_request_trace(nats_server: NatsServer, tmp_path: Path, spans: Spans) -> None:
     name = unique("ident")
     build_identity_onnx(tmp_path, name, "float32", shape=(2,))
     async with serving(nats_server.url, tmp_path, [name]) as worker, await MeshClient.connect(nats_server.url) as c:
@@ -60,7 +94,7 @@ async def test_single_request_trace(nats_server: NatsServer, tmp_path: Path, spa
 
 
 async def test_batch_span_links_every_request_and_errors_are_marked(
-    nats_server: NatsServer, tmp_path: Path, spans: InMemorySpanExporter
+    nats_server: NatsServer, tmp_path: Path, spans: Spans
 ) -> None:
     name = unique("ident")
     build_identity_onnx(tmp_path, name, "float32", max_batch_size=16, max_delay_ms=50, shape=(2,))
@@ -85,7 +119,7 @@ async def test_batch_span_links_every_request_and_errors_are_marked(
 
 
 async def test_trace_context_travels_only_when_tracing_is_on(
-    nats_server: NatsServer, tmp_path: Path, spans: InMemorySpanExporter
+    nats_server: NatsServer, tmp_path: Path, spans: Spans
 ) -> None:
     import nats
 
@@ -107,9 +141,7 @@ async def test_trace_context_travels_only_when_tracing_is_on(
     assert "traceparent" not in untraced
 
 
-async def test_pipeline_stages_appear_in_one_trace(
-    nats_server: NatsServer, tmp_path: Path, spans: InMemorySpanExporter
-) -> None:
+async def test_pipeline_stages_appear_in_one_trace(nats_server: NatsServer, tmp_path: Path, spans: Spans) -> None:
     from examples.build_models import build_iris_onnx
     from tests.integration.test_pipelines import build_scale
 
@@ -126,22 +158,15 @@ async def test_pipeline_stages_appear_in_one_trace(
     assert second.parent is not None and second.parent.span_id == first.context.span_id
 
 
-async def test_sampling_decided_once_per_trace(nats_server: NatsServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("recorder", RECORDERS)
+async def test_sampling_decided_once_per_trace(nats_server: NatsServer, tmp_path: Path, recorder: str) -> None:
     """With a parent-based ratio sampler, the worker records exactly the requests the client sampled, and
     every recorded request reaches a recorded batch span; dropped traces still carry their context."""
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.5)))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.enable(provider)
     name = unique("ident")
     build_identity_onnx(tmp_path, name, "float32", max_batch_size=8, max_delay_ms=20, shape=(2,))
-    try:
+    with recording(recorder, "parentbased_traceidratio", 0.5) as exporter:
         async with serving(nats_server.url, tmp_path, [name]), await MeshClient.connect(nats_server.url) as c:
             await asyncio.gather(*(c.infer(name, {"input": np.full((1, 2), i, np.float32)}) for i in range(40)))
-    finally:
-        tracing.disable()
     sends = _by_name(exporter, "send ")
     processes = _by_name(exporter, "process ")
     assert 0 < len(sends) < 40  # some traces were dropped, some kept
@@ -150,26 +175,22 @@ async def test_sampling_decided_once_per_trace(nats_server: NatsServer, tmp_path
     assert linked == {p.context.span_id for p in processes}
 
 
+@pytest.mark.parametrize("recorder", RECORDERS)
 async def test_a_dropped_trace_makes_no_worker_spans_and_keeps_its_context(
-    nats_server: NatsServer, tmp_path: Path
+    nats_server: NatsServer, tmp_path: Path, recorder: str
 ) -> None:
     import nats
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.0)))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.enable(provider)
     name = unique("ident")
     build_identity_onnx(tmp_path, name, "float32", shape=(2,))
     nc = await nats.connect(nats_server.url)
     try:
-        wire = await nc.subscribe(f"mesh.infer.{name}.>")
-        async with serving(nats_server.url, tmp_path, [name]), await MeshClient.connect(nats_server.url) as c:
-            await c.infer(name, {"input": np.ones((1, 2), np.float32)})
-            headers = (await wire.next_msg(timeout=5)).headers or {}
+        with recording(recorder, "parentbased_traceidratio", 0.0) as exporter:
+            wire = await nc.subscribe(f"mesh.infer.{name}.>")
+            async with serving(nats_server.url, tmp_path, [name]), await MeshClient.connect(nats_server.url) as c:
+                await c.infer(name, {"input": np.ones((1, 2), np.float32)})
+                headers = (await wire.next_msg(timeout=5)).headers or {}
+            assert list(exporter.get_finished_spans()) == []
     finally:
-        tracing.disable()
         await nc.close()
     assert int(headers["traceparent"][-2:], 16) & 1 == 0  # context sent, marked not sampled
-    assert exporter.get_finished_spans() == ()

@@ -1,0 +1,264 @@
+"""The mesh's own span recorder against the OpenTelemetry SDK: the same spans encode to the same OTLP
+messages as the SDK's encoder writes, the samplers decide alike, the ``traceparent`` reader agrees with
+the W3C propagator, and the exporter retries, drops and compresses as the OTLP spec asks."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+    set_span_in_context,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from broker import tracing
+from broker.otlp import ExportSettings, OtlpExporter, encode_request, encode_span, span_shape
+from broker.spans import CONSUMER, INTERNAL, PRODUCER, LightSpan, Sampler, _read_traceparent
+from schemas.errors import BadInput
+from tests.otlp_receiver import receiving
+from tests.unit.test_trace_context import CASES
+
+T, S, P = bytes(range(1, 17)), bytes(range(21, 29)), bytes(range(31, 39))
+KINDS = {PRODUCER: SpanKind.PRODUCER, CONSUMER: SpanKind.CONSUMER, INTERNAL: SpanKind.INTERNAL}
+
+
+def _pair(
+    kind: int, fixed: dict[str, Any], extra: list[tuple[str, Any]], *, parent: bytes | None = None,
+    remote: bool = False, state: str | None = None, links: list[tuple[bytes, bytes]] | None = None,
+    error: str | None = None,
+) -> tuple[LightSpan, ReadableSpan]:  # fmt: skip
+    """One span, as our recorder holds it and as the SDK would."""
+    light = LightSpan(T, S, parent, span_shape("op name", kind, fixed), list(extra) or None)
+    light.start, light.end = 1_700_000_000_123_456_789, 1_700_000_000_223_456_789
+    light.remote_parent, light.trace_state, light.links, light.error = remote, state, links, error
+
+    def context(trace_id: bytes, span_id: bytes, is_remote: bool = False) -> SpanContext:
+        trace_state = TraceState.from_header([state]) if state else None
+        return SpanContext(int.from_bytes(trace_id), int.from_bytes(span_id), is_remote, TraceFlags(1), trace_state)
+
+    sdk = ReadableSpan(
+        name="op name", context=context(T, S), parent=context(T, parent, remote) if parent else None,
+        resource=Resource({}), attributes={**fixed, **dict(extra)}, kind=KINDS[kind],
+        links=[Link(context(t, s)) for t, s in links or []],
+        status=Status(StatusCode.ERROR, error) if error is not None else Status(),
+        start_time=light.start, end_time=light.end,
+    )  # fmt: skip
+    return light, sdk
+
+
+FIXED = {"messaging.system": "nats", "mesh.model": "iris", "mesh.priority": "normal"}
+SPANS = {
+    "root producer": dict(kind=PRODUCER, fixed=FIXED, extra=[("messaging.message.id", "k3Xq9Zt1")]),
+    "consumer, remote parent, tracestate": dict(
+        kind=CONSUMER, fixed=FIXED, extra=[("mesh.queue_wait_ms", 1.25)], parent=P, remote=True, state="a=1,b=2"
+    ),
+    "batch with links": dict(
+        kind=INTERNAL, fixed={"mesh.worker": "w-1"}, extra=[("messaging.batch.message_count", 2)], parent=P,
+        links=[(T, P), (bytes(range(41, 57)), bytes(range(61, 69)))],
+    ),
+    "failed": dict(kind=CONSUMER, fixed=FIXED, extra=[("mesh.status", 400)], parent=P, remote=True, error="bad dtype"),
+    "every attribute type": dict(
+        kind=INTERNAL, fixed={"b": True, "f": False, "neg": -3, "big": 2**62, "pi": 3.5, "ü": "ĉ≠"},
+        extra=[("long", "x" * 300), ("long key " * 20, 1.0), ("zero", 0.0)],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(SPANS))
+def test_spans_encode_as_the_sdk_encodes_them(case: str) -> None:
+    light, sdk = _pair(**SPANS[case])  # type: ignore[arg-type]
+    ours = ExportTraceServiceRequest.FromString(encode_request(b"", b"", [encode_span(light)]))
+    theirs = encode_spans([sdk])
+    assert ours.resource_spans[0].scope_spans[0].spans[0] == theirs.resource_spans[0].scope_spans[0].spans[0]
+
+
+def test_a_request_carries_its_resource_and_scope() -> None:
+    from broker.otlp import encode_attributes
+
+    light, _ = _pair(**SPANS["root producer"])  # type: ignore[arg-type]
+    resource = encode_attributes({"service.name": "servemesh-worker", "pid": 7}.items(), tag=b"\x0a")
+    scope = b"\x0a\x09servemesh\x12\x050.1.0"
+    request = ExportTraceServiceRequest.FromString(encode_request(resource, scope, [encode_span(light)] * 3))
+    (resource_spans,) = request.resource_spans
+    assert {kv.key: kv.value for kv in resource_spans.resource.attributes}["service.name"].string_value == (
+        "servemesh-worker"
+    )
+    (scope_spans,) = resource_spans.scope_spans
+    assert (scope_spans.scope.name, scope_spans.scope.version) == ("servemesh", "0.1.0")
+    assert len(scope_spans.spans) == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "sdk"),
+    [
+        ("always_on", ALWAYS_ON), ("always_off", ALWAYS_OFF), ("traceidratio", TraceIdRatioBased(0.3)),
+        ("parentbased_always_on", ParentBased(ALWAYS_ON)), ("parentbased_always_off", ParentBased(ALWAYS_OFF)),
+        ("parentbased_traceidratio", ParentBased(TraceIdRatioBased(0.3))),
+    ],
+)  # fmt: skip
+def test_samplers_decide_as_the_sdks(name: str, sdk: Any) -> None:
+    ours = Sampler(name, 0.3)
+    rng = random.Random(7)
+    for _ in range(2000):
+        trace_id = rng.getrandbits(128)
+        assert ours.root(trace_id) == sdk.should_sample(None, trace_id, "x").decision.is_sampled()
+        for sampled in (True, False):
+            parent = SpanContext(trace_id, 1, True, TraceFlags(int(sampled)))
+            context = set_span_in_context(NonRecordingSpan(parent))
+            expected = sdk.should_sample(context, trace_id, "x").decision.is_sampled()
+            assert ours.child(sampled, trace_id) == expected
+
+
+def test_an_unknown_sampler_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown sampler"):
+        Sampler("sometimes")
+
+
+@pytest.mark.parametrize("headers", CASES)
+def test_traceparent_read_as_the_propagator_reads_it(headers: dict[str, str]) -> None:
+    theirs = TraceContextTextMapPropagator().extract(headers)
+    from opentelemetry import trace
+
+    context = trace.get_current_span(theirs).get_span_context()
+    ours = _read_traceparent(headers.get("traceparent"))
+    if not context.is_valid:
+        assert ours is None
+    else:
+        assert ours == (context.trace_id.to_bytes(16), context.span_id.to_bytes(8), context.trace_flags.sampled)
+
+
+def test_export_retries_a_busy_collector_then_delivers() -> None:
+    light, _ = _pair(**SPANS["root producer"])  # type: ignore[arg-type]
+    with receiving() as receiver:
+        receiver.fail_with = [503, 429]
+        exporter = OtlpExporter(
+            ExportSettings(url=receiver.url, delay_s=60, timeout_s=5), {"service.name": "t"}, ("s", "1")
+        )
+        exporter.submit(light)
+        exporter.force_flush()
+        exporter.shutdown()
+    assert receiver.attempts == 3 and exporter.exported == 1 and exporter.failed == 0
+    assert receiver.requests[0].resource_spans[0].scope_spans[0].spans[0].span_id == S
+
+
+def test_export_gives_up_on_a_refused_batch_and_goes_on() -> None:
+    light, _ = _pair(**SPANS["root producer"])  # type: ignore[arg-type]
+    with receiving() as receiver:
+        receiver.fail_with = [400]
+        exporter = OtlpExporter(ExportSettings(url=receiver.url, delay_s=60), {}, ("s", "1"))
+        exporter.submit(light)
+        exporter.force_flush()  # refused: not retried
+        exporter.submit(light)
+        exporter.force_flush()
+        exporter.shutdown()
+    assert receiver.attempts == 2 and exporter.failed == 1 and exporter.exported == 1
+
+
+def test_a_full_queue_drops_and_counts() -> None:
+    light, _ = _pair(**SPANS["root producer"])  # type: ignore[arg-type]
+    with receiving() as receiver:
+        settings = ExportSettings(url=receiver.url, delay_s=60, max_queue=10, batch_size=1000)
+        exporter = OtlpExporter(settings, {}, ("s", "1"))
+        for _ in range(25):
+            exporter.submit(light)
+        exporter.shutdown()
+    assert exporter.dropped == 15 and exporter.exported == 10
+    assert sum(len(r.resource_spans[0].scope_spans[0].spans) for r in receiver.requests) == 10
+
+
+def test_a_full_batch_is_sent_without_waiting_for_the_delay() -> None:
+    light, _ = _pair(**SPANS["root producer"])  # type: ignore[arg-type]
+    with receiving() as receiver:
+        exporter = OtlpExporter(ExportSettings(url=receiver.url, delay_s=60, batch_size=4), {}, ("s", "1"))
+        for _ in range(4):
+            exporter.submit(light)
+        deadline = time.monotonic() + 5
+        while not receiver.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        exporter.shutdown()
+    assert len(receiver.requests[0].resource_spans[0].scope_spans[0].spans) == 4
+
+
+def test_settings_from_the_standard_variables() -> None:
+    settings = ExportSettings.from_env(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/", "OTEL_EXPORTER_OTLP_HEADERS": "api-key=a%20b, x=1",
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "gzip", "OTEL_EXPORTER_OTLP_TIMEOUT": "3",
+            "OTEL_BSP_SCHEDULE_DELAY": "250", "OTEL_BSP_MAX_QUEUE_SIZE": "100", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "50",
+        }
+    )  # fmt: skip
+    assert settings.url == "http://collector:4318/v1/traces"
+    assert dict(settings.headers) == {"api-key": "a b", "x": "1"}
+    assert settings.gzip and settings.timeout_s == 3 and settings.delay_s == 0.25
+    assert (settings.max_queue, settings.batch_size) == (100, 50)
+    traces_url = ExportSettings.from_env({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://c:1/custom"}).url
+    assert traces_url == "https://c:1/custom"  # used as given
+
+
+def test_compressed_export_with_headers() -> None:
+    light, _ = _pair(**SPANS["failed"])  # type: ignore[arg-type]
+    with receiving() as receiver:
+        settings = ExportSettings(url=receiver.url, delay_s=60, gzip=True, headers={"api-key": "secret"})
+        exporter = OtlpExporter(settings, {}, ("s", "1"))
+        exporter.submit(light)
+        exporter.shutdown()
+    assert receiver.headers[0]["Content-Encoding"] == "gzip" and receiver.headers[0]["api-key"] == "secret"
+    (span,) = receiver.requests[0].resource_spans[0].scope_spans[0].spans
+    assert span.status.message == "bad dtype" and span.status.code == 2
+
+
+def test_configured_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "SERVEMESH_TRACE_EXPORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
+    try:
+        assert tracing.configure_from_env("svc")
+        recorder = tracing._recorder
+        assert recorder is not None and recorder.sampler.name == "traceidratio" and not recorder.sampler.parent_based
+        tracing.disable()
+        monkeypatch.setenv("SERVEMESH_TRACE_EXPORT", "sdk")
+        assert tracing.configure_from_env("svc")
+        assert tracing._recorder is None and tracing._provider is not None
+        tracing.disable()
+        monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+        assert not tracing.configure_from_env("svc") and not tracing.enabled()
+    finally:
+        tracing.shutdown()
+        tracing.disable()
+
+
+def test_ending_twice_exports_once_and_errors_carry_their_status() -> None:
+    with receiving() as receiver:
+        tracing.enable_direct(ExportSettings(url=receiver.url, delay_s=60), Sampler(), "t")
+        try:
+            headers: dict[str, str] = {}
+            span = tracing.start_producer("mesh.infer.iris.1.high", "r1", headers)
+            assert isinstance(span, LightSpan)
+            tracing.end(span, BadInput("wrong dtype"))
+            tracing.end(span)
+            tracing.flush()
+        finally:
+            tracing.shutdown()
+            tracing.disable()
+    (exported,) = receiver.get_finished_spans()
+    assert exported.status.status_code == StatusCode.ERROR and exported.status.description == "wrong dtype"
+    assert (exported.attributes or {})["mesh.status"] == 400
+    assert headers["traceparent"] == f"00-{exported.context.trace_id:032x}-{exported.context.span_id:016x}-01"
