@@ -19,14 +19,13 @@ import os
 import statistics
 import subprocess
 import tempfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
 from benchmarks.bench_mesh import Children
 from benchmarks.cpu import CpuMeter
 from benchmarks.loadgen import closed_loop
+from benchmarks.otlp_sink import Sink
 from benchmarks.stripped_worker import restore_tracing, strip_tracing
 from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision, tracing
 from broker.loop import run
@@ -40,36 +39,18 @@ MODES = ("stripped", "off", "on", "sampled", "sdk")
 TRACED = ("on", "sampled", "sdk")
 
 
-class _Sink(BaseHTTPRequestHandler):
-    """An OTLP/HTTP collector that accepts and drops spans (the export cost is the client's). It keeps
-    connections open, as collectors do: a new connection per export would be a cost of this sink."""
-
-    protocol_version = "HTTP/1.1"
-    received = 0
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        type(self).received += 1
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def _otel_env(sink_port: int, mode: str) -> dict[str, str]:
+def _otel_env(sink_url: str, mode: str) -> dict[str, str]:
     sampler = {"OTEL_TRACES_SAMPLER": "always_on"}
     if mode == "sampled":
         sampler = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
     export = {"SERVEMESH_TRACE_EXPORT": "sdk" if mode == "sdk" else "direct"}
-    return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}", **sampler, **export}
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": sink_url, **sampler, **export}
 
 
-def _spawn_worker(mode: str, url: str, repo: Path, log: Path, sink_port: int) -> subprocess.Popen[bytes]:
+def _spawn_worker(mode: str, url: str, repo: Path, log: Path, sink_url: str) -> subprocess.Popen[bytes]:
     traced = mode in TRACED
     untraced_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env = {**untraced_env, "SERVEMESH_LOOP": "uvloop", **(_otel_env(sink_port, mode) if traced else {})}
+    env = {**untraced_env, "SERVEMESH_LOOP": "uvloop", **(_otel_env(sink_url, mode) if traced else {})}
     script = ["benchmarks/stripped_worker.py"] if mode == "stripped" else ["-m", "router", "worker"]
     args = [sys.executable, *script, "--models", str(repo), "--id", f"w-{mode}", "--nats", url]
     with open(log, "ab") as out:
@@ -97,12 +78,12 @@ async def _cell(mode: str, url: str, seconds: float, model: str, meter: CpuMeter
     return result.throughput, busy / result.throughput * 1e6
 
 
-def _client_mode(mode: str, sink_port: int) -> None:
+def _client_mode(mode: str, sink_url: str) -> None:
     tracing.disable()
     if mode in TRACED:
         # Only for as long as configuring takes: left in the environment, the settings would reach the
         # workers of later untraced rounds too.
-        variables = _otel_env(sink_port, mode)
+        variables = _otel_env(sink_url, mode)
         os.environ.update(variables)
         try:
             tracing.configure_from_env("bench-client")
@@ -112,18 +93,18 @@ def _client_mode(mode: str, sink_port: int) -> None:
 
 
 async def _round(
-    mode: str, server: NatsServer, repo: Path, logs: Path, sink_port: int, seconds: float, model: str
+    mode: str, server: NatsServer, repo: Path, logs: Path, sink_url: str, seconds: float, model: str
 ) -> tuple[float, float]:
     children = Children()
     url = server.url
     assert server.proc is not None
     try:
-        proc = children.add(mode, _spawn_worker(mode, url, repo, logs / f"{mode}.log", sink_port))
+        proc = children.add(mode, _spawn_worker(mode, url, repo, logs / f"{mode}.log", sink_url))
         meter = CpuMeter({"client": os.getpid(), "nats": server.proc.pid, "worker": proc.pid})
         conn = await Connection.open(Settings.from_url(url))
         await wait_workers_ready(await Registry.open(conn), [f"w-{mode}"], 60)
         await conn.close()
-        _client_mode(mode, sink_port)
+        _client_mode(mode, sink_url)
         originals = strip_tracing() if mode == "stripped" else {}  # the client's hooks go too
         try:
             rps, cpu_us = await _cell(mode, url, seconds, model, meter)
@@ -138,8 +119,7 @@ async def _round(
 
 
 async def main(rounds: int, seconds: float, model: str) -> dict[str, list[tuple[float, float]]]:
-    sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
-    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    sink = Sink()
     results: dict[str, list[tuple[float, float]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="servemesh-trace-") as tmp, NatsServer() as server:
         repo, logs = Path(tmp) / "models", Path(tmp)
@@ -155,9 +135,8 @@ async def main(rounds: int, seconds: float, model: str) -> dict[str, list[tuple[
             # Each round starts with another mode: server state grows as a run goes on (the stream's
             # de-duplication window, for one), so a fixed order would favour whichever mode comes first.
             for mode in MODES[i % len(MODES) :] + MODES[: i % len(MODES)]:
-                results[mode].append(await _round(mode, server, repo, logs, sink.server_address[1], seconds, model))
-    sink.shutdown()
-    print(f"OTLP export requests received by the sink: {_Sink.received:,}")
+                results[mode].append(await _round(mode, server, repo, logs, sink.url, seconds, model))
+    print(f"the OTLP sink received {sink.stop()}")
     return results
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from benchmarks.bench_mesh import Children, build_models
 from benchmarks.loadgen import closed_loop
 from benchmarks.mesh_watch import wait_serving
+from benchmarks.otlp_sink import Sink
 from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision
 from broker.loop import run
 from router.local import spawn_worker
@@ -57,30 +58,20 @@ def summarize(path: Path, top: int) -> str:
     return "\n".join(lines)
 
 
-def _trace_to_sink() -> dict[str, str]:
-    """Trace every request (the mesh's own recorder) into a local OTLP/HTTP sink; the variables for the worker."""
-    import threading
-    from http.server import ThreadingHTTPServer
-
-    from benchmarks.bench_tracing import _Sink
+def _trace_to_sink() -> Sink:
+    """Trace every request (the mesh's own recorder) into a local OTLP/HTTP sink, workers started later too."""
     from broker import tracing
 
-    sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
-    threading.Thread(target=sink.serve_forever, daemon=True).start()
-    env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
-        "OTEL_TRACES_SAMPLER": "always_on",
-    }
-    os.environ.update(env)
+    sink = Sink()
+    os.environ.update({"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url, "OTEL_TRACES_SAMPLER": "always_on"})
     tracing.configure_from_env("profile-client")
-    return env
+    return sink
 
 
 async def main(model: str, conc: int, seconds: float, out: Path, top: int, traced: bool) -> None:
     name, width = MODELS[model]
     children = Children()
-    if traced:
-        _trace_to_sink()
+    sink = _trace_to_sink() if traced else None
     with tempfile.TemporaryDirectory(prefix="servemesh-prof-") as tmp, NatsServer() as server:
         build_models(Path(tmp) / "models")
         conn = await Connection.open(Settings.from_url(server.url))
@@ -109,6 +100,8 @@ async def main(model: str, conc: int, seconds: float, out: Path, top: int, trace
         finally:
             await conn.close()
             children.stop_all()
+            if sink is not None:
+                print(f"the OTLP sink received {sink.stop()}")
     for who in ("worker", "client"):
         print(summarize(out / f"{who}.txt", top))
 

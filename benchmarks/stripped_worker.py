@@ -9,7 +9,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-HOOKS = ("enabled", "start_producer", "start_consumer", "start_batch", "start_inference", "end", "configure_from_env")
+HOOKS = (
+    "enabled", "start_producer", "start_consumer", "start_batch", "start_inference", "end", "end_requests",
+    "configure_from_env",
+)  # fmt: skip
 
 
 def strip_tracing() -> dict[str, object]:

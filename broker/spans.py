@@ -12,7 +12,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from broker.otlp import OtlpExporter, span_shape
+from broker.otlp import OtlpExporter, encode_span, span_shape
 
 __all__ = ["LightSpan", "Recorder", "Sampler"]
 
@@ -37,6 +37,7 @@ class Sampler:
             raise ValueError(f"unknown sampler {name!r}")
         bound = {"always_on": _RATIO_LIMIT, "always_off": 0}.get(root, round(min(max(ratio, 0.0), 1.0) * _RATIO_LIMIT))
         self._bound = bound
+        self.always = bound == _RATIO_LIMIT  # every root is sampled: no need to look at the trace id
         self.name = name
 
     def root(self, trace_id: int) -> bool:
@@ -68,11 +69,8 @@ class LightSpan:
         return f"00-{self.trace_id.hex()}-{self.span_id.hex()}-01"
 
 
-def _new_id(bits: int) -> int:
-    while True:
-        n = random.getrandbits(bits)
-        if n:
-            return n
+# Span and trace ids; all zeros (invalid) has a chance of 2^-64 a span, which the SDK's generator ignores too.
+_random_bytes = random.randbytes
 
 
 class Recorder:
@@ -84,6 +82,8 @@ class Recorder:
         self.exporter, self.sampler = exporter, sampler
         self._subject_attributes = subject_attributes
         self._shapes: dict[tuple[str, ...], bytes] = {}
+        self._send_shapes: dict[str, bytes] = {}
+        self._process_shapes: dict[tuple[str, str], bytes] = {}
 
     def _shape(self, key: tuple[str, ...], build: Callable[[], bytes]) -> bytes:
         shape = self._shapes.get(key)
@@ -95,29 +95,25 @@ class Recorder:
         """The client's send span; the parent is the caller's current span, if it has one. A dropped trace
         still sends its context, marked not sampled, so that the worker drops it too."""
         parent = trace.get_current_span().get_span_context()
-        span_id = _new_id(64)
+        ids = _random_bytes(24)
         if parent.is_valid:
-            trace_id = parent.trace_id
-            sampled = self.sampler.child(parent.trace_flags.sampled, trace_id)
+            trace_id, parent_id = parent.trace_id.to_bytes(16, "big"), parent.span_id.to_bytes(8, "big")
+            sampled = self.sampler.child(parent.trace_flags.sampled, parent.trace_id)
         else:
-            trace_id = _new_id(128)
-            sampled = self.sampler.root(trace_id)
-        headers["traceparent"] = f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
+            trace_id, parent_id = ids[:16], None
+            sampled = self.sampler.always or self.sampler.root(int.from_bytes(ids[8:16], "big"))
+        span_id = ids[16:]
+        headers["traceparent"] = f"00-{trace_id.hex()}-{span_id.hex()}-{'01' if sampled else '00'}"
         if parent.is_valid and parent.trace_state:
             headers["tracestate"] = parent.trace_state.to_header()
         if not sampled:
             return None
-
-        def build() -> bytes:
+        shape = self._send_shapes.get(subject)
+        if shape is None:
             attrs = {**self._subject_attributes(subject), "messaging.operation.type": "send"}
-            return span_shape(f"send {attrs['mesh.model']}", PRODUCER, attrs)
-
-        span = LightSpan(
-            trace_id.to_bytes(16, "big"), span_id.to_bytes(8, "big"),
-            parent.span_id.to_bytes(8, "big") if parent.is_valid else None,
-            self._shape(("send", subject), build), [("messaging.message.id", request_id)],
-        )  # fmt: skip
-        if parent.is_valid:
+            shape = self._send_shapes[subject] = span_shape(f"send {attrs['mesh.model']}", PRODUCER, attrs)
+        span = LightSpan(trace_id, span_id, parent_id, shape, [("messaging.message.id", request_id)])
+        if parent_id is not None:
             span.remote_parent = parent.is_remote
             if parent.trace_state:
                 span.trace_state = parent.trace_state.to_header()
@@ -130,24 +126,27 @@ class Recorder:
         when it came with none or a malformed one)."""
         parent = _read_traceparent(headers.get("traceparent"))
         if parent is None:
-            trace_id, parent_id = _new_id(128).to_bytes(16, "big"), None
-            sampled = self.sampler.root(int.from_bytes(trace_id[8:], "big"))
+            trace_id, parent_id = _random_bytes(16), None
+            sampled = self.sampler.always or self.sampler.root(int.from_bytes(trace_id[8:], "big"))
         else:
             trace_id, parent_id, parent_sampled = parent
-            sampled = self.sampler.child(parent_sampled, int.from_bytes(trace_id[8:], "big"))
+            if self.sampler.parent_based:
+                sampled = parent_sampled
+            else:
+                sampled = self.sampler.always or self.sampler.root(int.from_bytes(trace_id[8:], "big"))
         if not sampled:
             return None
-
-        def build() -> bytes:
+        shape = self._process_shapes.get((subject, worker))
+        if shape is None:
             attrs = {**self._subject_attributes(subject), "messaging.operation.type": "process", "mesh.worker": worker}
-            return span_shape(f"process {attrs['mesh.model']}", CONSUMER, attrs)
-
-        attrs = [("messaging.message.id", request_id)] if request_id else []
-        shape = self._shape(("process", subject, worker), build)
-        span = LightSpan(trace_id, _new_id(64).to_bytes(8, "big"), parent_id, shape, attrs)
-        if parent is not None:
+            shape = span_shape(f"process {attrs['mesh.model']}", CONSUMER, attrs)
+            self._process_shapes[(subject, worker)] = shape
+        span = LightSpan(
+            trace_id, _random_bytes(8), parent_id, shape, [("messaging.message.id", request_id)] if request_id else None
+        )
+        if parent_id is not None:
             span.remote_parent = True
-            span.trace_state = headers.get("tracestate") or None
+            span.trace_state = headers.get("tracestate")
         return span
 
     def batch(self, model: str, version: str, requests: Iterable[Any], worker: str) -> LightSpan | None:
@@ -161,7 +160,7 @@ class Recorder:
             return span_shape(f"batch {model}", INTERNAL, attrs)
 
         first = spans[0]
-        span = LightSpan(first.trace_id, _new_id(64).to_bytes(8, "big"), first.span_id,
+        span = LightSpan(first.trace_id, _random_bytes(8), first.span_id,
                          self._shape(("batch", model, version, worker), build),
                          [("messaging.batch.message_count", len(spans))])  # fmt: skip
         span.trace_state = first.trace_state
@@ -170,7 +169,7 @@ class Recorder:
 
     def inference(self, batch: LightSpan, model: str, rows: int) -> LightSpan:
         shape = self._shape(("infer", model), lambda: span_shape(f"infer {model}", INTERNAL, {"mesh.model": model}))
-        span = LightSpan(batch.trace_id, _new_id(64).to_bytes(8, "big"), batch.span_id, shape, [("mesh.rows", rows)])
+        span = LightSpan(batch.trace_id, _random_bytes(8), batch.span_id, shape, [("mesh.rows", rows)])
         span.trace_state = batch.trace_state
         return span
 
@@ -187,7 +186,25 @@ class Recorder:
                 if status is not None:
                     attrs.append(("mesh.status", int(status)))
             span.attrs = attrs
-        self.exporter.submit(span)
+        self.exporter.submit(encode_span(span))
+
+    def end_requests(self, requests: Iterable[tuple[LightSpan, BaseException | None, float]]) -> None:
+        """End the spans of a batch's requests at once, each with its queue wait: one call for the batch."""
+        now, encoded = time.time_ns(), []
+        for span, error, queue_ms in requests:
+            if span.end:
+                continue
+            span.end = now
+            attrs = span.attrs if span.attrs is not None else []
+            attrs.append(("mesh.queue_wait_ms", queue_ms))
+            if error is not None:
+                span.error = str(error)
+                status = getattr(error, "status", None)
+                if status is not None:
+                    attrs.append(("mesh.status", int(status)))
+            span.attrs = attrs
+            encoded.append(encode_span(span))
+        self.exporter.submit_many(encoded)
 
 
 def _read_traceparent(value: str | None) -> tuple[bytes, bytes, bool] | None:
@@ -195,13 +212,30 @@ def _read_traceparent(value: str | None) -> tuple[bytes, bytes, bool] | None:
     it (a later version's extra fields are allowed, version 00's are not), else None."""
     if value is None:
         return None
+    if len(value) == 55 and value[:3] == "00-" and value[35] == "-" and value[52] == "-" and value.islower():
+        try:  # the usual case, without the regular expression
+            trace_id, span_id, flags = (
+                bytes.fromhex(value[3:35]),
+                bytes.fromhex(value[36:52]),
+                bytes.fromhex(value[53:]),
+            )
+        except ValueError:
+            return None
+        if (
+            len(trace_id) == 16
+            and len(span_id) == 8
+            and len(flags) == 1
+            and trace_id != _NO_TRACE
+            and span_id != _NO_SPAN
+        ):
+            return trace_id, span_id, bool(flags[0] & 1)
     match = _TRACEPARENT.fullmatch(value.strip(" \t"))
     if match is None:
         return None
-    version, trace_hex, span_hex, flags, rest = match.groups()
+    version, trace_hex, span_hex, flags_hex, rest = match.groups()
     if version == "ff" or (version == "00" and rest):
         return None
     trace_id, span_id = bytes.fromhex(trace_hex), bytes.fromhex(span_hex)
     if trace_id == _NO_TRACE or span_id == _NO_SPAN:
         return None
-    return trace_id, span_id, bool(int(flags, 16) & 1)
+    return trace_id, span_id, bool(int(flags_hex, 16) & 1)

@@ -9,6 +9,7 @@ what the ``OTEL_*`` variables configure), which costs a few µs a span instead o
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 from collections.abc import Iterable, Mapping, MutableMapping
@@ -35,8 +36,8 @@ from broker.spans import LightSpan, Recorder, Sampler
 from schemas.subjects import parse_infer_subject
 
 __all__ = [
-    "configure_from_env", "disable", "enable", "enable_direct", "enabled", "end", "flush", "inject", "shutdown",
-    "start_batch", "start_consumer", "start_inference", "start_producer",
+    "configure_from_env", "disable", "enable", "enable_direct", "enabled", "end", "end_requests", "flush", "inject",
+    "shutdown", "start_batch", "start_consumer", "start_inference", "start_producer",
 ]  # fmt: skip
 
 _tracer: trace.Tracer | None = None
@@ -101,6 +102,7 @@ def configure_from_env(service: str) -> bool:
     """At a process entry point: export spans over OTLP/HTTP when the standard OTEL_* variables ask for it
     (``SERVEMESH_TRACE_EXPORT=sdk`` exports through the SDK's span processor instead of the mesh's own)."""
     env = os.environ
+    atexit.register(shutdown)  # what is still queued is sent when the process ends
     exporter = env.get("OTEL_TRACES_EXPORTER", "")
     endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if exporter == "none" or not (endpoint or exporter == "otlp"):
@@ -269,6 +271,18 @@ def inject(
         for name in ("traceparent", "tracestate"):
             if name in incoming:
                 headers[name] = incoming[name]
+
+
+def end_requests(requests: Iterable[tuple[Span | LightSpan, BaseException | None, float]]) -> None:
+    """End the worker's spans of a batch's requests, each with its queue wait (``mesh.queue_wait_ms``)."""
+    light = []
+    for span, error, queue_ms in requests:
+        if isinstance(span, LightSpan):
+            light.append((span, error, queue_ms))
+        else:
+            end(span, error, **{"mesh.queue_wait_ms": queue_ms})
+    if light and _recorder is not None:
+        _recorder.end_requests(light)
 
 
 def end(span: Span | LightSpan | None, error: BaseException | None = None, **attributes: Any) -> None:

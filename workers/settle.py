@@ -134,9 +134,13 @@ class Settler:
 
     @staticmethod
     def _end_spans(done: Computed) -> None:
-        for request, result in zip(done.batch, done.results, strict=True):
-            delivery = request.delivery
-            if delivery.span is not None:
-                error = result if isinstance(result, MeshError) else None
-                queue_ms = max(0.0, (done.started_ns - delivery.stored_ns) / 1e6) if delivery.stored_ns else 0.0
-                tracing.end(delivery.span, error, **{"mesh.queue_wait_ms": queue_ms})
+        started_ns = done.started_ns
+        tracing.end_requests(
+            (
+                request.delivery.span,
+                result if isinstance(result, MeshError) else None,
+                max(0.0, (started_ns - request.delivery.stored_ns) / 1e6) if request.delivery.stored_ns else 0.0,
+            )
+            for request, result in zip(done.batch, done.results, strict=True)
+            if request.delivery.span is not None
+        )

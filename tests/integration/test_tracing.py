@@ -6,6 +6,7 @@ OTLP/HTTP to a receiver that decodes them."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -194,3 +195,52 @@ async def test_a_dropped_trace_makes_no_worker_spans_and_keeps_its_context(
     finally:
         await nc.close()
     assert int(headers["traceparent"][-2:], 16) & 1 == 0  # context sent, marked not sampled
+
+
+async def test_processes_configured_by_the_otel_variables_export_one_trace(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A worker process and the ``servemesh infer`` command, each configured only by the standard
+    variables, export over OTLP/HTTP the spans of one trace, each under its own service name."""
+    import signal
+    import subprocess
+    import sys
+
+    from broker import Connection, Registry, Settings, provision
+    from router.local import spawn_worker, wait_workers_ready
+    from tests.integration.cluster import eventually
+
+    name, worker_id = unique("ident"), unique("w")
+    build_identity_onnx(tmp_path / "repo", name, "float32", shape=(2,))
+    np.save(tmp_path / "x.npy", np.ones((1, 2), np.float32))
+    with receiving() as receiver:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url.removesuffix("/v1/traces"), "OTEL_BSP_SCHEDULE_DELAY": "100"}
+        worker = spawn_worker(nats_server.url, tmp_path / "repo", worker_id, tmp_path / "worker.log", env)
+        try:
+            conn = await Connection.open(Settings.from_url(nats_server.url))
+            try:
+                await provision(conn)
+                await wait_workers_ready(await Registry.open(conn), [worker_id], 60)
+            finally:
+                await conn.close()
+            args = ["infer", name, "--input", f"input={tmp_path / 'x.npy'}", "--nats", nats_server.url]
+            cli = subprocess.run(
+                [sys.executable, "-m", "router", *args], env={**os.environ, **env}, capture_output=True, timeout=60
+            )
+            assert cli.returncode == 0, cli.stderr.decode()
+
+            async def traced() -> bool:
+                names = {s.name for s in receiver.get_finished_spans()}
+                return {f"send {name}", f"process {name}", f"batch {name}", f"infer {name}"} <= names
+
+            await eventually(traced, 30, "spans from both processes")
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(30)
+    spans = {s.name.split()[0]: s for s in receiver.get_finished_spans()}
+    send, process = spans["send"], spans["process"]
+    assert process.parent is not None and process.parent.span_id == send.context.span_id
+    assert process.context.trace_id == send.context.trace_id == spans["infer"].context.trace_id
+    assert send.resource.attributes["service.name"] == "servemesh-cli"
+    assert process.resource.attributes["service.name"] == "servemesh-worker"
+    assert (process.attributes or {})["mesh.worker"] == worker_id

@@ -150,7 +150,7 @@ def test_export_retries_a_busy_collector_then_delivers() -> None:
         exporter = OtlpExporter(
             ExportSettings(url=receiver.url, delay_s=60, timeout_s=5), {"service.name": "t"}, ("s", "1")
         )
-        exporter.submit(light)
+        exporter.submit(encode_span(light))
         exporter.force_flush()
         exporter.shutdown()
     assert receiver.attempts == 3 and exporter.exported == 1 and exporter.failed == 0
@@ -162,9 +162,9 @@ def test_export_gives_up_on_a_refused_batch_and_goes_on() -> None:
     with receiving() as receiver:
         receiver.fail_with = [400]
         exporter = OtlpExporter(ExportSettings(url=receiver.url, delay_s=60), {}, ("s", "1"))
-        exporter.submit(light)
+        exporter.submit(encode_span(light))
         exporter.force_flush()  # refused: not retried
-        exporter.submit(light)
+        exporter.submit(encode_span(light))
         exporter.force_flush()
         exporter.shutdown()
     assert receiver.attempts == 2 and exporter.failed == 1 and exporter.exported == 1
@@ -176,7 +176,7 @@ def test_a_full_queue_drops_and_counts() -> None:
         settings = ExportSettings(url=receiver.url, delay_s=60, max_queue=10, batch_size=1000)
         exporter = OtlpExporter(settings, {}, ("s", "1"))
         for _ in range(25):
-            exporter.submit(light)
+            exporter.submit(encode_span(light))
         exporter.shutdown()
     assert exporter.dropped == 15 and exporter.exported == 10
     assert sum(len(r.resource_spans[0].scope_spans[0].spans) for r in receiver.requests) == 10
@@ -187,7 +187,7 @@ def test_a_full_batch_is_sent_without_waiting_for_the_delay() -> None:
     with receiving() as receiver:
         exporter = OtlpExporter(ExportSettings(url=receiver.url, delay_s=60, batch_size=4), {}, ("s", "1"))
         for _ in range(4):
-            exporter.submit(light)
+            exporter.submit(encode_span(light))
         deadline = time.monotonic() + 5
         while not receiver.requests and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -216,7 +216,7 @@ def test_compressed_export_with_headers() -> None:
     with receiving() as receiver:
         settings = ExportSettings(url=receiver.url, delay_s=60, gzip=True, headers={"api-key": "secret"})
         exporter = OtlpExporter(settings, {}, ("s", "1"))
-        exporter.submit(light)
+        exporter.submit(encode_span(light))
         exporter.shutdown()
     assert receiver.headers[0]["Content-Encoding"] == "gzip" and receiver.headers[0]["api-key"] == "secret"
     (span,) = receiver.requests[0].resource_spans[0].scope_spans[0].spans
