@@ -180,12 +180,9 @@ class Recorder:
         if attributes or error is not None:
             attrs = span.attrs if span.attrs is not None else []
             attrs.extend(attributes.items())
-            if error is not None:
-                span.error = str(error)
-                status = getattr(error, "status", None)
-                if status is not None:
-                    attrs.append(("mesh.status", int(status)))
             span.attrs = attrs
+            if error is not None:
+                _failed(span, attrs, error)
         self.exporter.submit(encode_span(span))
 
     def end_requests(self, requests: Iterable[tuple[LightSpan, BaseException | None, float]]) -> None:
@@ -197,14 +194,19 @@ class Recorder:
             span.end = now
             attrs = span.attrs if span.attrs is not None else []
             attrs.append(("mesh.queue_wait_ms", queue_ms))
-            if error is not None:
-                span.error = str(error)
-                status = getattr(error, "status", None)
-                if status is not None:
-                    attrs.append(("mesh.status", int(status)))
             span.attrs = attrs
+            if error is not None:
+                _failed(span, attrs, error)
             encoded.append(encode_span(span))
         self.exporter.submit_many(encoded)
+
+
+def _failed(span: LightSpan, attrs: _Attrs, error: BaseException) -> None:
+    """Status ERROR with the error's message, and its status code as ``mesh.status`` when it has one."""
+    span.error = str(error)
+    status = getattr(error, "status", None)
+    if status is not None:
+        attrs.append(("mesh.status", int(status)))
 
 
 def _read_traceparent(value: str | None) -> tuple[bytes, bytes, bool] | None:
