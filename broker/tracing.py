@@ -36,7 +36,8 @@ from broker.spans import LightSpan, Recorder, Sampler
 from schemas.subjects import parse_infer_subject
 
 __all__ = [
-    "configure_from_env", "disable", "enable", "enable_direct", "enabled", "end", "end_requests", "flush", "inject",
+    "configure_from_env", "disable", "enable", "enable_direct", "enabled", "end", "end_requests", "export_counts",
+    "flush", "inject",
     "shutdown", "start_batch", "start_consumer", "start_inference", "start_producer",
 ]  # fmt: skip
 
@@ -88,6 +89,15 @@ def flush() -> None:
         _recorder.exporter.force_flush()
     elif _provider is not None and hasattr(_provider, "force_flush"):
         _provider.force_flush()
+
+
+def export_counts() -> dict[str, int] | None:
+    """Spans exported, dropped (queue full) and failed (given up on) so far by the mesh's own exporter;
+    None when it is not the one recording."""
+    if _recorder is None:
+        return None
+    exporter = _recorder.exporter
+    return {"exported": exporter.exported, "dropped": exporter.dropped, "failed": exporter.failed}
 
 
 def shutdown() -> None:

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from broker import tracing
 from workers.histogram import Histogram
 from workers.worker import Worker
 
@@ -64,6 +65,13 @@ class _WorkerCollector(Collector):
         ready = GaugeMetricFamily("servemesh_worker_ready", "1 when every assigned model is loaded.")
         ready.add_metric([], 1 if self.worker.ready else 0)
         yield ready
+        spans = tracing.export_counts()
+        if spans is not None:
+            family = CounterMetricFamily("servemesh_trace_spans", "Spans by export outcome (dropped: queue full).",
+                                         labels=["outcome"])  # fmt: skip
+            for outcome, count in spans.items():
+                family.add_metric([outcome], count)
+            yield family
 
 
 def worker_metrics(worker: Worker) -> bytes:

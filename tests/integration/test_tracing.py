@@ -209,13 +209,16 @@ async def test_processes_configured_by_the_otel_variables_export_one_trace(
     from broker import Connection, Registry, Settings, provision
     from router.local import spawn_worker, wait_workers_ready
     from tests.integration.cluster import eventually
+    from tests.integration.test_observability import _free_port, _get, _sample
 
     name, worker_id = unique("ident"), unique("w")
     build_identity_onnx(tmp_path / "repo", name, "float32", shape=(2,))
     np.save(tmp_path / "x.npy", np.ones((1, 2), np.float32))
     with receiving() as receiver:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url.removesuffix("/v1/traces"), "OTEL_BSP_SCHEDULE_DELAY": "100"}
-        worker = spawn_worker(nats_server.url, tmp_path / "repo", worker_id, tmp_path / "worker.log", env)
+        port = _free_port()
+        worker_env = {**env, "SERVEMESH_HTTP_PORT": str(port)}
+        worker = spawn_worker(nats_server.url, tmp_path / "repo", worker_id, tmp_path / "worker.log", worker_env)
         try:
             conn = await Connection.open(Settings.from_url(nats_server.url))
             try:
@@ -234,6 +237,12 @@ async def test_processes_configured_by_the_otel_variables_export_one_trace(
                 return {f"send {name}", f"process {name}", f"batch {name}", f"infer {name}"} <= names
 
             await eventually(traced, 30, "spans from both processes")
+
+            async def counted() -> bool:  # the worker's /metrics counts what it exported: process, batch, infer
+                return _sample(_get(port, "/metrics")[1], "servemesh_trace_spans_total", outcome="exported") == 3
+
+            await eventually(counted, 10, "the worker's export counted")
+            assert _sample(_get(port, "/metrics")[1], "servemesh_trace_spans_total", outcome="dropped") == 0
         finally:
             worker.send_signal(signal.SIGTERM)
             worker.wait(30)
