@@ -49,6 +49,8 @@ WORKER_ID = "bench-1"
 ECHO_SUBJECT = "bench.echo"
 # Every 97th reply is kept for the correctness check (a prime, so samples walk the whole input pool).
 SAMPLE_EVERY, MAX_SAMPLES = 97, 200
+ROWS_PER_REQUEST = 8
+MULTI_ROW_PATH = f"mesh mlp, {ROWS_PER_REQUEST} rows"
 MEMORY_CONCURRENCY, MEMORY_CHUNKS = 64, 10
 MIB = 1024 * 1024
 
@@ -189,7 +191,13 @@ Sample = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
 
 
 async def mesh_cell(
-    client: MeshClient, model: str, pool: list[np.ndarray[Any, Any]], conc: int, opts: Options, meter: CpuMeter
+    client: MeshClient,
+    model: str,
+    pool: list[np.ndarray[Any, Any]],
+    conc: int,
+    opts: Options,
+    meter: CpuMeter,
+    path: str | None = None,
 ) -> tuple[Row, list[Sample]]:
     """Throughput and latency of ``model`` at ``conc`` concurrent requests, plus sampled (input, output) pairs."""
     timings: list[tuple[float, float, int]] = []  # the worker's queue_ms, compute_ms, batch size
@@ -204,7 +212,8 @@ async def mesh_cell(
 
     meter.start()
     result = await closed_loop(send, conc, duration_s=opts.cell_s, warmup_s=opts.warmup_s)
-    row = _to_row(f"mesh {model}", result, meter.stop())
+    row = _to_row(path or f"mesh {model}", result, meter.stop())
+    row.samples_per_s = row.req_per_s * pool[0].shape[0]
     _raise_on_errors(f"mesh {model} at concurrency {conc}", result)
     if not samples:
         raise Incorrect(f"mesh {model} at concurrency {conc}: no replies to check")
@@ -309,6 +318,12 @@ def ratio_checks(rows: list[Row], memory: dict[str, Any]) -> list[Check]:
         value = mesh.samples_per_s / by[("direct onnxruntime mlp", formed)].samples_per_s
         name = f"mesh mlp @{conc} / direct ORT at its mean batch {formed}"
         checks.append(Check(name, value, f"{value:.2f}", "(>= 0.50)", None))
+    multi = by.get((MULTI_ROW_PATH, 64))
+    if multi is not None:
+        rows = max(1, round((multi.mean_batch or 1) * ROWS_PER_REQUEST))
+        value = multi.samples_per_s / by[("direct onnxruntime mlp", rows)].samples_per_s
+        name = f"mesh mlp, {ROWS_PER_REQUEST} rows/request @64 / direct ORT at its mean batch {rows} rows"
+        checks.append(Check(name, value, f"{value:.2f}", "(info)", None))
     growth = memory["growth_pct"]
     name = f"worker RSS growth over {memory['requests']:,} requests"
     checks.append(Check(name, growth, f"{growth:+.1f}%", "< 10%", growth < 10))
@@ -349,7 +364,14 @@ async def measure_mesh(url: str, mlp_path: Path, pids: Pids, opts: Options, repo
             row, samples = await mesh_cell(client, MLP_MODEL, mlp_pool, conc, opts, meter)
             check_mlp(session, samples)
             report.rows.append(row)
+        print(f"(c) mesh, MLP, {ROWS_PER_REQUEST} rows per request (a request carrying more compute)", flush=True)
+        pool = [np.concatenate(mlp_pool[i : i + ROWS_PER_REQUEST]) for i in range(0, 256, ROWS_PER_REQUEST)]
+        row, samples = await mesh_cell(client, MLP_MODEL, pool, 64, opts, meter, path=MULTI_ROW_PATH)
+        check_mlp(session, samples)
+        report.rows.append(row)
         formed = {max(1, round(r.mean_batch or 1)) for r in report.rows if r.path == "mesh mlp" and r.conc > 1}
+        multi = report.rows[-1]
+        formed.add(max(1, round((multi.mean_batch or 1) * ROWS_PER_REQUEST)))
         print("(c) direct onnxruntime MLP in this process, default threads", flush=True)
         for batch in sorted({1, 64, 128} | formed):
             report.rows.append(await asyncio.to_thread(direct_row, session, batch, opts, pids.meter(None)))
