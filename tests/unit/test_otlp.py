@@ -262,3 +262,19 @@ def test_ending_twice_exports_once_and_errors_carry_their_status() -> None:
     assert exported.status.status_code == StatusCode.ERROR and exported.status.description == "wrong dtype"
     assert (exported.attributes or {})["mesh.status"] == 400
     assert headers["traceparent"] == f"00-{exported.context.trace_id:032x}-{exported.context.span_id:016x}-01"
+
+
+def test_a_collector_that_is_down_costs_the_spans_only() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1/traces"
+    light, _ = _pair(**SPANS["root producer"])  # type: ignore[arg-type]
+    exporter = OtlpExporter(ExportSettings(url=url, delay_s=60, timeout_s=0.5), {}, ("s", "1"))
+    started = time.monotonic()
+    exporter.submit(encode_span(light))
+    exporter.force_flush()
+    exporter.shutdown()
+    assert exporter.failed == 1 and exporter.exported == 0
+    assert time.monotonic() - started < 5
