@@ -11,8 +11,10 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.trace import TraceState
 
-from broker.otlp import OtlpExporter, encode_span, span_shape
+from broker.otlp import encode_span, span_shape
+from broker.span_export import OtlpExporter
 
 __all__ = ["LightSpan", "Recorder", "Sampler"]
 
@@ -146,7 +148,9 @@ class Recorder:
         )
         if parent_id is not None:
             span.remote_parent = True
-            span.trace_state = headers.get("tracestate")
+            raw_state = headers.get("tracestate")
+            if raw_state:
+                span.trace_state = _trace_state(raw_state)
         return span
 
     def batch(self, model: str, version: str, requests: Iterable[Any], worker: str) -> LightSpan | None:
@@ -207,6 +211,20 @@ def _failed(span: LightSpan, attrs: _Attrs, error: BaseException) -> None:
     status = getattr(error, "status", None)
     if status is not None:
         attrs.append(("mesh.status", int(status)))
+
+
+_STATES: dict[str, str | None] = {}
+
+
+def _trace_state(raw: str) -> str | None:
+    """A ``tracestate`` as the W3C propagator keeps it (normalised; None if it is not valid), remembered:
+    a mesh sees the same few over and over."""
+    state = _STATES.get(raw, "")
+    if state == "":
+        if len(_STATES) >= 256:
+            _STATES.clear()
+        state = _STATES[raw] = TraceState.from_header([raw]).to_header() or None
+    return state
 
 
 def _read_traceparent(value: str | None) -> tuple[bytes, bytes, bool] | None:

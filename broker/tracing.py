@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
+import math
 import os
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
@@ -31,7 +33,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from broker.otlp import ExportSettings, OtlpExporter
+from broker.span_export import ExportSettings, OtlpExporter
 from broker.spans import LightSpan, Recorder, Sampler
 from schemas.subjects import parse_infer_subject
 
@@ -41,9 +43,12 @@ __all__ = [
     "shutdown", "start_batch", "start_consumer", "start_inference", "start_producer",
 ]  # fmt: skip
 
+log = logging.getLogger(__name__)
+
 _tracer: trace.Tracer | None = None
 _provider: TracerProvider | None = None
 _recorder: Recorder | None = None
+_exit_hook = False
 _parent_decides = False  # the sampler follows a remote parent's sampled flag
 # W3C trace context only: the global default also carries baggage, which the mesh does not use
 # and which doubles the cost of every inject and extract.
@@ -57,6 +62,7 @@ def enabled() -> bool:
 def enable(provider: TracerProvider) -> None:
     """Trace through ``provider`` (tests pass one with an in-memory exporter)."""
     global _tracer, _provider, _parent_decides, _recorder
+    _retire_recorder()
     _tracer, _provider, _recorder = provider.get_tracer("servemesh"), provider, None
     _parent_decides = _sampled_flag_decides(provider)
 
@@ -73,14 +79,22 @@ def enable_direct(settings: ExportSettings, sampler: Sampler, service: str) -> N
         release = "0"
     global _tracer, _provider, _recorder
     attributes = dict(Resource.create({"service.name": service}).attributes)  # + OTEL_RESOURCE_ATTRIBUTES
+    _retire_recorder()
     exporter = OtlpExporter(settings, attributes, ("servemesh", release))
     _tracer = _provider = None
     _recorder = Recorder(exporter, sampler, _subject_attributes)
 
 
 def disable() -> None:
+    """Stop tracing: the mesh's own exporter sends what it holds and stops; spans still open are dropped."""
     global _tracer, _provider, _recorder
+    _retire_recorder()
     _tracer = _provider = _recorder = None
+
+
+def _retire_recorder() -> None:
+    if _recorder is not None:
+        _recorder.exporter.shutdown()
 
 
 def flush() -> None:
@@ -111,20 +125,19 @@ def shutdown() -> None:
 def configure_from_env(service: str) -> bool:
     """At a process entry point: export spans over OTLP/HTTP when the standard OTEL_* variables ask for it
     (``SERVEMESH_TRACE_EXPORT=sdk`` exports through the SDK's span processor instead of the mesh's own)."""
+    global _exit_hook
     env = os.environ
-    atexit.register(shutdown)  # what is still queued is sent when the process ends
+    if not _exit_hook:
+        atexit.register(shutdown)  # what is still queued is sent when the process ends
+        _exit_hook = True
     exporter = env.get("OTEL_TRACES_EXPORTER", "")
     endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    if exporter == "none" or not (endpoint or exporter == "otlp"):
+    disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    if disabled or exporter == "none" or not (endpoint or exporter == "otlp"):
         return False
     name = env.get("OTEL_SERVICE_NAME", service)
     if env.get("SERVEMESH_TRACE_EXPORT", "direct") != "sdk":
-        try:
-            ratio = float(env.get("OTEL_TRACES_SAMPLER_ARG") or 1.0)
-        except ValueError:
-            ratio = 1.0
-        sampler = Sampler(env.get("OTEL_TRACES_SAMPLER") or "parentbased_always_on", ratio)
-        enable_direct(ExportSettings.from_env(env), sampler, name)
+        enable_direct(ExportSettings.from_env(env), _sampler_from_env(env), name)
         return True
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
@@ -136,6 +149,25 @@ def configure_from_env(service: str) -> bool:
     trace.set_tracer_provider(provider)
     enable(provider)
     return True
+
+
+def _sampler_from_env(env: Mapping[str, str]) -> Sampler:
+    """``OTEL_TRACES_SAMPLER`` and its argument, read as the SDK reads them: a name it does not know, or a
+    ratio outside [0, 1], is logged and the default used instead of stopping the process."""
+    name = (env.get("OTEL_TRACES_SAMPLER") or "parentbased_always_on").strip().lower()
+    try:
+        ratio = float(env.get("OTEL_TRACES_SAMPLER_ARG") or 1.0)
+    except ValueError:
+        ratio = math.nan
+    if not 0.0 <= ratio <= 1.0:  # NaN too
+        log.warning("tracing: OTEL_TRACES_SAMPLER_ARG=%r is not a ratio in [0, 1]; using 1.0",
+                    env.get("OTEL_TRACES_SAMPLER_ARG"))  # fmt: skip
+        ratio = 1.0
+    try:
+        return Sampler(name, ratio)
+    except ValueError:
+        log.warning("tracing: OTEL_TRACES_SAMPLER=%r is not supported; using parentbased_always_on", name)
+        return Sampler("parentbased_always_on")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -292,7 +324,10 @@ def end_requests(requests: Iterable[tuple[Span | LightSpan, BaseException | None
         else:
             end(span, error, **{"mesh.queue_wait_ms": queue_ms})
     if light and _recorder is not None:
-        _recorder.end_requests(light)
+        try:
+            _recorder.end_requests(light)
+        except Exception:  # tracing must never fail the requests it watches
+            log.warning("tracing: could not record %d spans", len(light), exc_info=True)
 
 
 def end(span: Span | LightSpan | None, error: BaseException | None = None, **attributes: Any) -> None:
@@ -300,7 +335,10 @@ def end(span: Span | LightSpan | None, error: BaseException | None = None, **att
         return
     if isinstance(span, LightSpan):
         if _recorder is not None:  # else tracing was turned off while the span was open: dropped
-            _recorder.end(span, error, attributes)
+            try:
+                _recorder.end(span, error, attributes)
+            except Exception:  # tracing must never fail the request it watches
+                log.warning("tracing: could not record a span", exc_info=True)
         return
     if attributes:
         span.set_attributes(attributes)

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from broker import MeshClient, NatsServer, tracing
-from broker.otlp import ExportSettings
+from broker.span_export import ExportSettings
 from broker.spans import Sampler
 from examples.build_models import build_identity_onnx
 from schemas.errors import BadInput

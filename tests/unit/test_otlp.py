@@ -4,6 +4,7 @@ the W3C propagator, and the exporter retries, drops and compresses as the OTLP s
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from typing import Any
@@ -28,7 +29,8 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from broker import tracing
-from broker.otlp import ExportSettings, OtlpExporter, encode_request, encode_span, span_shape
+from broker.otlp import encode_request, encode_span, span_shape
+from broker.span_export import ExportSettings, OtlpExporter
 from broker.spans import CONSUMER, INTERNAL, PRODUCER, LightSpan, Sampler, _read_traceparent
 from schemas.errors import BadInput
 from tests.otlp_receiver import receiving
@@ -278,3 +280,110 @@ def test_a_collector_that_is_down_costs_the_spans_only() -> None:
     exporter.shutdown()
     assert exporter.failed == 1 and exporter.exported == 0
     assert time.monotonic() - started < 5
+
+
+def test_tracestate_is_forwarded_as_the_propagator_would_keep_it() -> None:
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with receiving() as receiver:
+        tracing.enable_direct(ExportSettings(url=receiver.url, delay_s=60), Sampler(), "t")
+        try:
+            forwarded = []
+            for raw in ("a=1, b=2", "A=1", "garbage no equals"):
+                span = tracing.start_consumer({"traceparent": tp, "tracestate": raw}, "mesh.infer.m.1.low", "r", "w")
+                headers: dict[str, str] = {}
+                tracing.inject(span, headers)
+                forwarded.append(headers.get("tracestate"))
+        finally:
+            tracing.disable()
+    assert forwarded == ["a=1,b=2", None, None]
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        ({"OTEL_BSP_MAX_QUEUE_SIZE": "1e4", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "0", "OTEL_BSP_SCHEDULE_DELAY": "0"},
+         (2048, 512, 5.0, 10.0)),
+        ({"OTEL_BSP_MAX_QUEUE_SIZE": "100", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "500",
+          "OTEL_EXPORTER_OTLP_TIMEOUT": "-1"}, (100, 100, 5.0, 10.0)),
+        ({"OTEL_BSP_SCHEDULE_DELAY": "nan", "OTEL_EXPORTER_OTLP_TIMEOUT": "x"}, (2048, 512, 5.0, 10.0)),
+    ],
+)  # fmt: skip
+def test_settings_the_sdk_would_refuse_fall_back_to_defaults(
+    variables: dict[str, str], expected: tuple[int, int, float, float]
+) -> None:
+    s = ExportSettings.from_env(variables)
+    assert (s.max_queue, s.batch_size, s.delay_s, s.timeout_s) == expected
+
+
+def test_headers_that_http_cannot_carry_are_left_out() -> None:
+    s = ExportSettings.from_env({"OTEL_EXPORTER_OTLP_HEADERS": "api-key=%E2%82%AC,x=a%0Ab,ok=1"})
+    assert dict(s.headers) == {"ok": "1"}
+
+
+@pytest.mark.parametrize(
+    ("name", "ratio", "expected"),
+    [("TraceIdRatio", "0.25", "traceidratio"), ("parentbased_jaeger_remote", "", "parentbased_always_on"),
+     ("traceidratio", "nan", "traceidratio"), ("traceidratio", "-0.5", "traceidratio")],
+)  # fmt: skip
+def test_samplers_from_the_environment_never_stop_a_process(name: str, ratio: str, expected: str) -> None:
+    sampler = tracing._sampler_from_env({"OTEL_TRACES_SAMPLER": name, "OTEL_TRACES_SAMPLER_ARG": ratio})
+    assert sampler.name == expected
+    if ratio in ("nan", "-0.5"):  # not a ratio: the default, 1.0, as the SDK falls back to
+        assert all(sampler.root(random.getrandbits(128)) for _ in range(100))
+
+
+def test_a_batch_http_refuses_is_lost_not_the_export_thread() -> None:
+    light, _ = _pair(**SPANS["root producer"])  # type: ignore[arg-type]
+    with receiving() as receiver:
+        settings = ExportSettings(url=receiver.url, delay_s=60, headers={"x": "a\nb"})
+        exporter = OtlpExporter(settings, {}, ("s", "1"))
+        exporter.submit(encode_span(light))
+        exporter.force_flush()
+        alive = exporter._thread.is_alive()
+        exporter.shutdown()
+    assert exporter.failed == 1 and alive and receiver.attempts == 0
+
+
+def test_shutdown_is_bounded_when_the_collector_never_answers() -> None:
+    import socket
+
+    light, _ = _pair(**SPANS["root producer"])  # type: ignore[arg-type]
+    with socket.socket() as listener:  # accepts connections, never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1/traces"
+        exporter = OtlpExporter(ExportSettings(url=url, delay_s=60, timeout_s=1, batch_size=2), {}, ("s", "1"))
+        for _ in range(10):
+            exporter.submit(encode_span(light))
+        started = time.monotonic()
+        exporter.shutdown()
+        took = time.monotonic() - started
+    assert took < 3.5
+    exporter._thread.join(5)  # what it was still posting is counted too
+    assert exporter.failed == 10 and exporter.exported == 0
+
+
+def test_turning_tracing_off_or_over_sends_what_the_old_exporter_held() -> None:
+    with receiving() as receiver:
+        tracing.enable_direct(ExportSettings(url=receiver.url, delay_s=60), Sampler(), "t")
+        first = tracing._recorder
+        tracing.end(tracing.start_producer("mesh.infer.m.1.high", "r1", {}))
+        tracing.enable_direct(ExportSettings(url=receiver.url, delay_s=60), Sampler(), "t")
+        tracing.end(tracing.start_producer("mesh.infer.m.1.high", "r2", {}))
+        tracing.disable()
+    assert first is not None and not first.exporter._thread.is_alive()
+    ids = [(s.attributes or {})["messaging.message.id"] for s in receiver.get_finished_spans()]
+    assert ids == ["r1", "r2"]
+
+
+def test_an_error_text_that_is_not_utf8_still_ends_its_span() -> None:
+    with receiving() as receiver:
+        tracing.enable_direct(ExportSettings(url=receiver.url, delay_s=60), Sampler(), "t")
+        try:
+            span = tracing.start_producer("mesh.infer.m.1.high", "r", {})
+            tracing.end(span, BadInput("cannot open " + os.fsdecode(b"/models/\xff.onnx")))
+            tracing.flush()
+        finally:
+            tracing.disable()
+    (exported,) = receiver.get_finished_spans()
+    assert exported.status.description == "cannot open /models/?.onnx"  # what cannot be UTF-8 is replaced

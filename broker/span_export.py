@@ -1,0 +1,217 @@
+"""Export of the mesh's own spans over OTLP/HTTP: encoded spans wait in a bounded queue, and one background
+thread posts them as ``ExportTraceServiceRequest`` bodies every ``delay_s``, or as soon as a batch is full.
+Nothing here can fail a request: a collector that is down, slow or refusing costs the spans, counted."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from broker.otlp import delimited, encode_attributes, encode_request, utf8
+
+__all__ = ["ExportSettings", "OtlpExporter"]
+
+log = logging.getLogger(__name__)
+
+_RETRYABLE = {429, 502, 503, 504}
+_N = TypeVar("_N", int, float)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportSettings:
+    """Where and how spans go: the standard ``OTEL_EXPORTER_OTLP_*`` and ``OTEL_BSP_*`` values."""
+
+    url: str = "http://localhost:4318/v1/traces"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float = 10.0
+    gzip: bool = False
+    ca_file: str | None = None
+    max_queue: int = 2048
+    batch_size: int = 512
+    delay_s: float = 5.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ExportSettings:
+        """The standard variables, the ``_TRACES_`` form first (timeouts in seconds, as the Python SDK reads
+        them). A value the SDK would refuse is logged and its default used, as the SDK does."""
+
+        def pick(name: str) -> str | None:
+            return env.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or env.get(f"OTEL_EXPORTER_OTLP_{name}") or None
+
+        url = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        if not url:
+            url = (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4318").rstrip("/") + "/v1/traces"
+        headers = {}
+        for item in (pick("HEADERS") or "").split(","):
+            name, sep, value = item.partition("=")
+            name, value = unquote(name.strip()), unquote(value.strip())
+            if sep and name and _header_ok(name) and _header_ok(value):
+                headers[name] = value
+            elif sep:
+                log.warning("tracing: ignoring OTLP header %r: not a valid HTTP header", name)
+        max_queue = _number(env, "OTEL_BSP_MAX_QUEUE_SIZE", int, 2048, lambda n: n > 0)
+        return cls(
+            url=url, headers=headers, gzip=pick("COMPRESSION") == "gzip", ca_file=pick("CERTIFICATE"),
+            timeout_s=_number({"OTEL_EXPORTER_OTLP_TIMEOUT": pick("TIMEOUT") or ""}, "OTEL_EXPORTER_OTLP_TIMEOUT",
+                              float, 10.0, lambda t: t > 0),
+            max_queue=max_queue,
+            batch_size=_number(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", int, min(512, max_queue),
+                               lambda n: 0 < n <= max_queue),
+            delay_s=_number(env, "OTEL_BSP_SCHEDULE_DELAY", float, 5000.0, lambda ms: ms > 0) / 1000,
+        )  # fmt: skip
+
+
+def _number(env: Mapping[str, str], name: str, kind: Callable[[str], _N], default: _N, ok: Callable[[_N], bool]) -> _N:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or (isinstance(value, float) and math.isnan(value)) or not ok(value):
+        log.warning("tracing: %s=%r is not valid here; using %s", name, raw, default)
+        return default
+    return value
+
+
+def _header_ok(text: str) -> bool:
+    return text.isprintable() and text.isascii()
+
+
+class OtlpExporter:
+    """Encoded spans queue here (bounded: beyond ``max_queue`` they are dropped and counted); a thread
+    posts them every ``delay_s``, or as soon as a batch is full. Spans are encoded as they end, by the
+    caller: bytes, unlike span objects, cost the garbage collector nothing while they wait."""
+
+    def __init__(self, settings: ExportSettings, resource: Mapping[str, Any], scope: tuple[str, str]) -> None:
+        self.settings = settings
+        self._resource = encode_attributes(resource.items(), tag=b"\x0a")
+        self._scope = delimited(b"\x0a", utf8(scope[0])) + delimited(b"\x12", utf8(scope[1]))
+        self._queue: deque[bytes] = deque()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # one export at a time: the thread's, or a flush's
+        self._stopping = False
+        self._give_up_at = math.inf  # once stopping: what is not sent by then is counted failed
+        self._conn: http.client.HTTPConnection | None = None
+        self.exported = self.dropped = self.failed = 0
+        self._thread = threading.Thread(target=self._run, name="servemesh-otlp", daemon=True)
+        self._thread.start()
+
+    def submit(self, span: bytes) -> None:
+        """Queue one span, as :func:`~broker.otlp.encode_span` wrote it."""
+        queue = self._queue
+        if len(queue) >= self.settings.max_queue:
+            self.dropped += 1
+            return
+        queue.append(span)
+        if len(queue) == self.settings.batch_size:
+            self._wake.set()
+
+    def submit_many(self, spans: list[bytes]) -> None:
+        queue, settings = self._queue, self.settings
+        room = settings.max_queue - len(queue)
+        if room < len(spans):
+            self.dropped += len(spans) - max(room, 0)
+            spans = spans[: max(room, 0)]
+        before = len(queue)
+        queue.extend(spans)
+        if before < settings.batch_size <= len(queue):
+            self._wake.set()
+
+    def force_flush(self, timeout_s: float | None = None) -> bool:
+        """Send everything queued; False if the thread's export did not let go within ``timeout_s``."""
+        if not self._lock.acquire(timeout=-1 if timeout_s is None else max(0.0, timeout_s)):
+            return False
+        try:
+            self._drain()
+        finally:
+            self._lock.release()
+        return True
+
+    def shutdown(self) -> None:
+        """Send what is queued and stop, within about ``timeout_s`` however the collector behaves."""
+        if self._stopping:
+            return
+        self._give_up_at = time.monotonic() + self.settings.timeout_s
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=self.settings.timeout_s)
+        if not self.force_flush(self._give_up_at - time.monotonic()):
+            log.warning("tracing: gave up on %d spans at shutdown (the collector is not answering)", len(self._queue))
+        if self._conn is not None:
+            self._conn.close()
+        if self.dropped or self.failed:
+            log.warning("tracing: %d spans dropped (export queue full), %d not accepted by the collector",
+                        self.dropped, self.failed)  # fmt: skip
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self.settings.delay_s)
+            self._wake.clear()
+            with self._lock:
+                self._drain()
+
+    def _drain(self) -> None:
+        queue, size = self._queue, self.settings.batch_size
+        while queue:
+            if time.monotonic() > self._give_up_at:
+                self.failed += len(queue)
+                queue.clear()
+                return
+            spans = [queue.popleft() for _ in range(min(size, len(queue)))]
+            if self._post(encode_request(self._resource, self._scope, spans)):
+                self.exported += len(spans)
+            else:
+                self.failed += len(spans)
+
+    def _post(self, body: bytes) -> bool:
+        """Send one request, retrying what the spec calls retryable until the timeout; False if given up."""
+        s = self.settings
+        headers = {"Content-Type": "application/x-protobuf", **s.headers}
+        if s.gzip:
+            body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+        deadline, backoff = time.monotonic() + s.timeout_s, 0.5
+        parts = urlsplit(s.url)
+        target = (parts.path or "/v1/traces") + (f"?{parts.query}" if parts.query else "")
+        while True:
+            try:
+                conn = self._connection(parts.scheme, parts.netloc)
+                conn.request("POST", target, body, headers)
+                response = conn.getresponse()
+                response.read()
+                if 200 <= response.status < 300:
+                    return True
+                error = f"HTTP {response.status}"
+                retry = response.status in _RETRYABLE
+            except (OSError, http.client.HTTPException) as exc:
+                error, retry = f"{type(exc).__name__}: {exc}", True
+                self._conn = None
+            except Exception as exc:  # e.g. a header http.client refuses: this batch is lost, not the thread
+                error, retry = f"{type(exc).__name__}: {exc}", False
+                self._conn = None
+            if not retry or time.monotonic() + backoff > min(deadline, self._give_up_at) or self._stopping:
+                log.warning("tracing: export to %s failed (%s); giving up on the batch", s.url, error)
+                return False
+            time.sleep(backoff)
+            backoff *= 2
+
+    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if scheme == "https":
+                import ssl
+
+                context = ssl.create_default_context(cafile=self.settings.ca_file)
+                self._conn = http.client.HTTPSConnection(netloc, timeout=self.settings.timeout_s, context=context)
+            else:
+                self._conn = http.client.HTTPConnection(netloc, timeout=self.settings.timeout_s)
+        return self._conn
