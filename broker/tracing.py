@@ -212,16 +212,22 @@ def _parent_context(headers: Mapping[str, str]) -> Context:
     """The remote parent in ``headers``: a well-formed version-00 ``traceparent`` read directly (the
     propagator's regex and checks cost ~4 µs a request), anything else through the propagator."""
     traceparent = headers.get("traceparent")
-    if traceparent is not None and len(traceparent) == 55 and traceparent.startswith("00-"):
-        try:
-            trace_id, span_id = int(traceparent[3:35], 16), int(traceparent[36:52], 16)
-            flags = int(traceparent[53:], 16)
+    if (
+        traceparent is not None and len(traceparent) == 55 and traceparent.startswith("00-")
+        and traceparent[35] == traceparent[52] == "-" and traceparent[3:].islower()
+    ):  # fmt: skip
+        try:  # bytes.fromhex, unlike int(..., 16), refuses signs and underscores
+            trace_id, span_id = bytes.fromhex(traceparent[3:35]), bytes.fromhex(traceparent[36:52])
+            flags = bytes.fromhex(traceparent[53:])
         except ValueError:
-            trace_id = span_id = 0
-        if trace_id and span_id and traceparent[35] == traceparent[52] == "-" and traceparent[3:].islower():
+            trace_id = span_id = flags = b""
+        if len(trace_id) == 16 and len(span_id) == 8 and len(flags) == 1 and any(trace_id) and any(span_id):
             raw_state = headers.get("tracestate")
             state = TraceState.from_header([raw_state]) if raw_state else None
-            context = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags), trace_state=state)
+            context = SpanContext(
+                int.from_bytes(trace_id, "big"), int.from_bytes(span_id, "big"), is_remote=True,
+                trace_flags=TraceFlags(flags[0]), trace_state=state,
+            )  # fmt: skip
             return trace.set_span_in_context(NonRecordingSpan(context))
     return _propagator.extract(headers)
 

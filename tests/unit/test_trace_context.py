@@ -20,6 +20,9 @@ CASES = [
     {"traceparent": "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
     {"traceparent": "00-0af7651916cd43dd8448eb211c80319c_b7ad6b7169203331-01"},
     {"traceparent": "junk"},
+    {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b71692_3331-01"},
+    {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-+1"},
+    {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331- 1"},
     {},
 ]
 
