@@ -120,13 +120,9 @@ class MeshClient:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            prepared = self._prepare_now(model, inputs, version, priority, timeout, request_id, reply_to)
-            if isinstance(prepared, tuple):
-                subject, payload, headers = prepared
-            else:  # the registry must be read, or the payload goes by claim check: bounded by the timeout
-                subject, payload, headers = await asyncio.wait_for(
-                    self._prepare(model, inputs, version, priority, timeout, request_id, reply_to, prepared), timeout
-                )
+            subject, payload, headers = await asyncio.wait_for(
+                self._prepare(model, inputs, version, priority, timeout, request_id, reply_to), timeout
+            )
         except (TimeoutError, MeshError) as exc:
             if self._deaf is not None:  # no answer could reach us: say why
                 raise self._deaf from None
@@ -238,38 +234,17 @@ class MeshClient:
     async def jobs(self) -> dict[str, dict[str, Any]]:
         return await (await self._resolver.registry()).jobs()
 
-    def _prepare_now(
-        self, model: str | Sequence[str], inputs: dict[str, Any], version: str | None, priority: str,
-        timeout: float, request_id: str, reply_to: str,
-    ) -> tuple[str, bytes, dict[str, str]] | bytes | None:  # fmt: skip
-        """What :meth:`_prepare` returns, when nothing need be awaited (the route is cached and the payload
-        fits in a message): most requests, which then skip a task and a timer. Else the payload, if
-        encoded already, for :meth:`_prepare` to go on with."""
-        route = self._resolver.cached_route(model, version, priority) if priority in PRIORITIES else None
-        if route is None:
-            return None
-        payload = encode_request(inputs)
-        if len(payload) > self._claims.threshold:
-            return payload
-        self._check_size(payload)
-        return route[0], payload, self._headers(route, request_id, reply_to, timeout)
-
     async def _prepare(
         self, model: str | Sequence[str], inputs: dict[str, Any], version: str | None, priority: str,
-        timeout: float, request_id: str, reply_to: str, payload: bytes | None = None,
+        timeout: float, request_id: str, reply_to: str,
     ) -> tuple[str, bytes, dict[str, str]]:  # fmt: skip
         """(first subject, payload, headers) of a request, checked before anything is sent."""
         if priority not in PRIORITIES:
             raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
         route = await self._resolver.route(model, version, priority)
-        if payload is None:
-            payload = encode_request(inputs)
+        payload = encode_request(inputs)
         if len(payload) > self._claims.threshold:
             payload = await self._claims.wrap(payload)  # claim check: through the object store, if on
-        self._check_size(payload)
-        return route[0], payload, self._headers(route, request_id, reply_to, timeout)
-
-    def _check_size(self, payload: bytes) -> None:
         # Headers count against max_payload too; beyond it the server drops the whole connection.
         if len(payload) > self._conn.nc.max_payload - _HEADER_ROOM:
             raise BadInput(
@@ -278,8 +253,6 @@ class MeshClient:
                 "object store: SERVEMESH_CLAIMS=true",
                 size=len(payload),
             )
-
-    def _headers(self, route: tuple[str, ...], request_id: str, reply_to: str, timeout: float) -> dict[str, str]:
         headers = {
             HDR_MSG_ID: request_id,
             HDR_REPLY: reply_to,
@@ -289,7 +262,7 @@ class MeshClient:
             headers[HDR_ROUTE] = ",".join(route[1:])
         if self._conn.settings.claim_bucket != BUCKET_CLAIMS:
             headers[HDR_CLAIM_BUCKET] = self._conn.settings.claim_bucket  # a large reply comes back there
-        return headers
+        return route[0], payload, headers
 
     async def _on_reply(self, msg: Msg) -> None:
         kind, _, request_id = msg.subject[len(self._inbox) + 1 :].partition(".")

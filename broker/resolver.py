@@ -42,14 +42,11 @@ class Resolver:
     async def route(self, model: str | Sequence[str], version: str | None, priority: str) -> tuple[str, ...]:
         """The subjects a request passes through: one model, a named pipeline, or listed stages.
         A stage named without a version follows its weighted route, drawn per request."""
-        return _subjects(await self.plan(model, version), priority)
-
-    def cached_route(self, model: str | Sequence[str], version: str | None, priority: str) -> tuple[str, ...] | None:
-        """:meth:`route` without awaiting anything: None unless the plan is cached and fresh."""
-        cached = self._plans.get(((model,) if isinstance(model, str) else tuple(model), version))
-        if cached is None or time.monotonic() - cached[0] >= _SPEC_TTL_S:
-            return None
-        return _subjects(cached[1], priority)
+        plan = await self.plan(model, version)
+        return tuple(
+            infer_subject(name, next(iter(weights)) if len(weights) == 1 else choose(weights), priority)
+            for name, weights in plan
+        )
 
     async def plan(self, model: str | Sequence[str], version: str | None) -> Plan:
         """Per stage: the model and the weights of its versions (registry and routes read, cached briefly)."""
@@ -155,11 +152,3 @@ class Resolver:
             raise UnknownModel(f"model {model!r} is not registered", model=model)
         self._specs[model] = (now, spec)
         return spec
-
-
-def _subjects(plan: Plan, priority: str) -> tuple[str, ...]:
-    """The subject of each stage of ``plan``: a version drawn by its weights, at ``priority``."""
-    return tuple(
-        infer_subject(name, next(iter(weights)) if len(weights) == 1 else choose(weights), priority)
-        for name, weights in plan
-    )
