@@ -1,6 +1,6 @@
 """The mesh's own span recorder: each span of the request path is a few slots, its name, kind and fixed
 attributes encoded once per subject, the sampling decided as the SDK's samplers would; finished spans go
-to an :class:`~broker.otlp.OtlpExporter`. A few µs a span, where the SDK with its exporter takes ~60."""
+to an :class:`~broker.span_export.OtlpExporter`. A few µs a span, where the SDK with its exporter takes ~60."""
 
 from __future__ import annotations
 

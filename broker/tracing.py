@@ -39,8 +39,7 @@ from schemas.subjects import parse_infer_subject
 
 __all__ = [
     "configure_from_env", "disable", "enable", "enable_direct", "enabled", "end", "end_requests", "export_counts",
-    "flush", "inject",
-    "shutdown", "start_batch", "start_consumer", "start_inference", "start_producer",
+    "flush", "inject", "shutdown", "start_batch", "start_consumer", "start_inference", "start_producer",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
