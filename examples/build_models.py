@@ -66,6 +66,7 @@ def _write_config(
     inputs: list[dict[str, Any]],
     outputs: list[dict[str, Any]],
     class_names: list[str] | None = None,
+    instances: int = 1,
 ) -> None:
     """Write <model>/servemesh.yaml."""
     config: dict[str, Any] = {
@@ -77,6 +78,8 @@ def _write_config(
     }
     if class_names:
         config["class_names"] = class_names
+    if instances > 1:
+        config["instances"] = instances
     text = "".join(_yaml_line(key, value) for key, value in config.items())
     _replace_atomically(model_dir / "servemesh.yaml", lambda p: Path(p).write_text(text))
 
@@ -212,6 +215,7 @@ def build_mlp_onnx(
     d_out: int = 512,
     max_batch_size: int = 128,
     max_delay_ms: float = 2,
+    instances: int = 1,
 ) -> Path:
     """Build a two-layer ReLU MLP with seeded random weights, sized for throughput benchmarks."""
     rng = np.random.default_rng(0)
@@ -245,6 +249,7 @@ def build_mlp_onnx(
         max_delay_ms,
         [_spec("input", "float32", [d_in])],
         [_spec("output", "float32", [d_out])],
+        instances=instances,
     )
     return model_dir
 

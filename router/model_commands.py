@@ -54,7 +54,7 @@ async def _from_source(name: str, source: str, version: str | None) -> ModelSpec
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = {
         "min_replicas": args.min_replicas, "max_replicas": args.max_replicas, "memory_mb": args.memory_mb,
-        "max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms,
+        "max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms, "instances": args.instances,
     }  # fmt: skip
     if args.priorities:
         values["priorities"] = [p for p in args.priorities.split(",") if p]
@@ -129,7 +129,8 @@ def _print_human(command: str, result: Any) -> None:
                   f"{ready:<12} {lag}")  # fmt: skip
     elif command == "show":
         spec = result["spec"]
-        print(f"{spec['name']}: batch ≤ {spec['max_batch_size']}, delay {spec['max_delay_ms']} ms, replicas "
+        print(f"{spec['name']}: batch ≤ {spec['max_batch_size']}, delay {spec['max_delay_ms']} ms, "
+              f"{spec.get('instances', 1)} instance(s) per replica, replicas "
               f"{spec['min_replicas']}..{spec['max_replicas']}, priorities {','.join(spec['priorities'])}")  # fmt: skip
         for version in sorted(spec["versions"]):
             st = result["status"].get(version, {})
@@ -172,6 +173,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     add.add_argument("--memory-mb", type=int)
     add.add_argument("--max-batch-size", type=int)
     add.add_argument("--max-delay-ms", type=float)
+    add.add_argument("--instances", type=int, help="batches a replica computes at once (sharing its cores)")
     add.add_argument("--priorities", help=f"subset of {','.join(PRIORITIES)}")
     add.add_argument("--labels", help="worker labels the model needs, k=v,...")
     add.add_argument("--placement", action="append", default=[], metavar="PRIORITY:k=v,...",

@@ -59,6 +59,9 @@ class ModelSpec(BaseModel):
     default_version: str | None = None
     max_batch_size: int = Field(default=0, ge=0, le=65536)
     max_delay_ms: float = Field(default=2.0, ge=0)
+    # Batches one replica computes at once (Triton's instance count), sharing one loaded copy of the
+    # model and the runtime's threads: each batch gets fewer threads, but none waits on another's.
+    instances: int = Field(default=1, ge=1, le=16)
     inputs: list[TensorSpec] = []
     outputs: list[TensorSpec] = []
     priorities: list[Priority] = list(PRIORITIES)

@@ -59,9 +59,10 @@ class ServingStats:
     batches: int = 0
     rows: int = 0
     max_batch: int = 0
+    peak_computing: int = 0  # most batches computed at once (up to the model's instances)
     errors: Counter[int] = field(default_factory=Counter)
     expired: int = 0
-    busy_s: float = 0.0  # time spent computing
+    busy_s: float = 0.0  # time spent computing (with several instances: instance-seconds / instances)
     queue_s: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
     compute_s: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
     batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
@@ -72,6 +73,7 @@ class ServingStats:
         ordered = sorted(self.recent_ms)
         return {
             "succeeded": self.succeeded, "batches": self.batches, "rows": self.rows, "max_batch": self.max_batch,
+            "peak_computing": self.peak_computing,
             "errors": {str(k): v for k, v in self.errors.items()}, "expired": self.expired,
             "busy_s": round(self.busy_s, 4), "p50_ms": _quantile(ordered, 0.5), "p99_ms": _quantile(ordered, 0.99),
         }  # fmt: skip
@@ -107,7 +109,8 @@ class ModelServer:
         self._feeds: dict[str, PullFeed] = {}
         self._retired: dict[str, PullFeed] = {}  # stopped feeds whose requests may still be in flight
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{spec.name}")
+        self._executor = ThreadPoolExecutor(max_workers=spec.instances, thread_name_prefix=f"model-{spec.name}")
+        self._batches: set[asyncio.Task[None]] = set()  # batches computing, beside the serving loop's own
         self._loop_task: asyncio.Task[None] | None = None
         self._draining = False
         # Seconds per row, smoothed: tells whether a batch is cheap enough to run on the loop.
@@ -116,7 +119,8 @@ class ModelServer:
         self._upstream: dict[str, int] = {}
         self.last_used = 0.0  # wall-clock time of the latest request
         self.load_ms = 0.0  # artifact to serving: load, warm up, subscribe
-        self._computing = 0
+        self._computing = 0  # requests
+        self._computing_batches = 0
         self._attempts = Attempts(None)  # opened in start()
         self._settler = Settler(conn, self._claims, self.key, worker_id, self.stats, self._release, self._fail)
 
@@ -229,10 +233,18 @@ class ModelServer:
         return False
 
     async def _serve(self) -> None:
+        """Form batches and compute them: one at a time, in this loop; with several instances, each in a task
+        of its own, a new batch formed only once an instance is free (so it grows meanwhile)."""
+        instances = self.spec.instances
         while True:
+            if len(self._batches) >= instances:
+                await asyncio.wait(self._batches, return_when=asyncio.FIRST_COMPLETED)
+                continue
             due = self._queue.due_at(more_coming=any(self._upstream.values()))
             if due is None:
                 if self._draining:
+                    if self._batches:
+                        await asyncio.wait(self._batches)
                     return
                 self._wake.clear()
                 await self._wake.wait()
@@ -246,14 +258,23 @@ class ModelServer:
             batch, expired = self._queue.take(time.monotonic())
             for request in expired:
                 await self._expire(request.delivery)
-            if batch:
-                try:
-                    if await self._may_attempt(batch):
-                        await self._run(batch)
-                except Exception:  # never let one batch end the serving loop
-                    log.exception("%s: batch of %d failed unexpectedly", self.key, len(batch))
-                    for request in batch:
-                        await self._fail(request.delivery, ModelFailure(f"{self.key}: internal error"))
+            if not batch:
+                continue
+            if instances == 1:
+                await self._attempt(batch)
+            else:
+                task = asyncio.create_task(self._attempt(batch), name=f"batch-{self.key}")
+                self._batches.add(task)
+                task.add_done_callback(self._batches.discard)
+
+    async def _attempt(self, batch: list[_Request]) -> None:
+        try:
+            if await self._may_attempt(batch):
+                await self._run(batch)
+        except Exception:  # never let one batch end the serving loop
+            log.exception("%s: batch of %d failed unexpectedly", self.key, len(batch))
+            for request in batch:
+                await self._fail(request.delivery, ModelFailure(f"{self.key}: internal error"))
 
     async def _run(self, batch: list[_Request]) -> None:
         """Compute one batch, then hand its answers to the settler and return: the next batch can
@@ -261,7 +282,9 @@ class ModelServer:
         started_ns = time.time_ns()
         t0 = time.monotonic()
         rows = sum(r.rows for r in batch)
-        self._computing = len(batch)
+        self._computing += len(batch)
+        self._computing_batches += 1
+        self.stats.peak_computing = max(self.stats.peak_computing, self._computing_batches)
         batch_span = inference_span = None
         if tracing.enabled():
             batch_span = tracing.start_batch(
@@ -279,10 +302,11 @@ class ModelServer:
                 finally:
                     keepalive.cancel()
         finally:
-            self._computing = 0
+            self._computing -= len(batch)
+            self._computing_batches -= 1
         compute_ms = (time.monotonic() - t0) * 1000
         tracing.end(inference_span)
-        self.stats.busy_s += compute_ms / 1000
+        self.stats.busy_s += compute_ms / 1000 / self.spec.instances
         self.stats.compute_s.observe(compute_ms / 1000)
         self.stats.batch_size.observe(len(batch))
         self.stats.batches += 1

@@ -21,7 +21,7 @@ from schemas.spec import ModelSpec
 from workers.jobs import JobBook
 from workers.model_server import ModelServer
 from workers.repository import read_repository
-from workers.runtimes import load_runtime
+from workers.runtimes import load_runtime, runtime_threads
 from workers.store import ArtifactStore
 
 __all__ = ["Worker", "default_worker_id"]
@@ -102,7 +102,7 @@ class Worker:
         """Load, warm up, then start pulling; a failure is recorded and retried with backoff."""
         key, label = (spec.name, version), f"{spec.name}:{version}"
         vspec = spec.versions[version]
-        threads = self.conn.settings.runtime_threads
+        threads = runtime_threads(self.conn.settings.runtime_threads, spec.instances)
         started = time.monotonic()
         try:
             artifact = await self.store.fetch(vspec)

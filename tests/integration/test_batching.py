@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from broker import MeshClient, NatsServer
 from examples.build_models import build_identity_onnx
-from tests.conftest import serving, unique
+from tests.conftest import serving, set_config, unique
 
 
 async def test_concurrent_requests_are_batched_and_routed_to_their_callers(
@@ -89,3 +91,33 @@ async def test_clients_that_do_not_take_bundles_get_one_reply_per_request(
         await nc.close()
     for i in range(10):
         np.testing.assert_array_equal(got[str(i)], np.full((1, 2), i, np.int64))
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+async def test_a_model_with_two_instances_computes_two_batches_at_once(
+    nats_server: NatsServer, tmp_path: Path, client: MeshClient, instances: int
+) -> None:
+    """``instances: 2`` in servemesh.yaml: two batches in the model at the same time, on one loaded copy
+    with a thread each; outputs still equal a direct onnxruntime call. One instance never overlaps."""
+    import onnxruntime as ort
+
+    from examples.build_models import build_slow_onnx
+
+    name = unique("slow")
+    model_dir = build_slow_onnx(tmp_path, name, repeats=200, max_batch_size=4, max_delay_ms=1)
+    set_config(model_dir, instances=instances)
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal((1, 256)).astype(np.float32) for _ in range(48)]
+    async with serving(nats_server.url, tmp_path, [name]) as worker:
+        server = worker.servers[(name, "1")]
+        replies = await asyncio.gather(*(client.infer(name, {"input": x}, timeout=60) for x in xs))
+        stats = server.stats
+        threads = server.runtime._session.get_session_options().intra_op_num_threads  # type: ignore[attr-defined]
+    direct = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    expected = direct.run(None, {"input": np.concatenate(xs)})[0]
+    for i, reply in enumerate(replies):
+        np.testing.assert_allclose(reply["output"], expected[i : i + 1], rtol=1e-5, atol=1e-6)
+    assert stats.batches > instances
+    assert stats.peak_computing == instances
+    # The cores are shared among the instances (0: onnxruntime's own default, one per core).
+    assert threads == (0 if instances == 1 else max(1, len(os.sched_getaffinity(0)) // 2))

@@ -11,6 +11,7 @@ from examples.build_models import build_identity_onnx
 from schemas.spec import ModelSpec, VersionSpec
 from schemas.subjects import check_name, consumer_name, infer_subject, is_claims_bucket, parse_infer_subject
 from workers.repository import read_repository
+from workers.runtimes import runtime_threads
 
 
 def test_version_resolution_prefers_explicit_then_default_then_newest() -> None:
@@ -21,6 +22,23 @@ def test_version_resolution_prefers_explicit_then_default_then_newest() -> None:
     assert ModelSpec(name="m", versions=versions, default_version="2").resolve_version(None) == "2"
     with pytest.raises(ValidationError):
         ModelSpec(name="m", versions=versions, default_version="3")
+
+
+@pytest.mark.parametrize(("setting", "instances", "cores", "threads"), [
+    (0, 1, 8, 0),  # one instance: the runtime's own default
+    (0, 2, 8, 4),  # several: the cores shared among them
+    (0, 3, 2, 1),  # never fewer than one thread
+    (6, 2, 8, 6),  # the worker's setting wins
+])  # fmt: skip
+def test_instances_share_the_cores(
+    monkeypatch: pytest.MonkeyPatch, setting: int, instances: int, cores: int, threads: int
+) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    assert runtime_threads(setting, instances) == threads
+    versions = {"1": VersionSpec(uri="file:///m")}
+    assert ModelSpec(name="m", versions=versions, instances=instances).instances == instances
+    with pytest.raises(ValidationError):
+        ModelSpec(name="m", versions=versions, instances=0)
 
 
 @pytest.mark.parametrize("bad", ["", "a.b", "a b", "a*", ">", "-lead"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from schemas.errors import ModelFailure
 from schemas.spec import ModelSpec
 from workers.runtimes.base import Runtime, RuntimeFactory, Tensors
 
-__all__ = ["ARTIFACT_NAMES", "Runtime", "RuntimeFactory", "Tensors", "load_runtime"]
+__all__ = ["ARTIFACT_NAMES", "Runtime", "RuntimeFactory", "Tensors", "load_runtime", "runtime_threads"]
 
 # The file a repository holds for each built-in format.
 ARTIFACT_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
@@ -25,6 +26,14 @@ def _builtin(fmt: str) -> RuntimeFactory | None:
 
         return TorchScriptRuntime
     return None
+
+
+def runtime_threads(setting: int, instances: int) -> int:
+    """Compute threads for a model's runtime: the worker's setting if it has one (0: the runtime's own
+    default); for a model with several instances, which share one runtime, the cores divided among them."""
+    if setting or instances == 1:
+        return setting
+    return max(1, len(os.sched_getaffinity(0)) // instances)
 
 
 def load_runtime(fmt: str, artifact: Path, spec: ModelSpec, threads: int = 0) -> Runtime:
