@@ -8,7 +8,10 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
-__all__ = ["delimited", "encode_attributes", "encode_request", "encode_span", "span_shape", "utf8", "varint"]
+__all__ = [
+    "MESSAGE_ID", "QUEUE_WAIT", "RequestSpanFormat", "delimited", "encode_attributes", "encode_request", "encode_span",
+    "span_shape", "utf8", "varint",
+]  # fmt: skip
 
 _VARINTS = [bytes([n]) for n in range(128)]
 _TIMES = struct.Struct("<BQBQ")  # fields 7 and 8 of a Span: start and end, fixed64 nanoseconds
@@ -17,6 +20,7 @@ _SPAN_FLAGS = {False: b"\x85\x01" + struct.pack("<I", 0x100), True: b"\x85\x01" 
 # Status{} (unset) and flags, together: what a span that did not fail ends with.
 _OK_TAIL = {remote: b"\x7a\x00" + flags for remote, flags in _SPAN_FLAGS.items()}
 _LINK_FLAGS = b"\x35" + struct.pack("<I", 0x100)
+MESSAGE_ID, QUEUE_WAIT = "messaging.message.id", "mesh.queue_wait_ms"
 
 
 def utf8(text: str) -> bytes:
@@ -117,3 +121,43 @@ def encode_request(resource: bytes, scope: bytes, spans: Sequence[bytes]) -> byt
     """An ``ExportTraceServiceRequest``: one resource, one instrumentation scope, encoded ``spans``."""
     scope_spans = delimited(b"\x12", delimited(b"\x0a", scope) + b"".join(spans))
     return delimited(b"\x0a", delimited(b"\x0a", resource) + scope_spans)
+
+
+def _literal(data: bytes) -> bytes:
+    return data.replace(b"%", b"%%")
+
+
+class RequestSpanFormat:
+    """A request's span (the client's send, the worker's process) as one bytes %-format: between the spans
+    of one shape only the ids, times, message id and queue wait differ. :meth:`encode` writes what
+    :func:`encode_span` writes, in about a third of the time, for a span without trace state, links or
+    error whose only attributes are its message id (under 100 bytes) and, with ``queue_wait``, its queue
+    wait; for any other it returns None."""
+
+    def __init__(self, shape: bytes, remote: bool, queue_wait: bool) -> None:
+        key = delimited(b"\x0a", utf8(MESSAGE_ID))
+        tail = _OK_TAIL[remote]
+        # Span{trace_id, span_id, [parent_span_id], shape, times, KeyValue{message id, string}, [queue wait], tail}
+        parts = [b"\x12%b\x0a\x10%b\x12\x08%b%b", _literal(shape), b"%b\x4a%c", _literal(key), b"\x12%c\x0a%c%b"]
+        fixed = 18 + 10 + len(shape) + _TIMES.size + 2 + len(key) + 4 + len(tail)  # all but parent and message id
+        if queue_wait:
+            wait_key = delimited(b"\x0a", utf8(QUEUE_WAIT))
+            parts += [bytes((0x4A, len(wait_key) + 11)), _literal(wait_key), b"\x12\x09\x21%b"]
+            fixed += 2 + len(wait_key) + 11
+        parts.append(_literal(tail))
+        self._format, self._fixed, self._key_len = b"".join(parts), fixed, len(key)
+        self._queue_wait = queue_wait
+
+    def encode(self, span: SpanData, message_id: str, queue_ms: float | None = None) -> bytes | None:
+        value = message_id.encode("utf-8", "replace")
+        n = len(value)
+        if n > 100 or (queue_ms is not None) != self._queue_wait:
+            return None  # lengths past one byte, or another shape of attributes: encode_span's work
+        parent = b"" if span.parent_id is None else b"\x22\x08" + span.parent_id
+        size = varint(self._fixed + len(parent) + n)
+        times = _TIMES.pack(0x39, span.start, 0x41, span.end)
+        if queue_ms is None:
+            return self._format % (size, span.trace_id, span.span_id, parent, times, self._key_len + n + 4, n + 2, n,
+                                   value)  # fmt: skip
+        return self._format % (size, span.trace_id, span.span_id, parent, times, self._key_len + n + 4, n + 2, n,
+                               value, _DOUBLE.pack(queue_ms))  # fmt: skip

@@ -29,7 +29,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from broker import tracing
-from broker.otlp import encode_request, encode_span, span_shape
+from broker.otlp import RequestSpanFormat, encode_request, encode_span, span_shape
 from broker.span_export import ExportSettings, OtlpExporter
 from broker.spans import CONSUMER, INTERNAL, PRODUCER, LightSpan, Sampler, _read_traceparent
 from schemas.errors import BadInput
@@ -387,3 +387,34 @@ def test_an_error_text_that_is_not_utf8_still_ends_its_span() -> None:
             tracing.disable()
     (exported,) = receiver.get_finished_spans()
     assert exported.status.description == "cannot open /models/?.onnx"  # what cannot be UTF-8 is replaced
+
+
+def test_request_spans_through_their_format_are_the_bytes_encode_span_writes() -> None:
+    """The send and process spans of requests take a one-format shortcut: over random ids, times, shapes
+    (with % bytes in them), message ids (empty, non-ASCII, a lone surrogate, past the shortcut's 100 bytes)
+    and queue waits, it writes exactly what encode_span writes, or declines."""
+    rng = random.Random(11)
+    message_ids = ["", "k3Xq9Zt1", "ünï-ćödé", "bad\udc80", "%s%b%%", "x" * 99, "y" * 100, "z" * 101, "é" * 60]
+    declined = 0
+    for i in range(600):
+        fixed = {**FIXED, "mesh.model": f"m{'%' * (i % 3)}{i}", "padding": "p" * rng.randrange(0, 200)}
+        shape = span_shape(f"process {i}%b", rng.choice((PRODUCER, CONSUMER)), fixed)
+        message_id = rng.choice(message_ids)
+        queue_ms = rng.choice((None, 0.0, 1.25, rng.uniform(0, 1e4)))
+        parent = rng.choice((None, rng.randbytes(8)))
+        remote = parent is not None and rng.random() < 0.5
+        light = LightSpan(rng.randbytes(16), rng.randbytes(8), parent, shape, [("messaging.message.id", message_id)])
+        light.start = rng.randrange(1 << 62)
+        light.end, light.remote_parent = light.start + rng.randrange(1 << 40), remote
+        ours = RequestSpanFormat(shape, remote, queue_ms is not None).encode(light, message_id, queue_ms)
+        if queue_ms is not None:
+            light.attrs = [("messaging.message.id", message_id), ("mesh.queue_wait_ms", queue_ms)]
+        if ours is None:
+            declined += 1
+            assert len(message_id.encode("utf-8", "replace")) > 100
+        else:
+            assert ours == encode_span(light), (i, message_id, queue_ms, parent, remote)
+    assert 0 < declined < 200
+    # A format asked for the other shape of attributes declines instead of writing the wrong one.
+    light, _ = _pair(**SPANS["root producer"])  # type: ignore[arg-type]
+    assert RequestSpanFormat(light.shape, False, True).encode(light, "k3Xq9Zt1") is None
