@@ -121,3 +121,39 @@ async def test_a_model_with_two_instances_computes_two_batches_at_once(
     assert stats.peak_computing == instances
     # The cores are shared among the instances (0: onnxruntime's own default, one per core).
     assert threads == (0 if instances == 1 else max(1, len(os.sched_getaffinity(0)) // 2))
+
+
+async def test_draining_a_model_with_two_instances_finishes_both_batches(
+    nats_server: NatsServer, tmp_path: Path, client: MeshClient
+) -> None:
+    """A replica that stops while two batches compute finishes both and answers what it holds;
+    the next replica answers the rest: every caller gets its own correct answer."""
+    import onnxruntime as ort
+
+    from examples.build_models import build_slow_onnx
+    from tests.integration.cluster import eventually
+
+    name = unique("slow")
+    model_dir = build_slow_onnx(tmp_path, name, max_batch_size=4, max_delay_ms=1)
+    set_config(model_dir, instances=2)
+    xs = [np.random.default_rng(i).standard_normal((1, 256)).astype(np.float32) for i in range(128)]
+    tasks = []
+    async with serving(nats_server.url, tmp_path, [name]) as first:
+        server = first.servers[(name, "1")]
+        tasks = [asyncio.create_task(client.infer(name, {"input": x}, timeout=60)) for x in xs]
+
+        async def both_computing() -> bool:
+            return server.stats.peak_computing == 2
+
+        await eventually(both_computing, 30, "two batches computing at once", poll=0.005)
+        await first.unload((name, "1"))
+        # Unloaded means done: nothing of this replica's is still computing, queued or settling.
+        assert server.in_flight == 0
+        answered_first = server.stats.succeeded
+    async with serving(nats_server.url, tmp_path, [name]):
+        replies = await asyncio.gather(*tasks)
+    direct = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    expected = direct.run(None, {"input": np.concatenate(xs)})[0]
+    for i, reply in enumerate(replies):
+        np.testing.assert_allclose(reply["output"], expected[i : i + 1], rtol=1e-5, atol=1e-6)
+    assert 0 < answered_first < len(xs)
