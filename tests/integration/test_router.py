@@ -73,8 +73,9 @@ async def test_registered_model_is_placed_served_and_shown(cluster: Cluster, tmp
     for w in ("w1", "w2", "w3"):
         cluster.worker(w)
     added = await _cli("models", "add", name, "--from", str(model_dir), "--min-replicas", "2", "--max-replicas", "3",
-                       "--nats", cluster.server.url)  # fmt: skip
+                       "--instances", "2", "--nats", cluster.server.url)  # fmt: skip
     assert added["added"] == name
+    assert (await _cli("models", "show", name, "--nats", cluster.server.url))["spec"]["instances"] == 2
     await eventually(lambda: _count(cluster, name, 2), 30, "two replicas placed")
     async with await MeshClient.connect(cluster.server.url) as client:
         x = np.arange(6, dtype=np.float32).reshape(2, 3)
