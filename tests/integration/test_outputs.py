@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,36 @@ async def test_digits_torchscript_matches_direct_call(
         logits, label = module(torch.from_numpy(x))
     np.testing.assert_allclose(outputs["logits"], logits.numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(outputs["label"], label.numpy())
+
+
+async def test_torchscript_with_two_instances_matches_direct_call(
+    nats_server: NatsServer, model_repo: Path, tmp_path: Path, client: MeshClient
+) -> None:
+    """Two batches at once through one TorchScript module: every image still gets its own answer."""
+    import shutil
+
+    import torch
+    from sklearn.datasets import load_digits
+
+    from tests.conftest import set_config, unique
+
+    name = unique("digits")
+    shutil.copytree(model_repo / "digits", tmp_path / name)
+    set_config(tmp_path / name, instances=2, max_batch_size=8, max_delay_ms=1)
+    x = load_digits().data.astype(np.float32)[:200]
+    threads = torch.get_num_threads()
+    try:
+        async with serving(nats_server.url, tmp_path, [name]) as worker:
+            outputs = await asyncio.gather(*(client.infer(name, {"pixels": x[i : i + 1]}) for i in range(len(x))))
+            stats = worker.servers[(name, "1")].stats
+    finally:
+        torch.set_num_threads(threads)  # the runtime divided the process's torch threads between instances
+    module = torch.jit.load(str(model_repo / "digits" / "1" / "model.pt"))
+    with torch.inference_mode():
+        logits, label = module(torch.from_numpy(x))
+    np.testing.assert_allclose(np.concatenate([o["logits"] for o in outputs]), logits.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.concatenate([o["label"] for o in outputs]), label.numpy())
+    assert stats.batches < len(x) and stats.peak_computing == 2
 
 
 async def test_torchscript_float64(nats_server: NatsServer, model_repo: Path, client: MeshClient) -> None:
