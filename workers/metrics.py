@@ -40,6 +40,10 @@ class _WorkerCollector(Collector):
                                     labels=_MV)  # fmt: skip
         loaded = GaugeMetricFamily("servemesh_model_loaded", "1 for each model version loaded here.", labels=_MV)
         load_s = GaugeMetricFamily("servemesh_model_load_duration_seconds", "Artifact to serving.", labels=_MV)
+        instances = GaugeMetricFamily("servemesh_model_instances", "Batches a replica may compute at once.",
+                                      labels=_MV)  # fmt: skip
+        computing = GaugeMetricFamily("servemesh_inference_batches_computing", "Batches in the model now.",
+                                      labels=_MV)  # fmt: skip
         for (model, version), server in servers.items():
             ok.add_metric([model, version], server.stats.succeeded)
             by_status = Counter(server.stats.errors)
@@ -49,7 +53,9 @@ class _WorkerCollector(Collector):
             pending.add_metric([model, version], server.in_flight)
             loaded.add_metric([model, version], 1)
             load_s.add_metric([model, version], server.load_ms / 1000)
-        yield from (ok, failed, pending, loaded, load_s)
+            instances.add_metric([model, version], server.spec.instances)
+            computing.add_metric([model, version], server.computing_batches)
+        yield from (ok, failed, pending, loaded, load_s, instances, computing)
         stats = {key: server.stats for key, server in servers.items()}
         yield _histogram("servemesh_inference_queue_duration_seconds", "Stored in the stream → batch started.",
                          {k: s.queue_s for k, s in stats.items()})  # fmt: skip

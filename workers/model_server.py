@@ -164,6 +164,11 @@ class ModelServer:
         return self._feeds.get(priority) or self._retired[priority]
 
     @property
+    def computing_batches(self) -> int:
+        """Batches in the model right now (at most the model's instances)."""
+        return self._computing_batches
+
+    @property
     def in_flight(self) -> int:
         """Requests this replica holds: queued here, computing, or being answered."""
         return len(self._queue) + self._computing + self._settler.settling

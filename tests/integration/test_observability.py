@@ -79,6 +79,8 @@ async def test_worker_metrics_and_health(cluster: Cluster, tmp_path: Path) -> No
     assert _sample(text, "servemesh_inference_batch_size_count", model=name) == 5
     assert _sample(text, "servemesh_inference_queue_duration_seconds_count", model=name) == 5
     assert _sample(text, "servemesh_model_loaded", model=name, version="1") == 1
+    assert _sample(text, "servemesh_model_instances", model=name, version="1") == 1
+    assert _sample(text, "servemesh_inference_batches_computing", model=name, version="1") == 0  # all answered
     assert _sample(text, "servemesh_worker_ready") == 1
     router_text = _get(router_port, "/metrics")[1]
     assert _sample(router_text, "servemesh_router_leader") == 1
