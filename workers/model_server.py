@@ -265,7 +265,11 @@ class ModelServer:
                 await self._expire(request.delivery)
             if not batch:
                 continue
-            if instances == 1:
+            if instances == 1 or (len(batch) == 1 and batch[0].delivery.num_delivered > 1):
+                # A redelivered request may be the one that crashed a worker: nothing computes beside it,
+                # so that if it crashes this one too, no other request's attempt is spent on it.
+                if self._batches:
+                    await asyncio.wait(self._batches)
                 await self._attempt(batch)
             else:
                 task = asyncio.create_task(self._attempt(batch), name=f"batch-{self.key}")

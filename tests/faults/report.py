@@ -42,7 +42,8 @@ ORDER = [
     "worker SIGKILL mid-batch", "worker SIGTERM (drain)", "leader router SIGKILL",
     "nats-server restart (SIGTERM, file storage)", "nats-server restart (SIGKILL, file storage)",
     "3-node cluster: stream leader SIGKILL, then back", "S3 down while a model loads",
-    "model whose load always fails", "poison request (crashes its worker)", "worker SIGSTOP (stalled)",
+    "model whose load always fails", "poison request (crashes its worker)",
+    "poison request (crashes its worker), 2 instances", "worker SIGSTOP (stalled)",
     "client killed before its replies",
 ]  # fmt: skip
 

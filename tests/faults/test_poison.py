@@ -33,10 +33,12 @@ async def _supervise(fleet: Fleet, crashes: list[str]) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("instances", [1, 2])
 async def test_poison_request_ends_as_dead_letter_and_serving_goes_on(
-    conn: Connection, client: MeshClient, fleet: Fleet, tmp_path: Path
+    conn: Connection, client: MeshClient, fleet: Fleet, tmp_path: Path, instances: int
 ) -> None:
-    name = await faulty_model(conn, fleet, tmp_path, WORKERS, max_batch_size=64, max_attempts=MAX_ATTEMPTS)
+    name = await faulty_model(conn, fleet, tmp_path, WORKERS, max_batch_size=64, max_attempts=MAX_ATTEMPTS,
+                              instances=instances)  # fmt: skip
     crashes: list[str] = []
     supervisor = asyncio.create_task(_supervise(fleet, crashes))
     started = time.monotonic()
@@ -52,7 +54,8 @@ async def test_poison_request_ends_as_dead_letter_and_serving_goes_on(
     finally:
         supervisor.cancel()
     tally = load.tally
-    record("poison request (crashes its worker)", tally, time.monotonic() - started,
+    scenario = "poison request (crashes its worker)" + ("" if instances == 1 else f", {instances} instances")
+    record(scenario, tally, time.monotonic() - started,
            crashes=len(crashes), max_attempts=MAX_ATTEMPTS, dead_letter_s=round(dead_letter_s, 1))  # fmt: skip
     assert err.value.status == 500 and f"gave up after {MAX_ATTEMPTS} attempts" in err.value.message
     # Each attempt that reached a worker crashed it; the delivery after the last one did not.
