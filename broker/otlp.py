@@ -130,7 +130,7 @@ def _literal(data: bytes) -> bytes:
 class RequestSpanFormat:
     """A request's span (the client's send, the worker's process) as one bytes %-format: between the spans
     of one shape only the ids, times, message id and queue wait differ. :meth:`encode` writes what
-    :func:`encode_span` writes, in about a third of the time, for a span without trace state, links or
+    :func:`encode_span` writes, in less than half the time, for a span without trace state, links or
     error whose only attributes are its message id (under 100 bytes) and, with ``queue_wait``, its queue
     wait; for any other it returns None."""
 
@@ -156,8 +156,5 @@ class RequestSpanFormat:
         parent = b"" if span.parent_id is None else b"\x22\x08" + span.parent_id
         size = varint(self._fixed + len(parent) + n)
         times = _TIMES.pack(0x39, span.start, 0x41, span.end)
-        if queue_ms is None:
-            return self._format % (size, span.trace_id, span.span_id, parent, times, self._key_len + n + 4, n + 2, n,
-                                   value)  # fmt: skip
-        return self._format % (size, span.trace_id, span.span_id, parent, times, self._key_len + n + 4, n + 2, n,
-                               value, _DOUBLE.pack(queue_ms))  # fmt: skip
+        args = (size, span.trace_id, span.span_id, parent, times, self._key_len + n + 4, n + 2, n, value)
+        return self._format % (args if queue_ms is None else (*args, _DOUBLE.pack(queue_ms)))
