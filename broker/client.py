@@ -26,6 +26,7 @@ from broker.claims import Claims
 from broker.connection import Connection, pub_ack_error, translate_error
 from broker.inflight import InFlight
 from broker.jobs import Job, items_of, start_job
+from broker.outbox import Outbox
 from broker.resolver import Resolver
 from broker.results import Result, results_on
 from broker.settings import Settings
@@ -64,6 +65,7 @@ class MeshClient:
         self._pending = InFlight(conn, self._inbox)
         self._shadowing = Shadowing(conn, self._inbox, self._claims)
         self._resolver = Resolver(conn, self._shadowing.configs)
+        self._outbox = Outbox(conn, self._inbox, self._pending, self._resolver.max_batch, conn.settings.coalesce)
         self._deaf: Forbidden | None = None  # set once the server refuses our reply inbox
 
     @classmethod
@@ -137,9 +139,10 @@ class MeshClient:
             mirror_id = self._shadowing.pick(model, subject, self._new_id)
         error: BaseException | None = None
         try:
-            # The stream's PubAck comes to our own inbox too: no round trip is awaited on its own,
-            # yet a rejection (full queue, no stream) still fails the call at once.
-            await self._conn.nc.publish(subject, payload, reply=f"{self._inbox}.a.{request_id}", headers=headers)
+            # Published at the end of this turn of the loop, with any others for the same subject. The
+            # stream's PubAck comes to our own inbox too: no round trip is awaited on its own, yet a
+            # rejection (full queue, no stream) still fails the call at once.
+            self._outbox.put(subject, request_id, payload, headers)
             if mirror_id is not None:
                 await self._shadowing.send(mirror_id, subject, payload, headers[HDR_DEADLINE], timeout)
             data = await pending.future

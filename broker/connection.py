@@ -70,6 +70,11 @@ class _Client(NatsClient):
         values are stripped and CR/LF become spaces."""
         if headers is None:
             return await super()._send_publish(subject, reply, payload, payload_size, headers)
+        await self._send_command(self._hpub(subject, reply, payload, headers))
+        if self._flush_queue is not None and self._flush_queue.empty():
+            await self._flush_pending()
+
+    def _hpub(self, subject: str, reply: str, payload: bytes, headers: dict[str, Any]) -> bytes:
         if subject == "":
             raise nats.errors.BadSubjectError
         lines = ["NATS/1.0\r\n"]
@@ -88,12 +93,28 @@ class _Client(NatsClient):
             lines.append(f"{key}: {value}\r\n")
         lines.append("\r\n")
         hdr = "".join(lines).encode()
-        cmd = f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + len(payload)}\r\n".encode() + hdr + payload + b"\r\n"
         self.stats["out_msgs"] += 1
-        self.stats["out_bytes"] += payload_size
-        await self._send_command(cmd)
-        if self._flush_queue is not None and self._flush_queue.empty():
-            await self._flush_pending()
+        self.stats["out_bytes"] += len(payload)
+        return f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + len(payload)}\r\n".encode() + hdr + payload + b"\r\n"
+
+    def publish_now(self, subject: str, reply: str, payload: bytes, headers: dict[str, str]) -> None:
+        """Publish and write to the socket at once, not at the loop's next turn: the server starts on
+        it while this turn goes on (``broker/outbox.py``). Same checks as ``publish``."""
+        if self.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if self.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
+        if len(payload) > self._max_payload:
+            raise nats.errors.MaxPayloadError
+        cmd = self._hpub(subject, reply, payload, headers)
+        if not self.is_connected and self._pending_data_size + len(cmd) > self._max_pending_size:
+            raise nats.errors.OutboundBufferLimitError  # reconnecting, and the buffer is full
+        self._pending.append(cmd)
+        self._pending_data_size += len(cmd)
+        if self.is_connected and self._transport is not None:
+            self._transport.writelines(self._pending)
+            self._pending = []
+            self._pending_data_size = 0
 
 
 # Header names already checked against the token grammar (a mesh uses a handful, over and over).
@@ -181,6 +202,11 @@ class Connection:
     on_reconnect: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Told (action, subject) when the server refuses a publish or subscription on permissions.
     on_denied: list[Callable[[str, str], None]] = field(default_factory=list)
+
+    def publish_now(self, subject: str, reply: str, payload: bytes, headers: dict[str, str]) -> None:
+        """Publish, written to the socket before this call returns (see ``_Client.publish_now``)."""
+        assert isinstance(self.nc, _Client)
+        self.nc.publish_now(subject, reply, payload, headers)
 
     @classmethod
     async def open(cls, settings: Settings, name: str = "servemesh") -> Connection:

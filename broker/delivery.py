@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
+from schemas.envelope import decode_request_bundle
+from schemas.errors import MeshError
 from schemas.subjects import (
+    HDR_BUNDLE,
     HDR_DEADLINE,
+    HDR_DELIVERED,
     HDR_JOB,
     HDR_JOB_ITEM,
     HDR_MSG_ID,
@@ -18,9 +25,10 @@ from schemas.subjects import (
     HDR_REQUEST_ID,
     HDR_ROUTE,
     is_reply_subject,
+    requeue_subject,
 )
 
-__all__ = ["Delivery"]
+__all__ = ["BundleAck", "Delivery"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +36,9 @@ _ACK = b"+ACK"
 _NAK = b"-NAK"
 _WPI = b"+WPI"
 _TERM = b"+TERM"
+_NAK_LATER = b'-NAK {"delay": 1000000000}'  # redelivered in a second, not at once
+# A bundle's requests ask to reset its ack timer together: once per this many seconds is enough.
+_PROGRESS_EVERY_S = 0.5
 
 
 class Delivery:
@@ -38,15 +49,29 @@ class Delivery:
     """
 
     __slots__ = (
-        "_msg", "_nc", "deadline_ms", "job", "job_item", "num_delivered", "num_pending", "priority",
-        "reply_inbox", "reply_to", "request_id", "route", "span", "stored_ns", "stream_seq",
+        "_ack_to", "_bundle", "_data", "_headers", "_nc", "_subject", "deadline_ms", "job", "job_item",
+        "num_delivered", "num_pending", "priority", "reply_inbox", "reply_to", "request_id", "route", "span",
+        "stored_ns", "stream_seq",
     )  # fmt: skip
 
     def __init__(self, nc: NatsClient, msg: Msg, priority: str) -> None:
         self._nc = nc
-        self._msg = msg
+        self._subject = msg.subject
+        self._ack_to = msg.reply or ""
+        self._bundle: BundleAck | None = None
         self.priority = priority
-        headers = msg.headers or {}
+        # num_pending: messages left in the consumer after this one, as the server saw it.
+        # stream_seq: where the stream stores this message (0 if unknown), unique per message.
+        self.num_delivered, self.stream_seq, self.stored_ns, self.num_pending = _ack_metadata(self._ack_to)
+        self._read(msg.headers or {}, msg.data)
+        # Queued again out of a redelivered bundle: the deliveries it had inside the bundle count too.
+        prior = self._headers.get(HDR_DELIVERED)
+        if prior and len(prior) <= 6 and prior.isascii() and prior.isdigit():
+            self.num_delivered += int(prior)
+
+    def _read(self, headers: dict[str, str], data: bytes) -> None:
+        self._headers = headers
+        self._data = data
         # Subjects a client chose: one nobody can publish to is as good as none (else the publish
         # raises in the middle of a batch).
         self.reply_to: str | None = _subject(headers.get(HDR_REPLY))
@@ -59,21 +84,70 @@ class Delivery:
         self.job_item: str | None = headers.get(HDR_JOB_ITEM)
         self.span: Any = None  # the worker's trace span for this request, when tracing is on
         self.deadline_ms: int | None = _deadline(headers.get(HDR_DEADLINE))
-        # num_pending: messages left in the consumer after this one, as the server saw it.
-        # stream_seq: where the stream stores this message (0 if unknown), unique per message.
-        self.num_delivered, self.stream_seq, self.stored_ns, self.num_pending = _ack_metadata(msg.reply or "")
+
+    @property
+    def bundled(self) -> int:
+        """How many requests this stream message carries (0: one request, not a bundle)."""
+        if self._bundle is not None:
+            return 0
+        raw = self._headers.get(HDR_BUNDLE)
+        return int(raw) if raw and len(raw) <= 6 and raw.isascii() and raw.isdigit() else 0
+
+    def unbundle(self) -> list[Delivery]:
+        """The requests of a bundle, each settled on its own; the bundle is acked once all are
+        (nak'ed if any was). Raises BadInput if the bundle cannot be read."""
+        requests = decode_request_bundle(self._data)
+        bundle = BundleAck(self._nc, self._ack_to, len(requests))
+        members = []
+        for headers, data in requests:
+            member = object.__new__(Delivery)
+            member._nc, member._subject, member._ack_to, member._bundle = self._nc, self._subject, "", bundle
+            member.priority = self.priority
+            member.num_delivered, member.stream_seq = self.num_delivered, self.stream_seq
+            member.stored_ns, member.num_pending = self.stored_ns, self.num_pending
+            member._read(headers, data)
+            members.append(member)
+        return members
+
+    async def requeue(self, js: JetStreamContext) -> bool:
+        """Queue a redelivered bundle's requests again one by one (each keeps its id, so a copy the
+        stream already holds is dropped, and counts the deliveries it had), then ack the bundle.
+        A request that may have crashed a worker is thus computed alone, like any redelivered one.
+        False (and the bundle nak'ed, to come back later) if the stream refused any of them."""
+        try:
+            members = decode_request_bundle(self._data)
+        except MeshError as err:  # nobody to answer: its callers time out, nothing else is affected
+            log.warning("dropping an unreadable bundle from %s: %s", self._subject, err.message)
+            await self._settle(_TERM)
+            return False
+        prior = str(self.num_delivered - 1)
+        results = await asyncio.gather(
+            *(
+                js.publish(requeue_subject(self._subject), data, headers=_requeued(headers, prior))
+                for headers, data in members
+            ),
+            return_exceptions=True,
+        )
+        refused = [r for r in results if isinstance(r, BaseException)]
+        if refused:
+            log.warning("could not queue %d of a bundle's %d requests again (%s); it comes back later",
+                        len(refused), len(members), refused[0])  # fmt: skip
+            await self._settle(_NAK_LATER)
+            return False
+        await self._settle(_ACK)
+        return True
 
     @property
     def data(self) -> bytes:
-        return self._msg.data
+        return self._data
 
     @property
     def subject(self) -> str:
-        return self._msg.subject
+        return self._subject
 
     @property
     def headers(self) -> dict[str, str]:
-        return self._msg.headers or {}
+        return self._headers
 
     async def reply(self, payload: bytes) -> None:
         """Publish to the reply subject, if any; never raises, so one request cannot fail its batch."""
@@ -98,8 +172,47 @@ class Delivery:
         await self._settle(_TERM)
 
     async def _settle(self, verb: bytes) -> None:
-        if self._msg.reply and not self._nc.is_closed:
-            await self._nc.publish(self._msg.reply, verb)
+        if self._bundle is not None:
+            bundle = self._bundle
+            if verb != _WPI:
+                self._bundle = None  # settled: a second ack or nak must not count again
+            await bundle.settle(verb)
+        elif self._ack_to and not self._nc.is_closed:
+            await self._nc.publish(self._ack_to, verb)
+
+
+class BundleAck:
+    """The one stream message behind a bundle's requests: acked once every request is settled,
+    nak'ed instead if any request was (it comes back whole, and is split into lone requests)."""
+
+    __slots__ = ("_ack_to", "_nak", "_nc", "_open", "_progress_at")
+
+    def __init__(self, nc: NatsClient, ack_to: str, count: int) -> None:
+        self._nc, self._ack_to, self._open = nc, ack_to, count
+        self._nak = False
+        self._progress_at = -1.0
+
+    async def settle(self, verb: bytes) -> None:
+        if not self._ack_to or self._nc.is_closed:
+            return
+        if verb == _WPI:  # one "still working" per batch, not one per request
+            now = time.monotonic()
+            if now - self._progress_at >= _PROGRESS_EVERY_S:
+                self._progress_at = now
+                await self._nc.publish(self._ack_to, _WPI)
+            return
+        self._nak = self._nak or verb != _ACK
+        self._open -= 1
+        if self._open == 0:
+            await self._nc.publish(self._ack_to, _NAK if self._nak else _ACK)
+
+
+def _requeued(headers: dict[str, str], prior: str) -> dict[str, str]:
+    """A bundled request's own headers, to queue it alone: its id, but no other JetStream header a
+    client may have slipped into the bundle (expected sequences, TTLs) to make the stream refuse it."""
+    kept = {k: v for k, v in headers.items() if not k.lower().startswith("nats-") or k == HDR_MSG_ID}
+    kept[HDR_DELIVERED] = prior
+    return kept
 
 
 def _subject(raw: str | None) -> str | None:

@@ -1,7 +1,9 @@
 """PullFeed: a continuous, credit-bounded pull from one durable consumer.
 
-The feed keeps at most ``window`` requests either asked for or held (received, not yet
-released by the worker), so a busy replica leaves the rest of the queue to its peers. Pull
+The feed keeps about ``window`` requests either asked for or held (received, not yet released
+by the worker), so a busy replica leaves the rest of the queue to its peers. A message may be a
+bundle of requests (a client's coalesced publishes): its requests are handed on one by one, and
+pulls ask for as many messages as should carry the room left, at the bundle sizes seen lately. Pull
 requests long-poll and expire; the server's 408 status tells how many of a request were never
 delivered, which keeps the count of outstanding credit exact without a round trip per pull.
 """
@@ -19,12 +21,14 @@ from nats.aio.subscription import Subscription
 
 from broker.connection import Connection
 from broker.delivery import Delivery
+from schemas.errors import BadInput, MeshError
 
 __all__ = ["PullFeed"]
 
 log = logging.getLogger(__name__)
 
 _PENDING_HDR = "Nats-Pending-Messages"
+_SMOOTHING = 0.1  # weight of the latest message in the running mean of requests per message
 
 
 class PullFeed:
@@ -54,6 +58,10 @@ class PullFeed:
         self._last_heard = time.monotonic()
         self._watchdog: asyncio.Task[None] | None = None
         self._retry_at = 0.0
+        # Requests per message delivered lately (bundles carry several). It starts at the largest a
+        # bundle may be (half the window: a batch), so that a first pull cannot overrun the window.
+        self._per_message = max(1.0, self.window / 2)
+        self._requeues: set[asyncio.Task[bool]] = set()
 
     async def start(self) -> None:
         nc = self._conn.nc
@@ -69,9 +77,14 @@ class PullFeed:
         await self._pull()
 
     async def _pull(self) -> None:
-        want = self.window - self.held - self.outstanding
+        # Messages may carry several requests each (bundles): ask for as many messages as should
+        # bring the requests there is room for, at the sizes seen lately.
+        per_message = max(1.0, self._per_message)
+        want = int((self.window - self.held) / per_message) - self.outstanding
+        if not self.held and not self.outstanding:
+            want = max(want, 1)
         # Top up in chunks once something is already asked for: fewer, larger pull requests.
-        if want <= 0 or self._stopping or (self.outstanding and want < self.window // 2):
+        if want <= 0 or self._stopping or (self.outstanding and want < self.window / per_message / 2):
             return
         if time.monotonic() < self._retry_at or self._conn.nc.is_closed:
             return
@@ -89,13 +102,16 @@ class PullFeed:
         status = headers.get("Status") if headers else None
         if status is None:
             self.outstanding = max(0, self.outstanding - 1)
-            self.held += 1
             delivery = Delivery(self._conn.nc, msg, self.priority)
             if self._stopping:
                 # Asked for before the drain began: hand it straight back to the queue.
-                self.held -= 1
                 await delivery.nak()
                 return
+            if delivery.bundled:
+                await self._on_bundle(delivery)
+                return
+            self._per_message += _SMOOTHING * (1 - self._per_message)
+            self.held += 1
             await self._on_delivery(delivery)
             return
         if status == "100":  # idle heartbeat
@@ -110,6 +126,29 @@ class PullFeed:
             self.outstanding = 0
             self._retry_at = time.monotonic() + 0.5
         await self._pull()
+
+    async def _on_bundle(self, delivery: Delivery) -> None:
+        """A stream message carrying several requests: each is handed on alone. Redelivered, it is
+        split into lone requests queued again, so that each is charged its own attempts."""
+        if delivery.num_delivered > 1:
+            task = asyncio.create_task(delivery.requeue(self._conn.js), name=f"requeue-{self.consumer}")
+            self._requeues.add(task)
+            task.add_done_callback(self._requeues.discard)
+            await self._pull()
+            return
+        try:
+            members = delivery.unbundle()
+            if not members:
+                raise BadInput("unreadable request bundle: it holds no request")
+        except MeshError as err:  # nobody to answer: its callers time out, nothing else is affected
+            log.warning("dropping an unreadable bundle on %s: %s", self.consumer, err.message)
+            await delivery.term()
+            await self._pull()
+            return
+        self._per_message += _SMOOTHING * (len(members) - self._per_message)
+        self.held += len(members)
+        for member in members:
+            await self._on_delivery(member)
 
     async def _reset(self) -> None:
         # Pull requests do not survive a reconnect.
@@ -142,4 +181,6 @@ class PullFeed:
                 await self._sub.drain()  # type: ignore[no-untyped-call]
             except Exception as exc:  # connection lost meanwhile: the server forgets the pulls anyway
                 log.info("draining feed %s: %s", self.consumer, exc)
+        if self._requeues:  # a redelivered bundle being queued again as lone requests: let it finish
+            await asyncio.gather(*self._requeues, return_exceptions=True)
         self.outstanding = 0

@@ -31,7 +31,7 @@ _RECHECK_S = 1.0
 
 
 class Pending:
-    __slots__ = ("ack", "expiry", "future", "headers", "payload", "publishes", "queued", "refused", "retry",
+    __slots__ = ("ack", "bundle", "expiry", "future", "headers", "payload", "publishes", "queued", "refused", "retry",
                  "subject", "timeout")  # fmt: skip
 
     def __init__(
@@ -48,6 +48,7 @@ class Pending:
         self.refused: MeshError | None = None  # the stream's latest refusal, if it was unavailable
         self.retry: asyncio.TimerHandle | None = None
         self.expiry: asyncio.TimerHandle | None = None
+        self.bundle: str | None = None  # the key of the bundle it was published in, if any
 
 
 class InFlight:
@@ -56,6 +57,8 @@ class InFlight:
     def __init__(self, conn: Connection, inbox: str) -> None:
         self._conn, self._inbox = conn, inbox
         self._pending: dict[str, Pending] = {}
+        # Bundles published (one stream message, one acknowledgement): their requests, and how many are open.
+        self._bundles: dict[str, tuple[list[str], list[int]]] = {}
         self._again = itertools.count()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -75,6 +78,11 @@ class InFlight:
 
     def close(self, request_id: str) -> None:
         pending = self._pending.pop(request_id)
+        if pending.bundle is not None:
+            _, still_open = self._bundles[pending.bundle]
+            still_open[0] -= 1
+            if not still_open[0]:
+                del self._bundles[pending.bundle]
         for timer in (pending.expiry, pending.retry):
             if timer is not None:
                 timer.cancel()
@@ -84,7 +92,32 @@ class InFlight:
         if pending is not None and not pending.future.done():  # else late or duplicate (at-least-once)
             pending.future.set_result(data)
 
+    def bundle(self, key: str, request_ids: list[str]) -> None:
+        """``request_ids`` are published as one bundle, acknowledged on ``<inbox>.a.<key>``."""
+        self._bundles[key] = (request_ids, [len(request_ids)])
+        for request_id in request_ids:
+            self._pending[request_id].bundle = key
+
+    def is_open(self, request_id: str) -> bool:
+        """Whether the request still waits for its reply (its caller may have given up meanwhile)."""
+        pending = self._pending.get(request_id)
+        return pending is not None and not pending.future.done()
+
+    def reject(self, request_id: str, error: MeshError) -> None:
+        """The request could not be published at all."""
+        pending = self._pending.get(request_id)
+        if pending is not None and not pending.future.done():
+            pending.future.set_exception(error)
+
     def on_ack(self, request_id: str, msg: Msg) -> None:
+        bundle = self._bundles.get(request_id)
+        if bundle is not None:  # a bundle's acknowledgement holds for each of its requests
+            for member in bundle[0]:
+                self._ack(member, msg)
+            return
+        self._ack(request_id, msg)
+
+    def _ack(self, request_id: str, msg: Msg) -> None:
         pending = self._pending.get(request_id)
         if pending is None or pending.future.done():
             return

@@ -25,12 +25,14 @@ async def read_lag(js: JetStreamContext, now: float) -> dict[tuple[str, str, str
     info = await js.stream_info(STREAM_INFER, subjects_filter=f"{INFER_PREFIX}.>")
     counts = {s: n for s, n in (info.state.subjects or {}).items() if n > 0}
     ages = await asyncio.gather(*(_oldest_age(js, subject, now) for subject in counts))
-    lag = {}
+    lag: dict[tuple[str, str, str], SubjectLag] = {}
     for (subject, count), age in zip(counts.items(), ages, strict=True):
         try:
             key = parse_infer_subject(subject)
         except ValueError:
             continue
+        if key in lag:  # a queue's requests and those queued again (schemas.subjects.requeue_subject)
+            count, age = count + lag[key].messages, max(age, lag[key].age_s)
         lag[key] = SubjectLag(count, age)
     return lag
 

@@ -36,6 +36,7 @@ from schemas.subjects import (
     STREAM_JOBS,
     consumer_name,
     infer_subject,
+    requeue_subject,
 )
 
 __all__ = [
@@ -115,9 +116,11 @@ async def ensure_consumer(
 ) -> str:
     """The durable pull consumer shared by all replicas of one subject; returns its name."""
     name = consumer_name(model, version, priority)
+    subject = infer_subject(model, version, priority)
     config = ConsumerConfig(
         durable_name=name,
-        filter_subject=infer_subject(model, version, priority),
+        # Its requests, and those a worker queued again out of a redelivered bundle.
+        filter_subjects=[subject, requeue_subject(subject)],
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
         # A request held (not computed) by a worker that crashed is delivered again without being

@@ -138,6 +138,11 @@ class Resolver:
             raise UnknownModel("no model registry on this NATS yet (is a worker running?)") from None
         return self._registry
 
+    def max_batch(self, model: str) -> int | None:
+        """The model's max_batch_size as last read (no lookup), or None if never read."""
+        cached = self._specs.get(model)
+        return cached[1].max_batch_size if cached is not None else None
+
     async def spec(self, model: str) -> ModelSpec:
         cached = self._specs.get(model)
         now = time.monotonic()

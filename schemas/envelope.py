@@ -16,8 +16,8 @@ from schemas.errors import BadInput, MeshError, ModelFailure, error_from_wire
 from schemas.tensors import decode_tensor, encode_tensor
 
 __all__ = [
-    "Claim", "Reply", "Timing", "claim_of", "decode_bundle", "decode_reply", "decode_request", "encode_bundle",
-    "encode_claim", "encode_error", "encode_outputs", "encode_request",
+    "Claim", "Reply", "Timing", "claim_of", "decode_bundle", "decode_reply", "decode_request", "decode_request_bundle",
+    "encode_bundle", "encode_claim", "encode_error", "encode_outputs", "encode_request", "encode_request_bundle",
 ]  # fmt: skip
 
 WIRE_VERSION = 1
@@ -105,6 +105,26 @@ def decode_bundle(payload: bytes) -> list[tuple[str, bytes]]:
         return [(str(request_id), bytes(reply)) for request_id, reply in body["replies"]]
     except Exception as exc:
         raise ModelFailure(f"unreadable reply bundle from worker: {exc}") from exc
+
+
+def encode_request_bundle(requests: list[tuple[dict[str, str], bytes]]) -> bytes:
+    """Several encoded requests for one subject, as (headers, request) pairs: one stream message."""
+    return _pack({"v": WIRE_VERSION, "requests": requests})
+
+
+def decode_request_bundle(payload: bytes) -> list[tuple[dict[str, str], bytes]]:
+    """The (headers, request) pairs of a request bundle; BadInput if it cannot be read."""
+    try:
+        body = msgpack.unpackb(payload, raw=False)
+        requests = [(headers, request) for headers, request in body["requests"]]
+    except Exception as exc:
+        raise BadInput(f"unreadable request bundle: {exc}") from exc
+    for headers, request in requests:
+        if not isinstance(headers, dict) or not isinstance(request, bytes):
+            raise BadInput("unreadable request bundle: each request is a map of headers and bytes")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+            raise BadInput("unreadable request bundle: header names and values are strings")
+    return requests
 
 
 def decode_reply(payload: bytes) -> Reply:

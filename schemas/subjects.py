@@ -16,8 +16,10 @@ __all__ = [
     "BUCKET_ROUTES",
     "BUCKET_STATUS",
     "BUCKET_WORKERS",
+    "HDR_BUNDLE",
     "HDR_CLAIM_BUCKET",
     "HDR_DEADLINE",
+    "HDR_DELIVERED",
     "HDR_JOB",
     "HDR_JOB_ITEM",
     "HDR_MSG_ID",
@@ -42,6 +44,7 @@ __all__ = [
     "is_reply_subject",
     "job_result_subject",
     "parse_infer_subject",
+    "requeue_subject",
     "shadow_subject",
 ]  # fmt: skip
 
@@ -82,6 +85,10 @@ HDR_REQUEST_ID: Final = "Mesh-Request-Id"
 # A batch job's items carry the job and their index; results are stored under the job.
 HDR_JOB: Final = "Mesh-Job"
 HDR_JOB_ITEM: Final = "Mesh-Job-Item"
+# On a stream message carrying several requests (a client's coalesced publishes): how many.
+HDR_BUNDLE: Final = "Mesh-Bundle"
+# On a request a worker queued again out of a redelivered bundle: the deliveries it already had.
+HDR_DELIVERED: Final = "Mesh-Delivered"
 HDR_TRACEPARENT: Final = "traceparent"
 HDR_TRACESTATE: Final = "tracestate"
 
@@ -124,13 +131,23 @@ def job_result_subject(job: str, ok: bool) -> str:
     return f"{JOBS_PREFIX}.{job}.{'ok' if ok else 'err'}"
 
 
+_REQUEUE = ".again"
+
+
 def infer_subject(model: str, version: str, priority: str) -> str:
     return f"{INFER_PREFIX}.{model}.{version}.{priority}"
 
 
+def requeue_subject(subject: str) -> str:
+    """Where a worker queues again the requests of a redelivered bundle taken from ``subject``: the
+    same queue (its consumer reads both), on a subject a worker may publish to without being able
+    to send requests anywhere else (docs/security.md)."""
+    return subject if subject.endswith(_REQUEUE) else subject + _REQUEUE
+
+
 def parse_infer_subject(subject: str) -> tuple[str, str, str]:
-    """``mesh.infer.<model>.<version>.<priority>`` → (model, version, priority)."""
-    parts = subject.split(".")
+    """``mesh.infer.<model>.<version>.<priority>`` (or its requeue subject) → (model, version, priority)."""
+    parts = subject.removesuffix(_REQUEUE).split(".")
     if len(parts) != 5 or ".".join(parts[:2]) != INFER_PREFIX:
         raise ValueError(f"not an inference subject: {subject!r}")
     return parts[2], parts[3], parts[4]

@@ -73,14 +73,22 @@ async def test_full_queue_rejects_at_once_with_429(own_server: NatsServer, tmp_p
     await (await Registry.open(conn)).put_spec(read_model(tmp_path / name))
     x = np.zeros((1, 4), np.float32)
     async with await MeshClient.connect(own_server.url) as client:
-        queued = [asyncio.create_task(client.infer(name, {"input": x}, timeout=3)) for _ in range(5)]
-        while (await conn.js.stream_info(STREAM_INFER)).state.messages < 5:
-            await asyncio.sleep(0.01)
+        queued = []
+        for i in range(5):  # one at a time, so each is a message of its own (not a bundle)
+            queued.append(asyncio.create_task(client.infer(name, {"input": x}, timeout=3)))
+            while (await conn.js.stream_info(STREAM_INFER)).state.messages < i + 1:
+                await asyncio.sleep(0.01)
         start = time.monotonic()
         with pytest.raises(Overloaded) as err:
             await client.infer(name, {"input": x}, timeout=10)
         assert err.value.status == 429
         assert time.monotonic() - start < 2.0  # rejected, not left hanging until its timeout
+        # Concurrent requests leave as one bundle: all of them rejected at once.
+        start = time.monotonic()
+        bundled = await asyncio.gather(*(client.infer(name, {"input": x}, timeout=10) for _ in range(3)),
+                                       return_exceptions=True)  # fmt: skip
+        assert all(isinstance(e, Overloaded) and e.status == 429 for e in bundled), bundled
+        assert time.monotonic() - start < 2.0
         # Another priority has its own bound, so it is still accepted.
         high = asyncio.create_task(client.infer(name, {"input": x}, priority="high", timeout=3))
         for outcome in await asyncio.gather(*queued, high, return_exceptions=True):

@@ -24,13 +24,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import nats.aio.msg
 import nats.errors
 import numpy as np
 import pytest
 from nats.js.errors import KeyNotFoundError
 from pydantic import SecretStr
 
-from broker import Connection, MeshClient, Registry, Settings, provision
+from broker import Connection, MeshClient, Registry, Settings, ensure_consumer, provision
 from broker.server import find_nats_server
 from broker.shadow import shadow_events
 from examples.build_models import build_identity_onnx
@@ -48,6 +49,7 @@ from schemas.subjects import (
     BUCKET_ROUTES,
     BUCKET_STATUS,
     BUCKET_WORKERS,
+    HDR_BUNDLE,
     HDR_MSG_ID,
     HDR_REPLY,
     STREAM_INFER,
@@ -414,6 +416,34 @@ async def test_worker_pulls_acks_and_replies_but_cannot_queue_requests(
             await worker.conn.nc.jetstream(timeout=1.0).publish(subject, b"forged")
     await violation(caplog, "publish", subject)
     assert await queued(admin, subject) == 0
+
+
+async def test_a_worker_queues_a_redelivered_bundle_again_request_by_request(
+    secure: Mesh, admin: Connection, tmp_path: Path
+) -> None:
+    """A bundle that comes back after its worker died is split into lone requests on its queue's
+    requeue subject, which a worker may publish to (and no other subject of the queues)."""
+    spec = await register(admin, tmp_path, "echo_a")
+    durable = await ensure_consumer(
+        admin.js, "echo_a", next(iter(spec.versions)), "normal", ack_wait_s=30, max_attempts=3
+    )
+    async with await MeshClient.connect(settings=secure.settings("tenant_a")) as client:
+        calls = [asyncio.create_task(client.infer_reply("echo_a", ones(), timeout=20)) for _ in range(8)]
+        # Taken by a worker that died before computing them (simulated by naks from a raw pull).
+        pull = await admin.nc.jetstream().pull_subscribe_bind(durable, STREAM_INFER)
+        held: list[nats.aio.msg.Msg] = []
+        while sum(int((m.headers or {}).get(HDR_BUNDLE, "1")) for m in held) < len(calls):
+            held.extend(await pull.fetch(1, timeout=10))
+        for msg in held:
+            await msg.nak()
+        await pull.unsubscribe()
+        assert any(HDR_BUNDLE in (m.headers or {}) for m in held), "no request was bundled with another"
+        async with serving(secure.settings("worker"), [spec]):
+            replies = await asyncio.gather(*calls)
+    for reply in replies:
+        np.testing.assert_array_equal(reply.outputs["output"], ones()["input"])
+        assert reply.timing.attempt == 2 and reply.timing.batch_size == 1  # redelivered: alone
+    assert await queued(admin, subject_of(spec)) == 0 and await queued(admin, subject_of(spec) + ".again") == 0
 
 
 async def test_a_request_cannot_make_a_worker_write_for_it(

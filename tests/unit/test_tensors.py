@@ -6,7 +6,16 @@ import msgpack
 import numpy as np
 import pytest
 
-from schemas.envelope import Timing, decode_reply, decode_request, encode_error, encode_outputs, encode_request
+from schemas.envelope import (
+    Timing,
+    decode_reply,
+    decode_request,
+    decode_request_bundle,
+    encode_error,
+    encode_outputs,
+    encode_request,
+    encode_request_bundle,
+)
 from schemas.errors import BadInput, DeadlineExceeded, MeshError, ModelFailure, Overloaded, UnknownModel
 from schemas.tensors import NUMERIC_DTYPES, decode_tensor, encode_tensor
 
@@ -72,6 +81,22 @@ def test_request_round_trip_and_garbage() -> None:
             decode_request(garbage)
     with pytest.raises(BadInput):
         encode_request({})
+
+
+def test_request_bundle_round_trip() -> None:
+    requests = [({"Nats-Msg-Id": f"r{i}", "Mesh-Reply": f"_INBOX.x.r.{i}"}, encode_request({"x": np.arange(i)}))
+                for i in range(3)]  # fmt: skip
+    assert decode_request_bundle(encode_request_bundle(requests)) == requests
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\xc1", msgpack.packb({"v": 1}), msgpack.packb({"v": 1, "requests": [[{"a": 1}, b"x"]]}),
+     msgpack.packb({"v": 1, "requests": [[{"a": "b"}, "not bytes"]]}), msgpack.packb({"v": 1, "requests": [[1]]})],
+)  # fmt: skip
+def test_unreadable_request_bundles_raise_bad_input(body: bytes) -> None:
+    with pytest.raises(BadInput, match="unreadable request bundle"):
+        decode_request_bundle(body)
 
 
 @pytest.mark.parametrize("cls", [BadInput, UnknownModel, Overloaded, ModelFailure, DeadlineExceeded])

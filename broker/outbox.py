@@ -1,0 +1,141 @@
+"""Outbox: a client's requests for the same subject, published in the same turn of its event
+loop, leave together as one stream message (a bundle), stored and acknowledged once.
+
+Many concurrent callers of one client wake together (a bundle of replies resolves them all at
+once) and publish together; one message instead of dozens saves the stream a store, an
+acknowledgement, a delivery and an ack per request, and the worker a message to parse. Nothing
+waits for company: a request alone in its turn leaves alone, as a plain message. Each request in
+a bundle keeps its own headers (id, reply subject, deadline, trace context); workers hand them on
+one by one, and a bundle that comes back after a crash is split into lone requests
+(``broker/delivery.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from broker.connection import Connection, translate_error
+from broker.inflight import InFlight
+from schemas.envelope import encode_request_bundle
+from schemas.subjects import HDR_BUNDLE, parse_infer_subject
+
+__all__ = ["Outbox"]
+
+log = logging.getLogger(__name__)
+
+# Requests per bundle at most: a worker's batch is rarely larger, and a bundle is redelivered whole.
+MAX_BUNDLE = 64
+# A bundle this large leaves at once, mid-turn (see put).
+SEND_AT = 16
+# The bundle's framing, per request.
+_FRAMING = 32
+
+Waiting = tuple[str, bytes, dict[str, str]]  # request id, payload, headers
+
+
+class Outbox:
+    """``max_batch`` tells a model's largest batch, if known: a bundle is never larger, so that a
+    worker's pull credit (``broker/feed.py``), counted in batches, is not overrun by bundles."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        inbox: str,
+        pending: InFlight,
+        max_batch: Callable[[str], int | None] = lambda model: None,
+        coalesce: bool = True,
+    ) -> None:
+        self._conn = conn
+        self._inbox = inbox
+        self._pending = pending
+        self._max_batch = max_batch
+        self.coalesce = coalesce
+        self._limit = max(1024, conn.nc.max_payload // 2)
+        self._waiting: dict[str, list[Waiting]] = {}
+        self._sizes: dict[str, int] = {}  # per subject waiting: the largest bundle it may have
+        self._flush: asyncio.Task[None] | None = None
+        self.send_at = SEND_AT
+
+    def put(self, subject: str, request_id: str, payload: bytes, headers: dict[str, str]) -> None:
+        """Queue a request (tracked in ``pending``) to be published at the end of this turn."""
+        group = self._waiting.get(subject)
+        if group is None:
+            self._waiting[subject] = group = []
+            self._sizes[subject] = self._bundle_size(subject)
+        group.append((request_id, payload, headers))
+        if (
+            len(group) >= min(self.send_at, self._sizes[subject])
+            and self.coalesce
+            and (sum(map(_cost, group)) <= self._limit)
+        ):
+            # Enough for a bundle: it leaves now, so the stream and a worker start on it while
+            # this turn goes on, instead of all of the turn's requests arriving at once at its end.
+            del self._waiting[subject]
+            self._publish_bundle_now(subject, group)
+            return
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().create_task(self._send())
+
+    def _bundle_size(self, subject: str) -> int:
+        try:
+            model = parse_infer_subject(subject)[0]
+        except ValueError:
+            return MAX_BUNDLE
+        return max(1, min(MAX_BUNDLE, self._max_batch(model) or MAX_BUNDLE))
+
+    async def _send(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        sizes, self._sizes = self._sizes, {}
+        self._flush = None
+        for subject, everyone in waiting.items():
+            group = [one for one in everyone if self._pending.is_open(one[0])]  # not given up meanwhile
+            if not self.coalesce:
+                for one in group:
+                    await self._publish_one(subject, one)
+                continue
+            for chunk in self._chunks(group, sizes[subject]):
+                if len(chunk) == 1:
+                    await self._publish_one(subject, chunk[0])
+                else:
+                    await self._publish_bundle(subject, chunk)
+
+    def _chunks(self, group: list[Waiting], most: int) -> list[list[Waiting]]:
+        chunks: list[list[Waiting]] = [[]]
+        size = 0
+        for one in group:
+            cost = _cost(one)
+            if chunks[-1] and (len(chunks[-1]) >= most or size + cost > self._limit):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(one)
+            size += cost
+        return chunks
+
+    async def _publish_one(self, subject: str, one: Waiting) -> None:
+        request_id, payload, headers = one
+        try:
+            await self._conn.nc.publish(subject, payload, reply=f"{self._inbox}.a.{request_id}", headers=headers)
+        except Exception as exc:
+            self._pending.reject(request_id, translate_error(exc, f"queue request on {subject}"))
+
+    async def _publish_bundle(self, subject: str, chunk: list[Waiting]) -> None:
+        self._publish_bundle_now(subject, chunk)
+
+    def _publish_bundle_now(self, subject: str, chunk: list[Waiting]) -> None:
+        ids = [request_id for request_id, _, _ in chunk]
+        key = f"b{ids[0]}"  # request ids end in digits: no request has this id
+        self._pending.bundle(key, ids)
+        payload = encode_request_bundle([(headers, payload) for _, payload, headers in chunk])
+        try:
+            self._conn.publish_now(subject, f"{self._inbox}.a.{key}", payload, {HDR_BUNDLE: str(len(chunk))})
+        except Exception as exc:
+            error = translate_error(exc, f"queue request on {subject}")
+            for request_id in ids:
+                self._pending.reject(request_id, error)
+
+
+def _cost(one: Waiting) -> int:
+    """Bytes a request takes in a bundle."""
+    return len(one[1]) + sum(len(k) + len(v) for k, v in one[2].items()) + _FRAMING
