@@ -55,7 +55,7 @@ class Outbox:
         self._limit = max(1024, conn.nc.max_payload // 2)
         self._waiting: dict[str, list[Waiting]] = {}
         self._sizes: dict[str, int] = {}  # per subject waiting: the largest bundle it may have
-        self._flush: asyncio.Task[None] | None = None
+        self._flush: asyncio.Handle | None = None
         self.send_at = SEND_AT
 
     def put(self, subject: str, request_id: str, payload: bytes, headers: dict[str, str]) -> None:
@@ -73,10 +73,10 @@ class Outbox:
             # Enough for a bundle: it leaves now, so the stream and a worker start on it while
             # this turn goes on, instead of all of the turn's requests arriving at once at its end.
             del self._waiting[subject]
-            self._publish_bundle_now(subject, group)
+            self._publish_bundle(subject, group)
             return
         if self._flush is None:
-            self._flush = asyncio.get_running_loop().create_task(self._send())
+            self._flush = asyncio.get_running_loop().call_soon(self._send)
 
     def _bundle_size(self, subject: str) -> int:
         try:
@@ -85,24 +85,23 @@ class Outbox:
             return MAX_BUNDLE
         return max(1, min(MAX_BUNDLE, self._max_batch(model) or MAX_BUNDLE))
 
-    async def _send(self) -> None:
+    def _send(self) -> None:
+        """End of the turn: what waits leaves, written to the socket at once."""
         waiting, self._waiting = self._waiting, {}
         sizes, self._sizes = self._sizes, {}
         self._flush = None
         for subject, everyone in waiting.items():
             group = [one for one in everyone if self._pending.is_open(one[0])]  # not given up meanwhile
-            if not self.coalesce:
-                for one in group:
-                    await self._publish_one(subject, one)
-                continue
-            for chunk in self._chunks(group, sizes[subject]):
+            for chunk in self._chunks(group, sizes[subject] if self.coalesce else 1):
                 if len(chunk) == 1:
-                    await self._publish_one(subject, chunk[0])
+                    self._publish_one(subject, chunk[0])
                 else:
-                    await self._publish_bundle(subject, chunk)
+                    self._publish_bundle(subject, chunk)
 
     def _chunks(self, group: list[Waiting], most: int) -> list[list[Waiting]]:
         chunks: list[list[Waiting]] = [[]]
+        if not group:
+            return []
         size = 0
         for one in group:
             cost = _cost(one)
@@ -113,17 +112,14 @@ class Outbox:
             size += cost
         return chunks
 
-    async def _publish_one(self, subject: str, one: Waiting) -> None:
+    def _publish_one(self, subject: str, one: Waiting) -> None:
         request_id, payload, headers = one
         try:
-            await self._conn.nc.publish(subject, payload, reply=f"{self._inbox}.a.{request_id}", headers=headers)
+            self._conn.publish_now(subject, f"{self._inbox}.a.{request_id}", payload, headers)
         except Exception as exc:
             self._pending.reject(request_id, translate_error(exc, f"queue request on {subject}"))
 
-    async def _publish_bundle(self, subject: str, chunk: list[Waiting]) -> None:
-        self._publish_bundle_now(subject, chunk)
-
-    def _publish_bundle_now(self, subject: str, chunk: list[Waiting]) -> None:
+    def _publish_bundle(self, subject: str, chunk: list[Waiting]) -> None:
         ids = [request_id for request_id, _, _ in chunk]
         key = f"b{ids[0]}"  # request ids end in digits: no request has this id
         self._pending.bundle(key, ids)
