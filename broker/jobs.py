@@ -21,12 +21,13 @@ from nats.js.api import DeliverPolicy
 
 from broker.connection import Connection, translate_error
 from broker.objects import download, is_s3
+from broker.outbox import MAX_BUNDLE
 from broker.registry import Json, Registry
 from broker.settings import Settings
-from schemas.envelope import Reply, decode_reply, encode_request
+from schemas.envelope import Reply, decode_reply, encode_request, encode_request_bundle
 from schemas.errors import BadInput, MeshError, Overloaded, UnknownModel
 from schemas.spec import ModelSpec
-from schemas.subjects import HDR_JOB, HDR_JOB_ITEM, HDR_MSG_ID, JOBS_PREFIX, STREAM_JOBS
+from schemas.subjects import HDR_BUNDLE, HDR_JOB, HDR_JOB_ITEM, HDR_MSG_ID, JOBS_PREFIX, STREAM_JOBS
 
 __all__ = ["Job", "JobResult", "JobStatus", "items_of", "start_job"]
 
@@ -110,7 +111,9 @@ async def start_job(
                     "total": None, "submitted": 0, "created": time.time()}  # fmt: skip
     await registry.put_job(job_id, record)
     job = Job(conn, registry, job_id)
-    job._submitter = asyncio.create_task(job._submit(subject, items, record), name=f"job-{job_id}")
+    # Items leave as bundles of up to a batch: one stream message for each (broker/outbox.py).
+    bundle = max(1, min(MAX_BUNDLE, spec.max_batch_size))
+    job._submitter = asyncio.create_task(job._submit(subject, items, record, bundle), name=f"job-{job_id}")
     return job
 
 
@@ -128,21 +131,37 @@ class Job:
         record = await self._record()
         return int(record.get("total") or record.get("submitted") or 0)
 
-    async def _submit(self, subject: str, items: AsyncIterator[Inputs], record: Json) -> int:
-        slots = asyncio.Semaphore(_IN_FLIGHT)
+    async def _submit(self, subject: str, items: AsyncIterator[Inputs], record: Json, bundle: int = 1) -> int:
+        """Queue every item, ``bundle`` items to a stream message (see broker/outbox.py), a bounded
+        number of messages in flight."""
+        slots = asyncio.Semaphore(max(4, _IN_FLIGHT // bundle))
         pending: set[asyncio.Task[None]] = set()
         count, last_progress = 0, time.monotonic()
+        chunk: list[tuple[int, bytes]] = []
+        limit = self._conn.nc.max_payload // 2
+
+        async def send() -> None:
+            await slots.acquire()
+            task = asyncio.create_task(self._publish(subject, list(chunk), slots))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            chunk.clear()
+
         async for item in items:
             if count % 1000 == 0 and (await self._record()).get("state") == "cancelled":
                 break
-            await slots.acquire()
-            task = asyncio.create_task(self._publish(subject, count, encode_request(dict(item)), slots))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
+            payload = encode_request(dict(item))
+            if chunk and sum(len(p) for _, p in chunk) + len(payload) > limit:
+                await send()  # a bundle stays well under the server's max payload
+            chunk.append((count, payload))
+            if len(chunk) >= bundle:
+                await send()
             count += 1
             if time.monotonic() - last_progress > _PROGRESS_EVERY_S:
                 last_progress = time.monotonic()
                 await self._registry.put_job(self.id, {**record, "submitted": count})
+        if chunk:
+            await send()
         await asyncio.gather(*pending)
         state = (await self._record()).get("state")
         final = {
@@ -154,8 +173,15 @@ class Job:
         await self._registry.put_job(self.id, final)
         return count
 
-    async def _publish(self, subject: str, index: int, payload: bytes, slots: asyncio.Semaphore) -> None:
-        headers = {HDR_MSG_ID: f"{self.id}:{index}", HDR_JOB: self.id, HDR_JOB_ITEM: str(index)}
+    async def _publish(self, subject: str, chunk: list[tuple[int, bytes]], slots: asyncio.Semaphore) -> None:
+        """One item, or several as a bundle; its message id makes a publish that went again store once."""
+        members = [({HDR_MSG_ID: f"{self.id}:{i}", HDR_JOB: self.id, HDR_JOB_ITEM: str(i)}, p) for i, p in chunk]
+        if len(members) == 1:
+            (headers, payload), what = members[0], f"job {self.id} item {chunk[0][0]}"
+        else:
+            first, last = chunk[0][0], chunk[-1][0]
+            headers = {HDR_MSG_ID: f"{self.id}:{first}-{last}", HDR_BUNDLE: str(len(members))}
+            payload, what = encode_request_bundle(members), f"job {self.id} items {first}–{last}"
         backoff = 0.05
         try:
             while True:
@@ -163,10 +189,10 @@ class Job:
                     await self._conn.js.publish(subject, payload, headers=headers, timeout=10.0)
                     return
                 except Exception as exc:
-                    err = translate_error(exc, f"job {self.id} item {index}")
+                    err = translate_error(exc, what)
                     if not isinstance(err, Overloaded):
                         raise err from exc
-                # The queue is full: it drains as workers compute; the same item goes again.
+                # The queue is full: it drains as workers compute; the same items go again.
                 await asyncio.sleep(backoff)
                 backoff = min(1.0, backoff * 2)
         finally:

@@ -89,7 +89,7 @@ class ReplySender:
         assert delivery.job is not None
         headers = {HDR_MSG_ID: f"{delivery.job}:{delivery.job_item}", HDR_JOB_ITEM: delivery.job_item or ""}
         try:
-            await self._conn.js.publish(job_result_subject(delivery.job, ok), payload, headers=headers, timeout=5.0)
+            await self._conn.publish_acked(job_result_subject(delivery.job, ok), payload, headers, timeout=5.0)
         except Exception as exc:  # left unacked, the item comes back and is computed again
             log.warning("could not store result %s of job %s: %s", delivery.job_item, delivery.job, exc)
             return False
@@ -106,7 +106,7 @@ class ReplySender:
             headers[HDR_ROUTE] = rest
         tracing.inject(delivery.span, headers, delivery.headers)  # the next stage joins the same trace
         try:
-            await self._conn.js.publish(subject, request, headers=headers, timeout=5.0)
+            await self._conn.publish_acked(subject, request, headers, timeout=5.0)
         except Exception as exc:
             err = translate_error(exc, f"forward to {subject}")
             return err
