@@ -62,6 +62,8 @@ class PullFeed:
         # bundle may be (half the window: a batch), so that a first pull cannot overrun the window.
         self._per_message = max(1.0, self.window / 2)
         self._requeues: set[asyncio.Task[bool]] = set()
+        # The same mean for reports (the router turns lag in messages into requests with it): from 1.
+        self.per_message = 1.0
 
     async def start(self) -> None:
         nc = self._conn.nc
@@ -111,6 +113,7 @@ class PullFeed:
                 await self._on_bundle(delivery)
                 return
             self._per_message += _SMOOTHING * (1 - self._per_message)
+            self.per_message += _SMOOTHING * (1 - self.per_message)
             self.held += 1
             await self._on_delivery(delivery)
             return
@@ -146,6 +149,7 @@ class PullFeed:
             await self._pull()
             return
         self._per_message += _SMOOTHING * (len(members) - self._per_message)
+        self.per_message += _SMOOTHING * (len(members) - self.per_message)
         self.held += len(members)
         for member in members:
             await self._on_delivery(member)

@@ -53,6 +53,7 @@ def worker_state(beat: dict[str, Any]) -> WorkerState:
             last_used=float(m.get("last_used", 0.0)),
             in_flight=int(m.get("in_flight", 0)),
             rps=float(m.get("rps", 0.0)),
+            per_message={str(p): float(n) for p, n in (m.get("per_message") or {}).items()},
         )
         for m in beat.get("models", {}).values()
     )

@@ -194,11 +194,24 @@ def _demand(snapshot: Snapshot, unit: Unit, mv: ModelVersion, cfg: PolicyConfig)
         if lag is None or lag.messages <= 0:
             continue
         messages += lag.messages
-        weighted += lag.messages * cfg.weight(priority) / baseline
+        # Lag counts stream messages; a message may be a bundle of requests, as the replicas saw lately.
+        requests = lag.messages * _per_message(snapshot, unit, priority)
+        weighted += requests * cfg.weight(priority) / baseline
         oldest = max(oldest, lag.age_s)
         if lag.age_s / cfg.target_for(priority) > pressure or not worst:
             pressure, worst = lag.age_s / cfg.target_for(priority), priority
     return _Demand(messages, weighted, oldest, pressure, worst)
+
+
+def _per_message(snapshot: Snapshot, unit: Unit, priority: str) -> float:
+    """Requests per stream message on one of the unit's subjects, as its replicas report (1 if none does)."""
+    seen = [
+        report.per_message[priority]
+        for worker in snapshot.workers.values()
+        for report in worker.loaded
+        if report.unit.key == unit.key and priority in report.per_message
+    ]
+    return max(1.0, max(seen, default=1.0))
 
 
 def _resting(

@@ -58,6 +58,8 @@ class LoadedUnit:
     last_used: float = 0.0  # wall-clock time of its latest request
     in_flight: int = 0  # requests held (queued locally or computing)
     rps: float = 0.0  # requests completed per second, recently
+    # priority → requests per stream message it received lately (bundles carry several)
+    per_message: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -415,6 +415,8 @@ class ModelServer:
         log.info("drained %s", self.key)
 
     def status(self) -> dict[str, Any]:
+        # Requests per stream message lately, per priority (clients and jobs send bundles).
+        per_message = {p: round(feed.per_message, 2) for p, feed in self._feeds.items()}
         return {"model": self.spec.name, "version": self.version, "priorities": self.priorities,
                 "in_flight": self.in_flight, "last_used": self.last_used, "load_ms": round(self.load_ms, 1),
-                "stats": self.stats.as_dict()}  # fmt: skip
+                "per_message": per_message, "stats": self.stats.as_dict()}  # fmt: skip

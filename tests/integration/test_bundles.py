@@ -41,14 +41,16 @@ async def test_concurrent_requests_travel_as_bundles_and_each_gets_its_own_answe
         bad = client.infer(name, {"input": np.ones((1, 4), np.int64)})
         replies = await asyncio.gather(*(client.infer(name, {"input": x}) for x in xs), bad, return_exceptions=True)
         stored = await _stored(worker.conn) - before
+        # What the router reads to turn lag in messages into requests.
+        per_message = worker.status()["models"][f"{name}:1"]["per_message"]["normal"]
     for x, reply in zip(xs, replies, strict=False):
         assert isinstance(reply, dict), reply
         np.testing.assert_array_equal(reply["output"], x)
     assert isinstance(replies[-1], BadInput) and replies[-1].status == 400
     if coalesce:  # bundles of at most max_batch_size requests, so at least 4 messages
-        assert 4 <= stored < 20
+        assert 4 <= stored < 20 and per_message > 2
     else:
-        assert stored == 101
+        assert stored == 101 and per_message == 1.0
 
 
 async def test_a_bundle_held_by_a_worker_that_died_comes_back_as_lone_requests(

@@ -185,6 +185,22 @@ def test_backlog_beyond_what_replicas_drain_scales_proportionally_within_max() -
     assert all("lag 1000 msgs" in d.reason and "draining takes 10.0 s" in d.reason for d in decisions)
 
 
+def test_lag_in_bundles_counts_the_requests_they_carry() -> None:
+    m = version("m", lo=1, hi=3)
+    assigned: Assignments = {"w0": frozenset({unit("m")})}
+    lag = {("m", "normal"): Lag(messages=20, age_s=0.1)}  # fresh, so only the backlog's size can count
+
+    def replicas(per_message: float) -> tuple[int, list[Decision]]:
+        report = LoadedUnit(unit("m"), 0.0, 0, 100.0, {"normal": per_message})
+        snap = snapshot(0.0, [m], [worker("w0", loaded=[report]), worker("w1"), worker("w2")], lag, assigned)
+        assignments, _, decisions = plan(snap, PolicyState())
+        return len(holders(assignments, unit("m"))), decisions
+
+    assert replicas(1.0)[0] == 1  # 20 requests: 0.2 s of work at 100 rps
+    n, decisions = replicas(50.0)  # 20 bundles of 50: 10 s of work
+    assert n == 3 and all("lag 20 msgs" in d.reason and "draining takes 10.0 s" in d.reason for d in decisions)
+
+
 def test_high_priority_lag_counts_more_than_low() -> None:
     m = version("m", lo=1, hi=2)
     assigned: Assignments = {"w0": frozenset({unit("m")})}
