@@ -186,7 +186,7 @@ def _usage(snapshot: Snapshot) -> dict[Unit, _Usage]:
     return usage
 
 
-def _demand(snapshot: Snapshot, unit: Unit, mv: ModelVersion, cfg: PolicyConfig) -> _Demand:
+def _demand(snapshot: Snapshot, unit: Unit, mv: ModelVersion, usage: _Usage, cfg: PolicyConfig) -> _Demand:
     baseline = cfg.weight(cfg.baseline_priority)
     messages, weighted, oldest, pressure, worst = 0, 0.0, 0.0, 0.0, ""
     for priority in mv.priorities:
@@ -195,23 +195,12 @@ def _demand(snapshot: Snapshot, unit: Unit, mv: ModelVersion, cfg: PolicyConfig)
             continue
         messages += lag.messages
         # Lag counts stream messages; a message may be a bundle of requests, as the replicas saw lately.
-        requests = lag.messages * _per_message(snapshot, unit, priority)
+        requests = lag.messages * max([1.0, *(r.per_message.get(priority, 1.0) for r in usage.on.values())])
         weighted += requests * cfg.weight(priority) / baseline
         oldest = max(oldest, lag.age_s)
         if lag.age_s / cfg.target_for(priority) > pressure or not worst:
             pressure, worst = lag.age_s / cfg.target_for(priority), priority
     return _Demand(messages, weighted, oldest, pressure, worst)
-
-
-def _per_message(snapshot: Snapshot, unit: Unit, priority: str) -> float:
-    """Requests per stream message on one of the unit's subjects, as its replicas report (1 if none does)."""
-    seen = [
-        report.per_message[priority]
-        for worker in snapshot.workers.values()
-        for report in worker.loaded
-        if report.unit.key == unit.key and priority in report.per_message
-    ]
-    return max(1.0, max(seen, default=1.0))
 
 
 def _resting(
@@ -232,9 +221,8 @@ def _need(
     prev: UnitState | None, cfg: PolicyConfig,
 ) -> _Need:  # fmt: skip
     mv = snapshot.models[unit.key]
-    need = _Need(
-        unit, required, mv, placement.replicas.setdefault(unit, []), lost, usage, _demand(snapshot, unit, mv, cfg)
-    )
+    demand = _demand(snapshot, unit, mv, usage, cfg)
+    need = _Need(unit, required, mv, placement.replicas.setdefault(unit, []), lost, usage, demand)
     n = prev.replicas if prev is not None else len(need.live) + len(lost)
     pending = sum(w not in usage.on for w in need.live)
     scaled = _scale(n, mv, need.demand, usage, pending, prev or UnitState(), cfg, snapshot.now)
