@@ -1,14 +1,6 @@
-"""Outbox: a client's requests for the same subject, published in the same turn of its event
-loop, leave together as one stream message (a bundle), stored and acknowledged once.
-
-Many concurrent callers of one client wake together (a bundle of replies resolves them all at
-once) and publish together; one message instead of dozens saves the stream a store, an
-acknowledgement, a delivery and an ack per request, and the worker a message to parse. Nothing
-waits for company: a request alone in its turn leaves alone, as a plain message. Each request in
-a bundle keeps its own headers (id, reply subject, deadline, trace context); workers hand them on
-one by one, and a bundle that comes back after a crash is split into lone requests
-(``broker/delivery.py``).
-"""
+"""Outbox: a client's requests for one subject, published in the same turn of its event loop, leave
+as one stream message (a bundle), stored and acknowledged once; a lone request leaves alone. Why,
+and how workers and redeliveries handle bundles: docs/design.md, "Request bundles"."""
 
 from __future__ import annotations
 

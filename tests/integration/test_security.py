@@ -56,6 +56,7 @@ from schemas.subjects import (
     STREAM_JOBS,
     consumer_name,
     infer_subject,
+    requeue_subject,
 )
 from tests.conftest import unique, wait_for
 from workers.repository import read_model
@@ -443,7 +444,7 @@ async def test_a_worker_queues_a_redelivered_bundle_again_request_by_request(
     for reply in replies:
         np.testing.assert_array_equal(reply.outputs["output"], ones()["input"])
         assert reply.timing.attempt == 2 and reply.timing.batch_size == 1  # redelivered: alone
-    assert await queued(admin, subject_of(spec)) == 0 and await queued(admin, subject_of(spec) + ".again") == 0
+    assert await queued(admin, subject_of(spec)) == 0 and await queued(admin, requeue_subject(subject_of(spec))) == 0
 
 
 async def test_a_request_cannot_make_a_worker_write_for_it(
