@@ -47,24 +47,28 @@ class Outbox:
         self._limit = max(1024, conn.nc.max_payload // 2)
         self._waiting: dict[str, list[Waiting]] = {}
         self._sizes: dict[str, int] = {}  # per subject waiting: the largest bundle it may have
+        self._bytes: dict[str, int] = {}  # per subject waiting: the bytes its requests take in a bundle
         self._flush: asyncio.Handle | None = None
         self.send_at = SEND_AT
 
     def put(self, subject: str, request_id: str, payload: bytes, headers: dict[str, str]) -> None:
         """Queue a request (tracked in ``pending``) to be published at the end of this turn."""
+        one = (request_id, payload, headers)
         group = self._waiting.get(subject)
         if group is None:
             self._waiting[subject] = group = []
             self._sizes[subject] = self._bundle_size(subject)
-        group.append((request_id, payload, headers))
+            self._bytes[subject] = 0
+        group.append(one)
+        self._bytes[subject] += _cost(one)
         if (
             len(group) >= min(self.send_at, self._sizes[subject])
             and self.coalesce
-            and (sum(map(_cost, group)) <= self._limit)
+            and self._bytes[subject] <= self._limit
         ):
             # Enough for a bundle: it leaves now, so the stream and a worker start on it while
             # this turn goes on, instead of all of the turn's requests arriving at once at its end.
-            del self._waiting[subject]
+            del self._waiting[subject], self._sizes[subject], self._bytes[subject]
             self._publish_bundle(subject, group)
             return
         if self._flush is None:
@@ -80,7 +84,7 @@ class Outbox:
     def _send(self) -> None:
         """End of the turn: what waits leaves, written to the socket at once."""
         waiting, self._waiting = self._waiting, {}
-        sizes, self._sizes = self._sizes, {}
+        sizes, self._sizes, self._bytes = self._sizes, {}, {}
         self._flush = None
         for subject, everyone in waiting.items():
             group = [one for one in everyone if self._pending.is_open(one[0])]  # not given up meanwhile
@@ -113,7 +117,7 @@ class Outbox:
 
     def _publish_bundle(self, subject: str, chunk: list[Waiting]) -> None:
         ids = [request_id for request_id, _, _ in chunk]
-        key = f"b{ids[0]}"  # request ids end in digits: no request has this id
+        key = f"{ids[0]}+"  # request ids are letters and digits: no request has this id
         self._pending.bundle(key, ids)
         payload = encode_request_bundle([(headers, payload) for _, payload, headers in chunk])
         try:
