@@ -17,7 +17,7 @@ import pytest
 from broker import NatsServer, SyncMeshClient
 from examples.build_models import build_identity_onnx
 from schemas.errors import BadInput
-from tests.conftest import serving, unique
+from tests.conftest import serving, unique, wait_for
 
 
 async def _servemesh(*args: str) -> tuple[int, str, str]:
@@ -99,6 +99,11 @@ async def test_up_runs_a_mesh_and_stops_everything_it_started(tmp_path: Path) ->
             x = np.array([[3.0, 4.0]], np.float32)
             np.testing.assert_array_equal((await client.infer(name, {"input": x}))["output"], x)
             registry = await Registry.open(client._conn)
+
+            async def both_beat() -> bool:  # the worker that answered may be the only one up yet
+                return len(await registry.heartbeats()) == 2
+
+            await wait_for(both_beat, timeout=60, what="a heartbeat from each of the 2 workers")
             pids = [beat["pid"] for beat in (await registry.heartbeats()).values()]
         assert len(pids) == 2
     finally:
