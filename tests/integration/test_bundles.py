@@ -112,3 +112,20 @@ async def test_an_unreadable_bundle_is_dropped_and_the_worker_serves_on(
         assert not (
             await worker.conn.js.stream_info(STREAM_INFER, subjects_filter=infer_subject(name, "1", "normal"))
         ).state.messages
+
+
+async def test_large_requests_are_bundled_within_the_servers_max_payload(
+    nats_server: NatsServer, tmp_path: Path, client: MeshClient
+) -> None:
+    name = unique("ident")
+    width = 16_384  # 64 KiB a request: all twenty together would be more than the server's 1 MiB max payload
+    build_identity_onnx(tmp_path, name, "float32", max_batch_size=32, shape=(width,))
+    xs = [np.full((1, width), i, np.float32) for i in range(20)]
+    async with serving(nats_server.url, tmp_path, [name]) as worker:
+        await client.infer(name, {"input": xs[0]})  # the route is read once, before the count starts
+        before = await _stored(worker.conn)
+        replies = await asyncio.gather(*(client.infer(name, {"input": x}) for x in xs))
+        stored = await _stored(worker.conn) - before
+    for x, reply in zip(xs, replies, strict=True):
+        np.testing.assert_array_equal(reply["output"], x)
+    assert 3 <= stored < len(xs)  # bundles of at most half the max payload (7 of these), not one of 20
