@@ -199,7 +199,7 @@ class MeshClient:
         request_id = f"{self._id_prefix}{next(self._counter)}"
         subject, payload, headers = await self._prepare(model, inputs, version, priority, timeout, request_id, reply_to)
         try:
-            await self._conn.js.publish(subject, payload, timeout=min(timeout, 10.0), headers=headers)
+            await self._conn.publish_acked(subject, payload, headers, timeout=min(timeout, 10.0))
         except Exception as exc:
             raise translate_error(exc, f"queue request on {subject}") from exc
         return request_id

@@ -186,7 +186,7 @@ class Job:
         try:
             while True:
                 try:
-                    await self._conn.js.publish(subject, payload, headers=headers, timeout=10.0)
+                    await self._conn.publish_acked(subject, payload, headers, timeout=10.0)
                     return
                 except Exception as exc:
                     err = translate_error(exc, what)
