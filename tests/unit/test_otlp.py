@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -418,3 +419,66 @@ def test_request_spans_through_their_format_are_the_bytes_encode_span_writes() -
     # A format asked for the other shape of attributes declines instead of writing the wrong one.
     light, _ = _pair(**SPANS["root producer"])  # type: ignore[arg-type]
     assert RequestSpanFormat(light.shape, False, True).encode(light, "k3Xq9Zt1") is None
+
+
+class _Capture:
+    """An exporter stand-in that keeps what the recorder hands over."""
+
+    def __init__(self) -> None:
+        self.spans: list[bytes] = []
+
+    def submit(self, span: bytes) -> None:
+        self.spans.append(span)
+
+    def submit_many(self, spans: list[bytes]) -> None:
+        self.spans.extend(spans)
+
+
+def test_the_recorder_writes_each_request_span_as_encode_span_would() -> None:
+    """The recorder writes most request spans through a one-format shortcut, chosen by the span's shape and
+    parent. Whatever the parent (none, the caller's local or remote span, a traceparent with or without
+    tracestate) and however the span ends (plain, with its queue wait, failed, with extra attributes),
+    the bytes handed to the exporter are those encode_span writes for the span as it ended."""
+    from opentelemetry import context as otel_context
+
+    from broker.spans import Recorder
+
+    capture = _Capture()
+    recorder = Recorder(capture, Sampler("always_on"), tracing._subject_attributes)  # type: ignore[arg-type]
+    subject = "mesh.infer.iris.1.normal"
+    local, remote = (SpanContext(int.from_bytes(T), int.from_bytes(P), r, TraceFlags(1)) for r in (False, True))
+    with_state = SpanContext(int.from_bytes(T), int.from_bytes(P), True, TraceFlags(1), TraceState([("k", "v")]))
+
+    def start_all() -> list[LightSpan]:
+        producers = []
+        for parent in (None, local, remote, with_state):
+            token = otel_context.attach(set_span_in_context(NonRecordingSpan(parent))) if parent else None
+            try:
+                producers.append(recorder.producer(subject, "r-1", {}))
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+        assert [s.remote_parent for s in producers if s] == [False, False, True, True]
+        incoming = [
+            {}, {"traceparent": f"00-{T.hex()}-{P.hex()}-01"},
+            {"traceparent": f"00-{T.hex()}-{P.hex()}-01", "tracestate": "a=1"},
+        ]  # fmt: skip
+        consumers = [recorder.consumer(h, subject, rid, "w-1") for h in incoming for rid in ("r-2", None)]
+        return [s for s in producers + consumers if s is not None]
+
+    endings: list[Callable[[LightSpan], None]] = [
+        lambda span: recorder.end(span, None, {}),
+        lambda span: recorder.end_requests([(span, None, 2.5)]),
+        lambda span: recorder.end_requests([(span, BadInput("wrong dtype"), 0.5)]),
+        lambda span: recorder.end(span, None, {"mesh.rows": 3}),
+    ]
+    for ending in endings:
+        spans = start_all()
+        assert len(spans) == 10
+        for span in spans:
+            ending(span)
+            waited = any(key == "mesh.queue_wait_ms" for key, _ in span.attrs or [])
+            if ending is endings[1] and not waited:  # the format wrote the wait, which the span does not hold
+                span.attrs = [*(span.attrs or []), ("mesh.queue_wait_ms", 2.5)]
+            assert capture.spans[-1] == encode_span(span), (endings.index(ending), spans.index(span))
+    assert len(capture.spans) == 40
