@@ -122,15 +122,19 @@ class MeshClient:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            subject, payload, headers = await asyncio.wait_for(
-                self._prepare(model, inputs, version, priority, timeout, request_id, reply_to), timeout
-            )
+            # Usually at once (route cached, no claim check); a task with a timeout only when it must wait.
+            prepared = self._prepare_now(model, inputs, version, priority, timeout, request_id, reply_to)
+            if not isinstance(prepared, tuple):
+                prepared = await asyncio.wait_for(
+                    self._prepare(model, inputs, version, priority, timeout, request_id, reply_to, prepared), timeout
+                )
         except (TimeoutError, MeshError) as exc:
             if self._deaf is not None:  # no answer could reach us: say why
                 raise self._deaf from None
             if isinstance(exc, MeshError):
                 raise
             raise DeadlineExceeded(f"{model}: the registry did not answer within {timeout:.3g}s") from None
+        subject, payload, headers = prepared
         headers[HDR_REPLY_INBOX] = self._inbox
         pending = self._pending.open(request_id, subject, payload, headers, timeout, timeout - (loop.time() - started))
         span = tracing.start_producer(subject, request_id, headers)
@@ -237,17 +241,41 @@ class MeshClient:
     async def jobs(self) -> dict[str, dict[str, Any]]:
         return await (await self._resolver.registry()).jobs()
 
-    async def _prepare(
+    def _prepare_now(
         self, model: str | Sequence[str], inputs: dict[str, Any], version: str | None, priority: str,
         timeout: float, request_id: str, reply_to: str,
+    ) -> tuple[str, bytes, dict[str, str]] | bytes | None:  # fmt: skip
+        """:meth:`_prepare` without waiting, when the route is cached and the payload travels in the
+        message itself. Else what :meth:`_prepare` has to wait for: None, a registry read; the encoded
+        payload, a claim check."""
+        if priority not in PRIORITIES:
+            raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+        route = self._resolver.cached_route(model, version, priority)
+        if route is None:
+            return None
+        payload = encode_request(inputs)
+        if len(payload) > self._claims.threshold and self._conn.settings.claims:
+            return payload
+        return self._parts(route, payload, timeout, request_id, reply_to)
+
+    async def _prepare(
+        self, model: str | Sequence[str], inputs: dict[str, Any], version: str | None, priority: str,
+        timeout: float, request_id: str, reply_to: str, payload: bytes | None = None,
     ) -> tuple[str, bytes, dict[str, str]]:  # fmt: skip
-        """(first subject, payload, headers) of a request, checked before anything is sent."""
+        """(first subject, payload, headers) of a request, checked before anything is sent (``payload``:
+        the inputs already encoded)."""
         if priority not in PRIORITIES:
             raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
         route = await self._resolver.route(model, version, priority)
-        payload = encode_request(inputs)
+        if payload is None:
+            payload = encode_request(inputs)
         if len(payload) > self._claims.threshold:
             payload = await self._claims.wrap(payload)  # claim check: through the object store, if on
+        return self._parts(route, payload, timeout, request_id, reply_to)
+
+    def _parts(
+        self, route: tuple[str, ...], payload: bytes, timeout: float, request_id: str, reply_to: str
+    ) -> tuple[str, bytes, dict[str, str]]:
         # Headers count against max_payload too; beyond it the server drops the whole connection.
         if len(payload) > self._conn.nc.max_payload - _HEADER_ROOM:
             raise BadInput(

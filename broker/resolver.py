@@ -48,6 +48,16 @@ class Resolver:
             for name, weights in plan
         )
 
+    def cached_route(self, model: str | Sequence[str], version: str | None, priority: str) -> tuple[str, ...] | None:
+        """What :meth:`route` returns, without waiting, when the plan is cached and fresh; else None."""
+        cached = self._plans.get(((model,) if isinstance(model, str) else tuple(model), version))
+        if cached is None or time.monotonic() - cached[0] >= _SPEC_TTL_S:
+            return None
+        return tuple(
+            infer_subject(name, next(iter(weights)) if len(weights) == 1 else choose(weights), priority)
+            for name, weights in cached[1]
+        )
+
     async def plan(self, model: str | Sequence[str], version: str | None) -> Plan:
         """Per stage: the model and the weights of its versions (registry and routes read, cached briefly)."""
         names = (model,) if isinstance(model, str) else tuple(model)

@@ -444,6 +444,33 @@ def test_20_mib_travel_by_claim_check_and_nothing_is_left_behind(mesh: Mesh) -> 
     assert left < 64 * 1024  # the client deleted its request's object and the reply's
 
 
+def test_requests_sent_without_waiting_still_take_the_claim_check(mesh: Mesh) -> None:
+    """Once a model's route is cached a request is prepared at once; one above the claim threshold still
+    goes through the object store, and its object is deleted once answered."""
+    xs = [mesh.rng.integers(0, 256, (1, 64 * 1024), dtype=np.uint8) for _ in range(3)]
+
+    async def stored() -> int:  # messages ever written to the claims bucket
+        return int((await mesh.raw.js.stream_info(f"OBJ_{BUCKET_CLAIMS}")).state.last_seq)
+
+    async def run() -> tuple[list[Any], list[bool], list[int], int]:
+        settings = Settings.from_url(mesh.url, claims=True, claim_threshold=4096)
+        async with await MeshClient.connect(settings=settings) as client:
+            replies, cached, writes = [], [], []
+            for x in xs:
+                cached.append(client._resolver.cached_route(mesh.ident, None, "normal") is not None)
+                before = await stored()
+                replies.append(await client.infer(mesh.ident, {"input": x}, timeout=30))
+                writes.append(await stored() - before)
+        return replies, cached, writes, await _claimed_bytes(mesh)
+
+    replies, cached, writes, left = mesh.run(mesh.alongside(run()))
+    assert cached == [False, True, True]
+    assert all(n >= 2 for n in writes), writes  # each request went through the bucket (chunks, metadata)
+    for x, outputs in zip(xs, replies, strict=True):
+        np.testing.assert_array_equal(outputs["output"], x)
+    assert left < 64 * 1024
+
+
 def test_above_max_payload_without_claims_is_refused_client_side(mesh: Mesh) -> None:
     async def refused() -> MeshError:
         async with await MeshClient.connect(settings=Settings.from_url(mesh.url, claims=False)) as client:
