@@ -5,9 +5,11 @@ fails at its deadline with what went wrong."""
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import json
 import logging
+import math
 from collections.abc import Coroutine
 from typing import Any
 
@@ -31,12 +33,13 @@ _RECHECK_S = 1.0
 
 
 class Pending:
-    __slots__ = ("ack", "bundle", "expiry", "future", "headers", "payload", "publishes", "queued", "refused", "retry",
+    __slots__ = ("ack", "bundle", "deadline", "future", "headers", "payload", "publishes", "queued", "refused",
                  "subject", "timeout")  # fmt: skip
 
     def __init__(
-        self, future: asyncio.Future[bytes], subject: str, timeout: float, payload: bytes, headers: dict[str, str]
-    ) -> None:
+        self, future: asyncio.Future[bytes], subject: str, timeout: float, payload: bytes, headers: dict[str, str],
+        deadline: float,
+    ) -> None:  # fmt: skip
         self.future = future
         self.subject = subject
         self.timeout = timeout
@@ -46,13 +49,18 @@ class Pending:
         self.ack = b""  # the stream's acknowledgement: where the request is stored
         self.publishes = 1
         self.refused: MeshError | None = None  # the stream's latest refusal, if it was unavailable
-        self.retry: asyncio.TimerHandle | None = None
-        self.expiry: asyncio.TimerHandle | None = None
+        self.deadline = deadline  # in the loop's time
         self.bundle: str | None = None  # the key of the bundle it was published in, if any
 
 
 class InFlight:
-    """Pending requests by id. Acks come to ``<inbox>.a.<id>``; replies are handed to :meth:`resolve`."""
+    """Pending requests by id. Acks come to ``<inbox>.a.<id>``; replies are handed to :meth:`resolve`.
+
+    No timer per request (two timers cost a request ~4 µs to arm and cancel): deadlines wait in a heap
+    under one timer set for the earliest, and requests not yet acknowledged are looked over by one timer
+    every ``_REPUBLISH_S[0]`` while there are any. An answered request's deadline stays in the heap until
+    it comes up or the heap is rebuilt from the requests still pending.
+    """
 
     def __init__(self, conn: Connection, inbox: str) -> None:
         self._conn, self._inbox = conn, inbox
@@ -61,6 +69,11 @@ class InFlight:
         self._bundles: dict[str, tuple[list[str], list[int]]] = {}
         self._again = itertools.count()
         self._background: set[asyncio.Task[None]] = set()
+        self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = math.inf
+        self._unacked: dict[str, float] = {}  # request id -> when to publish it again
+        self._sweep: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -70,10 +83,16 @@ class InFlight:
     ) -> Pending:
         """Track a request about to be published; it expires ``remaining`` seconds from now."""
         loop = asyncio.get_running_loop()
-        pending = Pending(loop.create_future(), subject, timeout, payload, headers)
+        now = loop.time()
+        deadline = now + max(0.0, remaining)
+        pending = Pending(loop.create_future(), subject, timeout, payload, headers, deadline)
         self._pending[request_id] = pending
-        pending.expiry = loop.call_later(max(0.0, remaining), self._expire, request_id)
-        pending.retry = loop.call_later(_REPUBLISH_S[0], self._republish, request_id)
+        heapq.heappush(self._deadlines, (deadline, request_id))
+        if deadline < self._expiry_at:
+            self._arm_expiry(loop, deadline)
+        self._unacked[request_id] = now + _REPUBLISH_S[0]
+        if self._sweep is None:
+            self._sweep = loop.call_later(_REPUBLISH_S[0], self._republish_due)
         return pending
 
     def close(self, request_id: str) -> None:
@@ -83,9 +102,10 @@ class InFlight:
             still_open[0] -= 1
             if not still_open[0]:
                 del self._bundles[pending.bundle]
-        for timer in (pending.expiry, pending.retry):
-            if timer is not None:
-                timer.cancel()
+        self._unacked.pop(request_id, None)
+        if len(self._deadlines) > 2 * len(self._pending) + 1024:  # mostly answered requests: keep the live ones
+            self._deadlines = [(p.deadline, rid) for rid, p in self._pending.items()]
+            heapq.heapify(self._deadlines)
 
     def resolve(self, request_id: str, data: bytes) -> None:
         pending = self._pending.get(request_id)
@@ -125,6 +145,7 @@ class InFlight:
         if error is None:
             pending.queued = True
             pending.ack = msg.data
+            self._unacked.pop(request_id, None)
         elif isinstance(error, MeshUnavailable):
             pending.refused = error  # e.g. no stream leader during an election: publishing again may work
         else:
@@ -139,8 +160,31 @@ class InFlight:
                 pending.future.set_exception(error)
 
     def cancel_all(self) -> None:
+        """The client is closing: every caller still waiting is cancelled, and no timer is left behind."""
         for pending in self._pending.values():
             pending.future.cancel()
+        for timer in (self._expiry, self._sweep):
+            if timer is not None:
+                timer.cancel()
+        self._expiry, self._expiry_at, self._sweep = None, math.inf, None
+        self._deadlines.clear()
+        self._unacked.clear()
+
+    def _arm_expiry(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry, self._expiry_at = loop.call_at(when, self._expire_due), when
+
+    def _expire_due(self) -> None:
+        """Fail every request whose deadline has come, then wait for the next one still pending."""
+        self._expiry, self._expiry_at = None, math.inf
+        loop = asyncio.get_running_loop()
+        now, deadlines = loop.time(), self._deadlines
+        while deadlines and (deadlines[0][0] <= now or deadlines[0][1] not in self._pending):
+            _, request_id = heapq.heappop(deadlines)
+            self._expire(request_id)
+        if deadlines:
+            self._arm_expiry(loop, deadlines[0][0])
 
     def _expire(self, request_id: str) -> None:
         pending = self._pending.get(request_id)
@@ -153,14 +197,24 @@ class InFlight:
                 DeadlineExceeded(f"{pending.subject}: {what} within {pending.timeout:.3g}s", request_id=request_id)
             )
 
-    def _republish(self, request_id: str) -> None:
+    def _republish_due(self) -> None:
+        """Publish again each request whose time has come that the stream has not acknowledged yet."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for request_id, when in list(self._unacked.items()):
+            if when <= now:
+                self._republish(request_id, now)
+        self._sweep = loop.call_later(_REPUBLISH_S[0], self._republish_due) if self._unacked else None
+
+    def _republish(self, request_id: str, now: float) -> None:
         pending = self._pending.get(request_id)
         if pending is None or pending.future.done() or pending.queued:
+            self._unacked.pop(request_id, None)
             return
         self._spawn(self._publish(request_id, pending))
         delay = _REPUBLISH_S[min(pending.publishes, len(_REPUBLISH_S) - 1)]
         pending.publishes += 1
-        pending.retry = asyncio.get_running_loop().call_later(delay, self._republish, request_id)
+        self._unacked[request_id] = now + delay
 
     async def _publish(self, request_id: str, pending: Pending, headers: dict[str, str] | None = None) -> None:
         try:
