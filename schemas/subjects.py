@@ -100,25 +100,25 @@ _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 
 def check_name(model: str, version: str | None = None) -> None:
     """Raise ValueError unless the model (and version) are valid subject tokens."""
-    if not _MODEL_RE.match(model):
+    if not _MODEL_RE.fullmatch(model):
         raise ValueError(f"invalid model name {model!r}: use letters, digits, '_' and '-'")
-    if version is not None and not _VERSION_RE.match(version):
+    if version is not None and not _VERSION_RE.fullmatch(version):
         raise ValueError(f"invalid version {version!r}: use letters, digits and '-'")
 
 
 # A subject one can publish to: non-empty tokens, no wildcards, no whitespace or control characters.
-_PUBLISH_RE = re.compile(r"^[^\s*>.\x00-\x1f\x7f]+(\.[^\s*>.\x00-\x1f\x7f]+)*$")
+_PUBLISH_RE = re.compile(r"[^\s*>.\x00-\x1f\x7f]+(\.[^\s*>.\x00-\x1f\x7f]+)*")
 
 
 def is_claims_bucket(name: str) -> bool:
     """``mesh-claims`` or a bucket of one's own, ``mesh-claims-<owner>`` (e.g. per tenant)."""
     owner = name.removeprefix(BUCKET_CLAIMS + "-")
-    return name == BUCKET_CLAIMS or (owner != name and _OWNER_RE.match(owner) is not None)
+    return name == BUCKET_CLAIMS or (owner != name and _OWNER_RE.fullmatch(owner) is not None)
 
 
 def is_reply_subject(subject: str) -> bool:
     """Whether a subject taken from a request's headers can be published to (NATS refuses others)."""
-    return len(subject) <= 1024 and _PUBLISH_RE.match(subject) is not None
+    return len(subject) <= 1024 and _PUBLISH_RE.fullmatch(subject) is not None  # match's $ allows a final \n
 
 
 def bundle_subject(inbox: str) -> str:

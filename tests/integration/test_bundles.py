@@ -12,9 +12,18 @@ import pytest
 
 from broker import Connection, MeshClient, NatsServer, Registry, Settings, ensure_consumer, provision
 from examples.build_models import build_identity_onnx
-from schemas.envelope import encode_request_bundle
+from schemas.envelope import decode_reply, encode_request, encode_request_bundle
 from schemas.errors import BadInput
-from schemas.subjects import HDR_BUNDLE, STREAM_INFER, consumer_name, infer_subject
+from schemas.subjects import (
+    HDR_BUNDLE,
+    HDR_DEADLINE,
+    HDR_MSG_ID,
+    HDR_REPLY,
+    HDR_REPLY_INBOX,
+    STREAM_INFER,
+    consumer_name,
+    infer_subject,
+)
 from tests.conftest import serving, set_config, unique
 from workers.repository import read_model
 
@@ -129,3 +138,35 @@ async def test_large_requests_are_bundled_within_the_servers_max_payload(
     for x, reply in zip(xs, replies, strict=True):
         np.testing.assert_array_equal(reply["output"], x)
     assert 3 <= stored < len(xs)  # bundles of at most half the max payload (7 of these), not one of 20
+
+
+@pytest.mark.parametrize("header", [HDR_REPLY, HDR_REPLY_INBOX])
+async def test_a_subject_nats_refuses_inside_a_bundle_costs_only_its_own_reply(
+    nats_server: NatsServer, tmp_path: Path, client: MeshClient, header: str
+) -> None:
+    """Header values inside a bundle are not NATS headers: they may hold what a NATS header cannot, such
+    as a line break. A reply subject ending in one is no subject: its request's bundle-mate is answered
+    all the same, and the worker serves on."""
+    name = unique("ident")
+    build_identity_onnx(tmp_path, name, "float32", shape=(4,))
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    async with serving(nats_server.url, tmp_path, [name]) as worker:
+        nc = await nats.connect(nats_server.url)
+        inbox = nc.new_inbox()
+        replies = await nc.subscribe(f"{inbox}.>")
+        good = {HDR_MSG_ID: unique("good"), HDR_REPLY: f"{inbox}.good", HDR_DEADLINE: "9999999999999"}
+        bad = {**good, HDR_MSG_ID: unique("bad"), HDR_REPLY: f"{inbox}.bad"}
+        bad[header] = f"{inbox}.bad\n"
+        bundle = encode_request_bundle([(bad, encode_request({"input": x})), (good, encode_request({"input": x}))])
+        await worker.conn.js.publish(infer_subject(name, "1", "normal"), bundle, headers={HDR_BUNDLE: "2"})
+        # A reply inbox nobody can publish to leaves its request answered alone, on its own Mesh-Reply.
+        expected = {f"{inbox}.good"} if header == HDR_REPLY else {f"{inbox}.good", f"{inbox}.bad"}
+        got = set()
+        for _ in expected:
+            msg = await replies.next_msg(timeout=10)
+            np.testing.assert_array_equal(decode_reply(msg.data).outputs["output"], x)
+            got.add(msg.subject)
+        assert got == expected
+        np.testing.assert_array_equal((await client.infer(name, {"input": x}))["output"], x)
+        assert worker.conn.nc.is_connected
+        await nc.close()

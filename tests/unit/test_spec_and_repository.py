@@ -9,7 +9,14 @@ from pydantic import ValidationError
 
 from examples.build_models import build_identity_onnx
 from schemas.spec import ModelSpec, VersionSpec
-from schemas.subjects import check_name, consumer_name, infer_subject, is_claims_bucket, parse_infer_subject
+from schemas.subjects import (
+    check_name,
+    consumer_name,
+    infer_subject,
+    is_claims_bucket,
+    is_reply_subject,
+    parse_infer_subject,
+)
 from workers.repository import read_repository
 from workers.runtimes import runtime_threads
 
@@ -41,10 +48,12 @@ def test_instances_share_the_cores(
         ModelSpec(name="m", versions=versions, instances=0)
 
 
-@pytest.mark.parametrize("bad", ["", "a.b", "a b", "a*", ">", "-lead"])
+@pytest.mark.parametrize("bad", ["", "a.b", "a b", "a*", ">", "-lead", "iris\n"])
 def test_invalid_model_names_are_refused(bad: str) -> None:
     with pytest.raises(ValueError):
         check_name(bad)
+    with pytest.raises(ValueError):
+        check_name("iris", bad or "\n")  # the same rules for versions (a final line break too)
 
 
 def test_subjects_and_consumer_names_round_trip() -> None:
@@ -72,5 +81,12 @@ def test_repository_reads_good_models_and_reports_broken_ones(tmp_path: Path) ->
 
 def test_claims_buckets_are_the_shared_one_or_one_of_their_own() -> None:
     assert is_claims_bucket("mesh-claims") and is_claims_bucket("mesh-claims-tenant_a")
-    for name in ("mesh-models", "mesh-claimsx", "mesh-claims-", "mesh-claims-a.b", "mesh-claims->", "OBJ_mesh-claims"):
+    for name in ("mesh-models", "mesh-claimsx", "mesh-claims-", "mesh-claims-a.b", "mesh-claims->", "OBJ_mesh-claims",
+                 "mesh-claims-a\n"):  # fmt: skip
         assert not is_claims_bucket(name), name
+
+
+def test_reply_subjects_are_whole_publishable_subjects() -> None:
+    assert is_reply_subject("_INBOX.abc.r.1") and is_reply_subject("a")
+    for bad in ("", "a.b\n", "a..b", ".a", "a.", "a b", "a.*", "a.>", "a\tb", "x" * 1025):
+        assert not is_reply_subject(bad), bad
