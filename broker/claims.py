@@ -37,13 +37,17 @@ class Claims:
         self._conn = conn
         self._stores: dict[str, ObjectStore] = {}
         self._nuid = NUID()
+        self._threshold = (-1, 0)  # (the server's max_payload, the threshold it gives)
 
     @property
     def threshold(self) -> int:
         """Payloads above this many bytes travel by claim check (a setting above what a message
         can carry with its headers is lowered to that)."""
         max_payload = self._conn.nc.max_payload
-        return min(self._conn.settings.claim_threshold or max_payload // 2, max_payload - 8 * _BUNDLE_ROOM)
+        if max_payload != self._threshold[0]:  # read on every request; the server's limit rarely changes
+            limit = min(self._conn.settings.claim_threshold or max_payload // 2, max_payload - 8 * _BUNDLE_ROOM)
+            self._threshold = (max_payload, limit)
+        return self._threshold[1]
 
     async def _bucket(self, name: str) -> ObjectStore:
         store = self._stores.get(name)

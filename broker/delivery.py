@@ -74,8 +74,8 @@ class Delivery:
         self._data = data
         # Subjects a client chose: one nobody can publish to is as good as none (else the publish
         # raises in the middle of a batch).
-        self.reply_to: str | None = _subject(headers.get(HDR_REPLY))
-        self.reply_inbox: str | None = _subject(headers.get(HDR_REPLY_INBOX))
+        self.reply_inbox: str | None = _inbox(headers.get(HDR_REPLY_INBOX))
+        self.reply_to: str | None = _reply_subject(headers.get(HDR_REPLY), self.reply_inbox)
         # A pipeline stage's message id is "<request id>~<stage subject>": the request's own id comes first.
         msg_id = headers.get(HDR_MSG_ID)
         self.request_id: str | None = msg_id.partition("~")[0] if msg_id else None
@@ -215,8 +215,28 @@ def _requeued(headers: dict[str, str], prior: str) -> dict[str, str]:
     return kept
 
 
-def _subject(raw: str | None) -> str | None:
-    return raw if raw and is_reply_subject(raw) else None
+_INBOXES: dict[str, bool] = {}  # reply inboxes seen, and whether a reply can be published under them
+
+
+def _inbox(raw: str | None) -> str | None:
+    """A client's reply inbox, checked once per inbox (its requests all carry the same)."""
+    if not raw:
+        return None
+    ok = _INBOXES.get(raw)
+    if ok is None:
+        if len(_INBOXES) >= 4096:
+            _INBOXES.clear()
+        ok = _INBOXES[raw] = is_reply_subject(raw)
+    return raw if ok else None
+
+
+def _reply_subject(raw: str | None, inbox: str | None) -> str | None:
+    """The subject a request's reply goes to; under the client's (checked) inbox, only the rest is checked."""
+    if not raw:
+        return None
+    if inbox is not None and len(raw) > len(inbox) + 1 and raw[len(inbox)] == "." and raw.startswith(inbox):
+        return raw if len(raw) <= 1024 and is_reply_subject(raw[len(inbox) + 1 :]) else None
+    return raw if is_reply_subject(raw) else None
 
 
 def _deadline(raw: str | None) -> int | None:

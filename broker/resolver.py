@@ -38,6 +38,8 @@ class Resolver:
         self._registry: Registry | None = None
         self._specs: dict[str, tuple[float, ModelSpec]] = {}
         self._plans: dict[tuple[tuple[str, ...], str | None], tuple[float, Plan]] = {}
+        # Routes of plans without a weighted choice, per priority, with the time of the plan they come from.
+        self._fixed_routes: dict[tuple[tuple[tuple[str, ...], str | None], str], tuple[float, tuple[str, ...]]] = {}
 
     async def route(self, model: str | Sequence[str], version: str | None, priority: str) -> tuple[str, ...]:
         """The subjects a request passes through: one model, a named pipeline, or listed stages.
@@ -50,13 +52,20 @@ class Resolver:
 
     def cached_route(self, model: str | Sequence[str], version: str | None, priority: str) -> tuple[str, ...] | None:
         """What :meth:`route` returns, without waiting, when the plan is cached and fresh; else None."""
-        cached = self._plans.get(((model,) if isinstance(model, str) else tuple(model), version))
+        key = ((model,) if isinstance(model, str) else tuple(model), version)
+        cached = self._plans.get(key)
         if cached is None or time.monotonic() - cached[0] >= _SPEC_TTL_S:
             return None
-        return tuple(
+        fixed = self._fixed_routes.get((key, priority))
+        if fixed is not None and fixed[0] == cached[0]:  # made from this very plan
+            return fixed[1]
+        route = tuple(
             infer_subject(name, next(iter(weights)) if len(weights) == 1 else choose(weights), priority)
             for name, weights in cached[1]
         )
+        if all(len(weights) == 1 for _, weights in cached[1]):  # no draw: the same route every time
+            self._fixed_routes[(key, priority)] = (cached[0], route)
+        return route
 
     async def plan(self, model: str | Sequence[str], version: str | None) -> Plan:
         """Per stage: the model and the weights of its versions (registry and routes read, cached briefly)."""

@@ -22,6 +22,8 @@ NUMERIC_DTYPES: frozenset[str] = frozenset(
     }
 )  # fmt: skip
 _ITEM_DTYPES = frozenset({"bytes", "str"})
+# Numeric data travels little-endian; the dtypes to view it with, made once.
+_WIRE_DTYPES: dict[str, np.dtype[Any]] = {name: np.dtype(name).newbyteorder("<") for name in NUMERIC_DTYPES}
 # Ranks numpy 1 and 2 both support; no model takes more.
 MAX_RANK = 32
 
@@ -85,12 +87,12 @@ def decode_tensor(obj: Any, name: str = "tensor") -> np.ndarray[Any, Any]:
         out = np.empty(count, dtype=object)
         out[:] = items
         return _reshape(out, shape, name)
-    if dt not in NUMERIC_DTYPES:
+    dtype = _WIRE_DTYPES.get(dt)
+    if dtype is None:
         raise BadInput(f"{name}: unknown dtype {dt!r}", input=name, dtype=dt)
     data = obj.get("b")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BadInput(f"{name}: tensor data must be raw bytes", input=name)
-    dtype = np.dtype(dt).newbyteorder("<")
     if len(data) != count * dtype.itemsize:
         raise BadInput(f"{name}: {len(data)} bytes do not fit dtype {dt} and shape {list(shape)}", input=name)
     return _reshape(np.frombuffer(data, dtype=dtype), shape, name)
