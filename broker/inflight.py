@@ -131,11 +131,21 @@ class InFlight:
 
     def on_ack(self, request_id: str, msg: Msg) -> None:
         bundle = self._bundles.get(request_id)
-        if bundle is not None:  # a bundle's acknowledgement holds for each of its requests
+        if bundle is None:
+            self._ack(request_id, msg)
+        elif pub_ack_error(msg) is None:  # a bundle's acknowledgement holds for each of its requests
+            for member in bundle[0]:
+                self._stored(member, msg.data)
+        else:  # each is failed with an error of its own
             for member in bundle[0]:
                 self._ack(member, msg)
-            return
-        self._ack(request_id, msg)
+
+    def _stored(self, request_id: str, ack: bytes) -> None:
+        pending = self._pending.get(request_id)
+        if pending is not None and not pending.future.done():
+            pending.queued = True
+            pending.ack = ack
+            self._unacked.pop(request_id, None)
 
     def _ack(self, request_id: str, msg: Msg) -> None:
         pending = self._pending.get(request_id)
@@ -143,9 +153,7 @@ class InFlight:
             return
         error = pub_ack_error(msg, pending.subject)
         if error is None:
-            pending.queued = True
-            pending.ack = msg.data
-            self._unacked.pop(request_id, None)
+            self._stored(request_id, msg.data)
         elif isinstance(error, MeshUnavailable):
             pending.refused = error  # e.g. no stream leader during an election: publishing again may work
         else:
