@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Container, Iterable
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
@@ -28,7 +29,7 @@ from schemas.subjects import (
     requeue_subject,
 )
 
-__all__ = ["BundleAck", "Delivery"]
+__all__ = ["BundleAck", "Delivery", "settle_all"]
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,8 @@ class BundleAck:
         self._nak = False
         self._progress_at = -1.0
 
-    async def settle(self, verb: bytes) -> None:
+    async def settle(self, verb: bytes, count: int = 1) -> None:
+        """``count`` of the bundle's requests are settled with ``verb`` (one in-progress ack at most)."""
         if not self._ack_to or self._nc.is_closed:
             return
         if verb == _WPI:  # one "still working" per batch, not one per request
@@ -202,9 +204,27 @@ class BundleAck:
                 await self._nc.publish(self._ack_to, _WPI)
             return
         self._nak = self._nak or verb != _ACK
-        self._open -= 1
+        self._open -= count
         if self._open == 0:
             await self._nc.publish(self._ack_to, _NAK if self._nak else _ACK)
+
+
+async def settle_all(deliveries: Iterable[Delivery], nak: Container[Delivery] = ()) -> None:
+    """Ack each of ``deliveries`` (nak those in ``nak``), as :meth:`Delivery.ack` would one by one, with
+    one call per bundle rather than per request: a batch's requests mostly come a bundle at a time."""
+    bundles: dict[BundleAck, list[int]] = {}
+    for delivery in deliveries:
+        bundle, failed = delivery._bundle, delivery in nak
+        if bundle is None:
+            await delivery._settle(_NAK if failed else _ACK)
+            continue
+        delivery._bundle = None  # settled: a second ack or nak must not count again
+        counts = bundles.get(bundle)
+        if counts is None:
+            counts = bundles[bundle] = [0, 0]
+        counts[failed] += 1
+    for bundle, (acks, naks) in bundles.items():
+        await bundle.settle(_NAK if naks else _ACK, acks + naks)
 
 
 def _requeued(headers: dict[str, str], prior: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from broker import tracing
 from broker.claims import Claims
 from broker.connection import Connection
-from broker.delivery import Delivery
+from broker.delivery import Delivery, settle_all
 from broker.replies import ReplySender
 from schemas.envelope import Timing, encode_error, encode_outputs, encode_request
 from schemas.errors import MeshError, ModelFailure
@@ -121,11 +121,8 @@ class Settler:
             await delivery.reply(encode_error(err, Timing(worker=self._worker_id)))
         sent_ns = time.time_ns()
         stats.recent_ms.extend((sent_ns - r.delivery.stored_ns) / 1e6 for r in batch if r.delivery.stored_ns)
-        for request in batch:
-            if request.delivery in sender.unsaved:
-                await request.delivery.nak()  # its job result was not stored: compute it again
-            else:
-                await request.delivery.ack()
+        # A job item whose result was not stored is nak'ed: computed again.
+        await settle_all((request.delivery for request in batch), nak=sender.unsaved)
         await self._release(batch)
         done.settled = True
         tracing.end(done.span)
