@@ -28,7 +28,7 @@ from broker.delivery import Delivery
 from broker.feed import PullFeed
 from broker.provision import ensure_consumer, max_deliveries
 from broker.replies import ReplySender
-from schemas.envelope import Timing, decode_request, encode_error
+from schemas.envelope import Timing, claim_of, decode_request, encode_error
 from schemas.errors import DeadlineExceeded, MeshError, ModelFailure
 from schemas.spec import ModelSpec
 from schemas.subjects import PRIORITIES, STREAM_INFER
@@ -208,7 +208,10 @@ class ModelServer:
             await self._fail(delivery, self._gave_up())
             return
         try:
-            inputs = decode_request(await self._claims.resolve(delivery.data))  # a claim check is fetched first
+            data = delivery.data
+            if claim_of(data) is not None:  # a claim check: the payload is fetched first
+                data = await self._claims.resolve(data)
+            inputs = decode_request(data)
             rows = self.signature.validate(inputs)
         except MeshError as err:
             await self._fail(delivery, err)
