@@ -26,6 +26,15 @@ _SPEC_TTL_S = 2.0
 _STALE_AFTER_S = 1.0
 
 Plan = tuple[tuple[str, dict[str, float]], ...]  # per stage: model, weight of each version
+_PlanKey = tuple[tuple[str, ...], str | None]  # stages as named, version asked for
+
+
+def _subjects(plan: Plan, priority: str) -> tuple[str, ...]:
+    """The subject of each stage; a stage with several versions draws one by weight."""
+    return tuple(
+        infer_subject(name, next(iter(weights)) if len(weights) == 1 else choose(weights), priority)
+        for name, weights in plan
+    )
 
 
 class Resolver:
@@ -37,18 +46,14 @@ class Resolver:
         self._shadows = shadows
         self._registry: Registry | None = None
         self._specs: dict[str, tuple[float, ModelSpec]] = {}
-        self._plans: dict[tuple[tuple[str, ...], str | None], tuple[float, Plan]] = {}
+        self._plans: dict[_PlanKey, tuple[float, Plan]] = {}
         # Routes of plans without a weighted choice, per priority, with the time of the plan they come from.
-        self._fixed_routes: dict[tuple[tuple[tuple[str, ...], str | None], str], tuple[float, tuple[str, ...]]] = {}
+        self._fixed_routes: dict[tuple[_PlanKey, str], tuple[float, tuple[str, ...]]] = {}
 
     async def route(self, model: str | Sequence[str], version: str | None, priority: str) -> tuple[str, ...]:
         """The subjects a request passes through: one model, a named pipeline, or listed stages.
         A stage named without a version follows its weighted route, drawn per request."""
-        plan = await self.plan(model, version)
-        return tuple(
-            infer_subject(name, next(iter(weights)) if len(weights) == 1 else choose(weights), priority)
-            for name, weights in plan
-        )
+        return _subjects(await self.plan(model, version), priority)
 
     def cached_route(self, model: str | Sequence[str], version: str | None, priority: str) -> tuple[str, ...] | None:
         """What :meth:`route` returns, without waiting, when the plan is cached and fresh; else None."""
@@ -59,10 +64,7 @@ class Resolver:
         fixed = self._fixed_routes.get((key, priority))
         if fixed is not None and fixed[0] == cached[0]:  # made from this very plan
             return fixed[1]
-        route = tuple(
-            infer_subject(name, next(iter(weights)) if len(weights) == 1 else choose(weights), priority)
-            for name, weights in cached[1]
-        )
+        route = _subjects(cached[1], priority)
         if all(len(weights) == 1 for _, weights in cached[1]):  # no draw: the same route every time
             self._fixed_routes[(key, priority)] = (cached[0], route)
         return route
