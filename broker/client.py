@@ -276,6 +276,7 @@ class MeshClient:
     def _parts(
         self, route: tuple[str, ...], payload: bytes, timeout: float, request_id: str, reply_to: str
     ) -> tuple[str, bytes, dict[str, str]]:
+        """(first subject, payload, headers) of a request whose route and payload are known."""
         # Headers count against max_payload too; beyond it the server drops the whole connection.
         if len(payload) > self._conn.nc.max_payload - _HEADER_ROOM:
             raise BadInput(
