@@ -8,9 +8,11 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
+
 __all__ = [
-    "MESSAGE_ID", "QUEUE_WAIT", "RequestSpanFormat", "delimited", "encode_attributes", "encode_request", "encode_span",
-    "span_shape", "utf8", "varint",
+    "MESSAGE_ID", "QUEUE_WAIT", "delimited", "encode_attributes", "encode_request", "encode_request_spans",
+    "encode_span", "is_request_span", "span_shape", "utf8", "varint",
 ]  # fmt: skip
 
 _VARINTS = [bytes([n]) for n in range(128)]
@@ -123,38 +125,85 @@ def encode_request(resource: bytes, scope: bytes, spans: Sequence[bytes]) -> byt
     return delimited(b"\x0a", delimited(b"\x0a", resource) + scope_spans)
 
 
-def _literal(data: bytes) -> bytes:
-    return data.replace(b"%", b"%%")
+def is_request_span(span: SpanData) -> bool:
+    """A request's span as it usually ends (the client's send, the worker's process): no trace state, links or
+    error, and as attributes only its message id, then perhaps its queue wait. :func:`encode_request_spans`
+    writes such spans many at a time."""
+    attrs = span.attrs
+    if span.trace_state is not None or span.links or span.error is not None or not attrs or len(attrs) > 2:
+        return False
+    if attrs[0][0] != MESSAGE_ID or type(attrs[0][1]) is not str:
+        return False
+    return len(attrs) == 1 or (attrs[1][0] == QUEUE_WAIT and type(attrs[1][1]) is float)
 
 
-class RequestSpanFormat:
-    """A request's span (the client's send, the worker's process) as one bytes %-format: between the spans
-    of one shape only the ids, times, message id and queue wait differ. :meth:`encode` writes what
-    :func:`encode_span` writes, in less than half the time, for a span without trace state, links or
-    error whose only attributes are its message id (under 100 bytes) and, with ``queue_wait``, its queue
-    wait; for any other it returns None."""
+def encode_request_spans(spans: Iterable[SpanData]) -> list[bytes]:
+    """What :func:`encode_span` writes for each of ``spans`` (request spans: :func:`is_request_span`), in a few
+    bytes objects. Spans that differ only in ids, times, message id and queue wait have the same layout when
+    their message ids are as long: each such group is written at once, column by column, from one template."""
+    groups: dict[tuple[bytes, bool, bool, int, int], list[SpanData]] = {}
+    for span in spans:
+        attrs = span.attrs
+        assert attrs is not None
+        key = (span.shape, span.remote_parent, span.parent_id is not None, len(attrs), len(attrs[0][1]))
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [span]
+        else:
+            group.append(span)
+    out = []
+    for key, group in groups.items():
+        layout = _LAYOUTS.get(key)
+        if layout is None:
+            if len(_LAYOUTS) >= 1024:
+                _LAYOUTS.clear()
+            layout = _LAYOUTS[key] = _RequestLayout(*key)
+        out.extend(layout.write(group))
+    return out
 
-    def __init__(self, shape: bytes, remote: bool, queue_wait: bool) -> None:
-        key = delimited(b"\x0a", utf8(MESSAGE_ID))
-        tail = _OK_TAIL[remote]
-        # Span{trace_id, span_id, [parent_span_id], shape, times, KeyValue{message id, string}, [queue wait], tail}
-        parts = [b"\x12%b\x0a\x10%b\x12\x08%b%b", _literal(shape), b"%b\x4a%c", _literal(key), b"\x12%c\x0a%c%b"]
-        fixed = 18 + 10 + len(shape) + _TIMES.size + 2 + len(key) + 4 + len(tail)  # all but parent and message id
-        if queue_wait:
-            wait_key = delimited(b"\x0a", utf8(QUEUE_WAIT))
-            parts += [bytes((0x4A, len(wait_key) + 11)), _literal(wait_key), b"\x12\x09\x21%b"]
-            fixed += 2 + len(wait_key) + 11
-        parts.append(_literal(tail))
-        self._format, self._fixed, self._key_len = b"".join(parts), fixed, len(key)
-        self._queue_wait = queue_wait
 
-    def encode(self, span: SpanData, message_id: str, queue_ms: float | None = None) -> bytes | None:
-        value = message_id.encode("utf-8", "replace")
-        n = len(value)
-        if n > 100 or (queue_ms is not None) != self._queue_wait:
-            return None  # lengths past one byte, or another shape of attributes: encode_span's work
-        parent = b"" if span.parent_id is None else b"\x22\x08" + span.parent_id
-        size = varint(self._fixed + len(parent) + n)
-        times = _TIMES.pack(0x39, span.start, 0x41, span.end)
-        args = (size, span.trace_id, span.span_id, parent, times, self._key_len + n + 4, n + 2, n, value)
-        return self._format % (args if queue_ms is None else (*args, _DOUBLE.pack(queue_ms)))
+class _RequestLayout:
+    """Where ids, times, message id and queue wait fall in the bytes of request spans of one shape, parent kind
+    and message id length (see encode_request_spans)."""
+
+    def __init__(self, shape: bytes, remote: bool, parent: bool, n_attrs: int, id_length: int) -> None:
+        head = b"\x0a\x10" + bytes(16) + b"\x12\x08" + bytes(8) + (b"\x22\x08" + bytes(8) if parent else b"")
+        message_id = encode_attributes([(MESSAGE_ID, "\0" * id_length)])
+        wait = encode_attributes([(QUEUE_WAIT, 0.0)]) if n_attrs == 2 else b""
+        body = head + shape + _TIMES.pack(0x39, 0, 0x41, 0) + message_id + wait + _OK_TAIL[remote]
+        prefix = b"\x12" + varint(len(body))
+        self.template = np.frombuffer(prefix + body, np.uint8)
+        at = len(prefix)
+        self.trace, self.span, self.parent = at + 2, at + 20, at + 30 if parent else None
+        times = at + len(head) + len(shape)
+        self.start, self.end = times + 1, times + 10
+        self.message_id = times + _TIMES.size + len(message_id) - id_length
+        self.wait = times + _TIMES.size + len(message_id) + len(wait) - 8 if wait else None
+        self.id_length = id_length
+
+    def write(self, group: list[SpanData]) -> list[bytes]:
+        n, width = len(group), self.id_length
+        ids = "".join([span.attrs[0][1] for span in group]).encode("utf-8", "replace")  # type: ignore[index]
+        if len(ids) != n * width:  # not all ASCII: byte lengths differ from character lengths
+            return [encode_span(span) for span in group]
+        rows = np.empty((n, len(self.template)), np.uint8)
+        rows[:] = self.template
+
+        def put(at: int, data: bytes | np.ndarray[Any, Any], size: int) -> None:
+            column = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data.view(np.uint8)
+            rows[:, at : at + size] = column.reshape(n, size)
+
+        put(self.trace, b"".join([span.trace_id for span in group]), 16)
+        put(self.span, b"".join([span.span_id for span in group]), 8)
+        if self.parent is not None:
+            put(self.parent, b"".join([span.parent_id for span in group]), 8)  # type: ignore[misc]
+        put(self.start, np.array([span.start for span in group], "<u8"), 8)
+        put(self.end, np.array([span.end for span in group], "<u8"), 8)
+        if width:
+            put(self.message_id, ids, width)
+        if self.wait is not None:
+            put(self.wait, np.array([span.attrs[1][1] for span in group], "<f8"), 8)  # type: ignore[index]
+        return [rows.tobytes()]
+
+
+_LAYOUTS: dict[tuple[bytes, bool, bool, int, int], _RequestLayout] = {}

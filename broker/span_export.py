@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from broker.otlp import delimited, encode_attributes, encode_request, utf8
+from broker.otlp import SpanData, delimited, encode_attributes, encode_request, encode_request_spans, utf8
 
 __all__ = ["ExportSettings", "OtlpExporter"]
 
@@ -89,15 +89,15 @@ def _header_ok(text: str) -> bool:
 
 
 class OtlpExporter:
-    """Encoded spans queue here (bounded: beyond ``max_queue`` they are dropped and counted); a thread
-    posts them every ``delay_s``, or as soon as a batch is full. Spans are encoded as they end, by the
-    caller: bytes, unlike span objects, cost the garbage collector nothing while they wait."""
+    """Ended spans queue here (bounded: beyond ``max_queue`` they are dropped and counted); a thread posts
+    them every ``delay_s``, or as soon as a batch is full. A span comes encoded, or as a request's span
+    (:func:`~broker.otlp.is_request_span`) that the thread writes with its like, many at a time."""
 
     def __init__(self, settings: ExportSettings, resource: Mapping[str, Any], scope: tuple[str, str]) -> None:
         self.settings = settings
         self._resource = encode_attributes(resource.items(), tag=b"\x0a")
         self._scope = delimited(b"\x0a", utf8(scope[0])) + delimited(b"\x12", utf8(scope[1]))
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[bytes | SpanData] = deque()
         self._wake = threading.Event()
         self._lock = threading.Lock()  # one export at a time: the thread's, or a flush's
         self._stopping = False
@@ -107,8 +107,8 @@ class OtlpExporter:
         self._thread = threading.Thread(target=self._run, name="servemesh-otlp", daemon=True)
         self._thread.start()
 
-    def submit(self, span: bytes) -> None:
-        """Queue one span, as :func:`~broker.otlp.encode_span` wrote it."""
+    def submit(self, span: bytes | SpanData) -> None:
+        """Queue one span: as :func:`~broker.otlp.encode_span` wrote it, or a request's span as it ended."""
         queue = self._queue
         if len(queue) >= self.settings.max_queue:
             self.dropped += 1
@@ -117,7 +117,7 @@ class OtlpExporter:
         if len(queue) == self.settings.batch_size:
             self._wake.set()
 
-    def submit_many(self, spans: list[bytes]) -> None:
+    def submit_many(self, spans: list[bytes | SpanData]) -> None:
         queue, settings = self._queue, self.settings
         room = settings.max_queue - len(queue)
         if room < len(spans):
@@ -156,20 +156,25 @@ class OtlpExporter:
 
     def _run(self) -> None:
         while not self._stopping:
-            self._wake.wait(self.settings.delay_s)
+            full = self._wake.wait(self.settings.delay_s)
             self._wake.clear()
             with self._lock:
-                self._drain()
+                # Woken by a full batch: full batches only. What arrived while they were posted waits to
+                # fill the next one (a post costs about the same for 20 spans as for 500), or for the delay.
+                self._drain(whole_batches=full and not self._stopping)
 
-    def _drain(self) -> None:
+    def _drain(self, whole_batches: bool = False) -> None:
         queue, size = self._queue, self.settings.batch_size
-        while queue:
+        while len(queue) >= (size if whole_batches else 1):
             if time.monotonic() > self._give_up_at:
                 self.failed += len(queue)
                 queue.clear()
                 return
             spans = [queue.popleft() for _ in range(min(size, len(queue)))]
-            if self._post(encode_request(self._resource, self._scope, spans)):
+            encoded = [span for span in spans if isinstance(span, bytes)]
+            if len(encoded) < len(spans):
+                encoded += encode_request_spans([span for span in spans if not isinstance(span, bytes)])
+            if self._post(encode_request(self._resource, self._scope, encoded)):
                 self.exported += len(spans)
             else:
                 self.failed += len(spans)

@@ -13,7 +13,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import TraceState
 
-from broker.otlp import MESSAGE_ID, QUEUE_WAIT, RequestSpanFormat, encode_span, span_shape
+from broker.otlp import MESSAGE_ID, QUEUE_WAIT, SpanData, encode_span, is_request_span, span_shape
 from broker.span_export import OtlpExporter
 
 __all__ = ["LightSpan", "Recorder", "Sampler"]
@@ -86,7 +86,6 @@ class Recorder:
         self._shapes: dict[tuple[str, ...], bytes] = {}
         self._send_shapes: dict[str, bytes] = {}
         self._process_shapes: dict[tuple[str, str], bytes] = {}
-        self._formats: dict[tuple[bytes, bool, bool], RequestSpanFormat] = {}
 
     def _shape(self, key: tuple[str, ...], build: Callable[[], bytes]) -> bytes:
         shape = self._shapes.get(key)
@@ -182,49 +181,31 @@ class Recorder:
         if span.end:
             return  # ended already
         span.end = time.time_ns()
-        encoded = self._as_request(span, None) if error is None and not attributes else None
-        if encoded is None:
-            if attributes or error is not None:
-                attrs = span.attrs if span.attrs is not None else []
-                attrs.extend(attributes.items())
-                span.attrs = attrs
-                if error is not None:
-                    _failed(span, attrs, error)
-            encoded = encode_span(span)
-        self.exporter.submit(encoded)
+        if attributes or error is not None:
+            attrs = span.attrs if span.attrs is not None else []
+            attrs.extend(attributes.items())
+            span.attrs = attrs
+            if error is not None:
+                _failed(span, attrs, error)
+        # A request's span waits for the exporter as it is, to be written with its like in bulk.
+        self.exporter.submit(span if is_request_span(span) else encode_span(span))
 
     def end_requests(self, requests: Iterable[tuple[LightSpan, BaseException | None, float]]) -> None:
         """End the spans of a batch's requests at once, each with its queue wait: one call for the batch."""
-        now, out = time.time_ns(), []
+        now, out = time.time_ns(), list[bytes | SpanData]()
         for span, error, queue_ms in requests:
             if span.end:
                 continue
             span.end = now
-            encoded = self._as_request(span, queue_ms) if error is None else None
-            if encoded is None:
-                attrs = span.attrs if span.attrs is not None else []
-                attrs.append((QUEUE_WAIT, queue_ms))
-                span.attrs = attrs
-                if error is not None:
-                    _failed(span, attrs, error)
-                encoded = encode_span(span)
-            out.append(encoded)
+            attrs = span.attrs if span.attrs is not None else []
+            attrs.append((QUEUE_WAIT, queue_ms))
+            span.attrs = attrs
+            if error is not None:
+                _failed(span, attrs, error)
+                out.append(encode_span(span))
+            else:
+                out.append(span if is_request_span(span) else encode_span(span))
         self.exporter.submit_many(out)
-
-    def _as_request(self, span: LightSpan, queue_ms: float | None) -> bytes | None:
-        """A request's span that carries only its message id (and queue wait), through its shape's format;
-        None for any other span."""
-        attrs = span.attrs
-        if span.trace_state is not None or attrs is None or len(attrs) != 1 or span.links:
-            return None
-        key = (span.shape, span.remote_parent, queue_ms is not None)
-        form = self._formats.get(key)
-        if form is None:
-            if len(self._formats) >= 1024:
-                self._formats.clear()
-            form = self._formats[key] = RequestSpanFormat(*key)
-        name, message_id = attrs[0]
-        return form.encode(span, message_id, queue_ms) if name == MESSAGE_ID and type(message_id) is str else None
 
 
 def _failed(span: LightSpan, attrs: _Attrs, error: BaseException) -> None:

@@ -30,7 +30,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from broker import tracing
-from broker.otlp import RequestSpanFormat, encode_request, encode_span, span_shape
+from broker.otlp import encode_request, encode_request_spans, encode_span, is_request_span, span_shape
 from broker.span_export import ExportSettings, OtlpExporter
 from broker.spans import CONSUMER, INTERNAL, PRODUCER, LightSpan, Sampler, _read_traceparent
 from schemas.errors import BadInput
@@ -390,55 +390,87 @@ def test_an_error_text_that_is_not_utf8_still_ends_its_span() -> None:
     assert exported.status.description == "cannot open /models/?.onnx"  # what cannot be UTF-8 is replaced
 
 
-def test_request_spans_through_their_format_are_the_bytes_encode_span_writes() -> None:
-    """The send and process spans of requests take a one-format shortcut: over random ids, times, shapes
-    (with % bytes in them), message ids (empty, non-ASCII, a lone surrogate, past the shortcut's 100 bytes)
-    and queue waits, it writes exactly what encode_span writes, or declines."""
+def _random_request_span(rng: random.Random, i: int) -> LightSpan:
+    """A request span (send or process) with random ids, times, shape (with % bytes in it), message id (empty,
+    non-ASCII, a lone surrogate, long enough for two-byte lengths), parent and queue wait."""
+    message_ids = ["", "k3Xq9Zt1", "k3Xq9Zt2", "ünï-ćödé", "bad\udc80", "%s%b%%", "x" * 99, "z" * 101, "é" * 60]
+    message_ids.append("w" * 300)
+    fixed = {**FIXED, "mesh.model": f"m{'%' * (i % 3)}{i % 4}", "padding": "p" * rng.choice((0, 7, 150))}
+    shape = span_shape(f"process {i % 2}%b", rng.choice((PRODUCER, CONSUMER)), fixed)
+    parent = rng.choice((None, rng.randbytes(8)))
+    attrs: list[tuple[str, Any]] = [("messaging.message.id", rng.choice(message_ids))]
+    if rng.random() < 0.5:
+        attrs.append(("mesh.queue_wait_ms", rng.choice((0.0, 1.25, rng.uniform(0, 1e4)))))
+    light = LightSpan(rng.randbytes(16), rng.randbytes(8), parent, shape, attrs)
+    light.start = rng.randrange(1 << 63)
+    light.end, light.remote_parent = light.start + rng.randrange(1 << 40), parent is not None and rng.random() < 0.5
+    return light
+
+
+def _each_span(chunks: list[bytes]) -> list[bytes]:
+    """The spans in ``chunks`` of ScopeSpans fields, one by one, as the SDK's protobuf reads them."""
+    request = ExportTraceServiceRequest.FromString(encode_request(b"", b"", chunks))
+    return sorted(span.SerializeToString() for span in request.resource_spans[0].scope_spans[0].spans)
+
+
+def test_request_spans_written_in_bulk_are_the_bytes_encode_span_writes() -> None:
+    """Request spans are written many at a time from one template per layout: alone, each is exactly what
+    encode_span writes; mixed (layouts, message id lengths, ASCII or not), every span comes out once."""
     rng = random.Random(11)
-    message_ids = ["", "k3Xq9Zt1", "ünï-ćödé", "bad\udc80", "%s%b%%", "x" * 99, "y" * 100, "z" * 101, "é" * 60]
-    declined = 0
-    for i in range(600):
-        fixed = {**FIXED, "mesh.model": f"m{'%' * (i % 3)}{i}", "padding": "p" * rng.randrange(0, 200)}
-        shape = span_shape(f"process {i}%b", rng.choice((PRODUCER, CONSUMER)), fixed)
-        message_id = rng.choice(message_ids)
-        queue_ms = rng.choice((None, 0.0, 1.25, rng.uniform(0, 1e4)))
-        parent = rng.choice((None, rng.randbytes(8)))
-        remote = parent is not None and rng.random() < 0.5
-        light = LightSpan(rng.randbytes(16), rng.randbytes(8), parent, shape, [("messaging.message.id", message_id)])
-        light.start = rng.randrange(1 << 62)
-        light.end, light.remote_parent = light.start + rng.randrange(1 << 40), remote
-        ours = RequestSpanFormat(shape, remote, queue_ms is not None).encode(light, message_id, queue_ms)
-        if queue_ms is not None:
-            light.attrs = [("messaging.message.id", message_id), ("mesh.queue_wait_ms", queue_ms)]
-        if ours is None:
-            declined += 1
-            assert len(message_id.encode("utf-8", "replace")) > 100
-        else:
-            assert ours == encode_span(light), (i, message_id, queue_ms, parent, remote)
-    assert 0 < declined < 200
-    # A format asked for the other shape of attributes declines instead of writing the wrong one.
+    spans = [_random_request_span(rng, i) for i in range(800)]
+    assert all(is_request_span(span) for span in spans)
+    for span in spans:
+        assert encode_request_spans([span]) == [encode_span(span)], (span.attrs, span.parent_id)
+    for size in (2, 17, 800):
+        group = spans[:size]
+        chunks = encode_request_spans(group)
+        assert _each_span(chunks) == _each_span([encode_span(span) for span in group])
+        assert len(b"".join(chunks)) == sum(len(encode_span(span)) for span in group)
+    # Many spans of one layout: one template, filled column by column.
+    same = [LightSpan(rng.randbytes(16), rng.randbytes(8), P, spans[0].shape, [("messaging.message.id", f"r{n:05}")])
+            for n in range(300)]  # fmt: skip
+    for n, span in enumerate(same):
+        span.start, span.end = 1_700_000_000_000_000_000 + n, 1_700_000_000_000_000_000 + 2 * n
+    assert encode_request_spans(same) == [b"".join(encode_span(span) for span in same)]
+
+
+def test_only_request_spans_take_the_bulk_path() -> None:
+    """A span with trace state, links, an error or other attributes is encoded on its own."""
+    for case in SPANS:
+        light, _ = _pair(**SPANS[case])  # type: ignore[arg-type]
+        assert is_request_span(light) == (case == "root producer"), case
     light, _ = _pair(**SPANS["root producer"])  # type: ignore[arg-type]
-    assert RequestSpanFormat(light.shape, False, True).encode(light, "k3Xq9Zt1") is None
+    for change in (
+        {"trace_state": "a=1"}, {"links": [(T, P)]}, {"error": "failed"},
+        {"attrs": [("messaging.message.id", "r"), ("mesh.status", 400)]},
+        {"attrs": [("messaging.message.id", "r"), ("mesh.queue_wait_ms", 1)]},  # an int, not the float it writes
+        {"attrs": [("mesh.queue_wait_ms", 1.5)]}, {"attrs": [("messaging.message.id", 7)]},
+    ):  # fmt: skip
+        other = LightSpan(light.trace_id, light.span_id, None, light.shape, light.attrs)
+        for name, value in change.items():
+            setattr(other, name, value)
+        assert not is_request_span(other), change
 
 
 class _Capture:
-    """An exporter stand-in that keeps what the recorder hands over."""
+    """An exporter stand-in that keeps what the recorder hands over, written as the exporter writes it."""
 
     def __init__(self) -> None:
         self.spans: list[bytes] = []
 
-    def submit(self, span: bytes) -> None:
-        self.spans.append(span)
+    def submit(self, span: bytes | LightSpan) -> None:
+        self.spans.append(span if isinstance(span, bytes) else b"".join(encode_request_spans([span])))
 
-    def submit_many(self, spans: list[bytes]) -> None:
-        self.spans.extend(spans)
+    def submit_many(self, spans: list[bytes | LightSpan]) -> None:
+        for span in spans:
+            self.submit(span)
 
 
 def test_the_recorder_writes_each_request_span_as_encode_span_would() -> None:
-    """The recorder writes most request spans through a one-format shortcut, chosen by the span's shape and
-    parent. Whatever the parent (none, the caller's local or remote span, a traceparent with or without
-    tracestate) and however the span ends (plain, with its queue wait, failed, with extra attributes),
-    the bytes handed to the exporter are those encode_span writes for the span as it ended."""
+    """The recorder hands most request spans to the exporter unencoded, to be written in bulk. Whatever the
+    parent (none, the caller's local or remote span, a traceparent with or without tracestate) and however
+    the span ends (plain, with its queue wait, failed, with extra attributes), what the exporter writes is
+    what encode_span writes for the span as it ended."""
     from opentelemetry import context as otel_context
 
     from broker.spans import Recorder
@@ -477,8 +509,5 @@ def test_the_recorder_writes_each_request_span_as_encode_span_would() -> None:
         assert len(spans) == 10
         for span in spans:
             ending(span)
-            waited = any(key == "mesh.queue_wait_ms" for key, _ in span.attrs or [])
-            if ending is endings[1] and not waited:  # the format wrote the wait, which the span does not hold
-                span.attrs = [*(span.attrs or []), ("mesh.queue_wait_ms", 2.5)]
             assert capture.spans[-1] == encode_span(span), (endings.index(ending), spans.index(span))
     assert len(capture.spans) == 40
