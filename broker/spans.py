@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import TraceState
+from opentelemetry.trace import INVALID_SPAN, TraceState
 
 from broker.otlp import MESSAGE_ID, QUEUE_WAIT, SpanData, encode_span, is_request_span, span_shape
 from broker.span_export import OtlpExporter
@@ -21,6 +21,7 @@ __all__ = ["LightSpan", "Recorder", "Sampler"]
 PRODUCER, CONSUMER, INTERNAL = 4, 5, 1  # OTLP's SpanKind numbers
 _RATIO_LIMIT = 1 << 64
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+_TRACEPARENT_00 = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _NO_TRACE, _NO_SPAN = bytes(16), bytes(8)
 _Attrs = list[tuple[str, Any]]
 
@@ -96,18 +97,23 @@ class Recorder:
     def producer(self, subject: str, request_id: str, headers: MutableMapping[str, str]) -> LightSpan | None:
         """The client's send span; the parent is the caller's current span, if it has one. A dropped trace
         still sends its context, marked not sampled, so that the worker drops it too."""
-        parent = trace.get_current_span().get_span_context()
+        caller = trace.get_current_span()
         ids = _random_bytes(24)
-        if parent.is_valid:
+        parent = None if caller is INVALID_SPAN else caller.get_span_context()
+        if parent is not None and not parent.is_valid:
+            parent = None
+        if parent is None:  # a new trace: its ids and traceparent straight from the random bytes
+            trace_id, span_id, parent_id = ids[:16], ids[16:], None
+            sampled = self.sampler.always or self.sampler.root(int.from_bytes(ids[8:16], "big"))
+            hexed = ids.hex()
+            headers["traceparent"] = f"00-{hexed[:32]}-{hexed[32:]}-{'01' if sampled else '00'}"
+        else:
             trace_id, parent_id = parent.trace_id.to_bytes(16, "big"), parent.span_id.to_bytes(8, "big")
             sampled = self.sampler.child(parent.trace_flags.sampled, parent.trace_id)
-        else:
-            trace_id, parent_id = ids[:16], None
-            sampled = self.sampler.always or self.sampler.root(int.from_bytes(ids[8:16], "big"))
-        span_id = ids[16:]
-        headers["traceparent"] = f"00-{trace_id.hex()}-{span_id.hex()}-{'01' if sampled else '00'}"
-        if parent.is_valid and parent.trace_state:
-            headers["tracestate"] = parent.trace_state.to_header()
+            span_id = ids[16:]
+            headers["traceparent"] = f"00-{trace_id.hex()}-{span_id.hex()}-{'01' if sampled else '00'}"
+            if parent.trace_state:
+                headers["tracestate"] = parent.trace_state.to_header()
         if not sampled:
             return None
         shape = self._send_shapes.get(subject)
@@ -115,7 +121,7 @@ class Recorder:
             attrs = {**self._subject_attributes(subject), "messaging.operation.type": "send"}
             shape = self._send_shapes[subject] = span_shape(f"send {attrs['mesh.model']}", PRODUCER, attrs)
         span = LightSpan(trace_id, span_id, parent_id, shape, [(MESSAGE_ID, request_id)])
-        if parent_id is not None:
+        if parent is not None:
             span.remote_parent = parent.is_remote
             if parent.trace_state:
                 span.trace_state = parent.trace_state.to_header()
@@ -235,23 +241,12 @@ def _read_traceparent(value: str | None) -> tuple[bytes, bytes, bool] | None:
     it (a later version's extra fields are allowed, version 00's are not), else None."""
     if value is None:
         return None
-    if len(value) == 55 and value[:3] == "00-" and value[35] == "-" and value[52] == "-" and value.islower():
-        try:  # the usual case, without the regular expression
-            trace_id, span_id, flags = (
-                bytes.fromhex(value[3:35]),
-                bytes.fromhex(value[36:52]),
-                bytes.fromhex(value[53:]),
-            )
-        except ValueError:
+    if _TRACEPARENT_00.fullmatch(value) is not None:  # the usual case, its digits checked at once
+        ids = bytes.fromhex(value[3:35] + value[36:52])
+        trace_id, span_id = ids[:16], ids[16:]
+        if trace_id == _NO_TRACE or span_id == _NO_SPAN:
             return None
-        if (
-            len(trace_id) == 16
-            and len(span_id) == 8
-            and len(flags) == 1
-            and trace_id != _NO_TRACE
-            and span_id != _NO_SPAN
-        ):
-            return trace_id, span_id, bool(flags[0] & 1)
+        return trace_id, span_id, value[54] in "13579bdf"  # the flags' lowest bit: sampled
     match = _TRACEPARENT.fullmatch(value.strip(" \t"))
     if match is None:
         return None

@@ -15,6 +15,10 @@ CASES = [
     {"traceparent": TP + "03", "tracestate": "a=1,b=2"},
     {"traceparent": TP + "00"},
     {"traceparent": TP.upper() + "01"},
+    {"traceparent": "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01"},  # W3C: lower case only
+    {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-B7AD6B7169203331-01"},
+    {"traceparent": TP + "0b"},
+    {"traceparent": TP + "0B"},
     {"traceparent": "00-00000000000000000000000000000000-b7ad6b7169203331-01"},
     {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01"},
     {"traceparent": "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
