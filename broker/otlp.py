@@ -11,8 +11,8 @@ from typing import Any, Protocol
 import numpy as np
 
 __all__ = [
-    "MESSAGE_ID", "QUEUE_WAIT", "delimited", "encode_attributes", "encode_request", "encode_request_spans",
-    "encode_span", "is_request_span", "span_shape", "utf8", "varint",
+    "MESSAGE_ID", "QUEUE_WAIT", "RequestRecord", "delimited", "encode_attributes", "encode_request",
+    "encode_request_spans", "encode_span", "is_request_span", "request_record", "span_shape", "utf8", "varint",
 ]  # fmt: skip
 
 _VARINTS = [bytes([n]) for n in range(128)]
@@ -128,7 +128,7 @@ def encode_request(resource: bytes, scope: bytes, spans: Sequence[bytes]) -> byt
 def is_request_span(span: SpanData) -> bool:
     """A request's span as it usually ends (the client's send, the worker's process): no trace state, links or
     error, and as attributes only its message id, then perhaps its queue wait. :func:`encode_request_spans`
-    writes such spans many at a time."""
+    writes such spans many at a time, from their :func:`request_record`."""
     attrs = span.attrs
     if span.trace_state is not None or span.links or span.error is not None or not attrs or len(attrs) > 2:
         return False
@@ -137,20 +137,49 @@ def is_request_span(span: SpanData) -> bool:
     return len(attrs) == 1 or (attrs[1][0] == QUEUE_WAIT and type(attrs[1][1]) is float)
 
 
-def encode_request_spans(spans: Iterable[SpanData]) -> list[bytes]:
-    """What :func:`encode_span` writes for each of ``spans`` (request spans: :func:`is_request_span`), in a few
-    bytes objects. Spans that differ only in ids, times, message id and queue wait have the same layout when
-    their message ids are as long: each such group is written at once, column by column, from one template."""
-    groups: dict[tuple[bytes, bool, bool, int, int], list[SpanData]] = {}
-    for span in spans:
-        attrs = span.attrs
-        assert attrs is not None
-        key = (span.shape, span.remote_parent, span.parent_id is not None, len(attrs), len(attrs[0][1]))
+# What an ended request span leaves for the exporter: shape, remote parent, trace id, span id, parent id,
+# start, end, message id, queue wait. A plain tuple of plain values, which the garbage collector stops
+# looking at once it has seen it (a span object, its attribute list and their tuples, kept queued until
+# exported, made it collect several times as often).
+RequestRecord = tuple[bytes, bool, bytes, bytes, bytes | None, int, int, str, float | None]
+
+
+def request_record(span: SpanData) -> RequestRecord:
+    """The record of a request span (:func:`is_request_span`)."""
+    attrs = span.attrs
+    assert attrs is not None
+    wait = attrs[1][1] if len(attrs) == 2 else None
+    return (span.shape, span.remote_parent, span.trace_id, span.span_id, span.parent_id, span.start, span.end,
+            attrs[0][1], wait)  # fmt: skip
+
+
+class _Ended:
+    """A request record as span data, for :func:`encode_span`."""
+
+    trace_state: str | None = None
+    links: list[tuple[bytes, bytes]] | None = None
+    error: str | None = None
+
+    def __init__(self, record: RequestRecord) -> None:
+        self.shape, self.remote_parent, self.trace_id, self.span_id, self.parent_id, self.start, self.end = record[:7]
+        attrs: list[tuple[str, Any]] = [(MESSAGE_ID, record[7])]
+        if record[8] is not None:
+            attrs.append((QUEUE_WAIT, record[8]))
+        self.attrs: list[tuple[str, Any]] | None = attrs
+
+
+def encode_request_spans(records: Iterable[RequestRecord]) -> list[bytes]:
+    """What :func:`encode_span` writes for each span of ``records``, in a few bytes objects. Spans that differ
+    only in ids, times, message id and queue wait have the same layout when their message ids are as long:
+    each such group is written at once, column by column, from one template."""
+    groups: dict[tuple[bytes, bool, bool, bool, int], list[RequestRecord]] = {}
+    for record in records:
+        key = (record[0], record[1], record[4] is not None, record[8] is not None, len(record[7]))
         group = groups.get(key)
         if group is None:
-            groups[key] = [span]
+            groups[key] = [record]
         else:
-            group.append(span)
+            group.append(record)
     out = []
     for key, group in groups.items():
         layout = _LAYOUTS.get(key)
@@ -166,10 +195,10 @@ class _RequestLayout:
     """Where ids, times, message id and queue wait fall in the bytes of request spans of one shape, parent kind
     and message id length (see encode_request_spans)."""
 
-    def __init__(self, shape: bytes, remote: bool, parent: bool, n_attrs: int, id_length: int) -> None:
+    def __init__(self, shape: bytes, remote: bool, parent: bool, queue_wait: bool, id_length: int) -> None:
         head = b"\x0a\x10" + bytes(16) + b"\x12\x08" + bytes(8) + (b"\x22\x08" + bytes(8) if parent else b"")
         message_id = encode_attributes([(MESSAGE_ID, "\0" * id_length)])
-        wait = encode_attributes([(QUEUE_WAIT, 0.0)]) if n_attrs == 2 else b""
+        wait = encode_attributes([(QUEUE_WAIT, 0.0)]) if queue_wait else b""
         body = head + shape + _TIMES.pack(0x39, 0, 0x41, 0) + message_id + wait + _OK_TAIL[remote]
         prefix = b"\x12" + varint(len(body))
         self.template = np.frombuffer(prefix + body, np.uint8)
@@ -181,11 +210,11 @@ class _RequestLayout:
         self.wait = times + _TIMES.size + len(message_id) + len(wait) - 8 if wait else None
         self.id_length = id_length
 
-    def write(self, group: list[SpanData]) -> list[bytes]:
+    def write(self, group: list[RequestRecord]) -> list[bytes]:
         n, width = len(group), self.id_length
-        ids = "".join([span.attrs[0][1] for span in group]).encode("utf-8", "replace")  # type: ignore[index]
+        ids = "".join([record[7] for record in group]).encode("utf-8", "replace")
         if len(ids) != n * width:  # not all ASCII: byte lengths differ from character lengths
-            return [encode_span(span) for span in group]
+            return [encode_span(_Ended(record)) for record in group]
         rows = np.empty((n, len(self.template)), np.uint8)
         rows[:] = self.template
 
@@ -193,17 +222,17 @@ class _RequestLayout:
             column = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data.view(np.uint8)
             rows[:, at : at + size] = column.reshape(n, size)
 
-        put(self.trace, b"".join([span.trace_id for span in group]), 16)
-        put(self.span, b"".join([span.span_id for span in group]), 8)
+        put(self.trace, b"".join([record[2] for record in group]), 16)
+        put(self.span, b"".join([record[3] for record in group]), 8)
         if self.parent is not None:
-            put(self.parent, b"".join([span.parent_id for span in group]), 8)  # type: ignore[misc]
-        put(self.start, np.array([span.start for span in group], "<u8"), 8)
-        put(self.end, np.array([span.end for span in group], "<u8"), 8)
+            put(self.parent, b"".join([record[4] for record in group]), 8)  # type: ignore[misc]
+        put(self.start, np.array([record[5] for record in group], "<u8"), 8)
+        put(self.end, np.array([record[6] for record in group], "<u8"), 8)
         if width:
             put(self.message_id, ids, width)
         if self.wait is not None:
-            put(self.wait, np.array([span.attrs[1][1] for span in group], "<f8"), 8)  # type: ignore[index]
+            put(self.wait, np.array([record[8] for record in group], "<f8"), 8)
         return [rows.tobytes()]
 
 
-_LAYOUTS: dict[tuple[bytes, bool, bool, int, int], _RequestLayout] = {}
+_LAYOUTS: dict[tuple[bytes, bool, bool, bool, int], _RequestLayout] = {}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from broker.otlp import SpanData, delimited, encode_attributes, encode_request, encode_request_spans, utf8
+from broker.otlp import RequestRecord, delimited, encode_attributes, encode_request, encode_request_spans, utf8
 
 __all__ = ["ExportSettings", "OtlpExporter"]
 
@@ -90,14 +90,14 @@ def _header_ok(text: str) -> bool:
 
 class OtlpExporter:
     """Ended spans queue here (bounded: beyond ``max_queue`` they are dropped and counted); a thread posts
-    them every ``delay_s``, or as soon as a batch is full. A span comes encoded, or as a request's span
-    (:func:`~broker.otlp.is_request_span`) that the thread writes with its like, many at a time."""
+    them every ``delay_s``, or as soon as a batch is full. A span comes encoded, or as the record of a request's
+    span (:func:`~broker.otlp.request_record`), which the thread writes with its like, many at a time."""
 
     def __init__(self, settings: ExportSettings, resource: Mapping[str, Any], scope: tuple[str, str]) -> None:
         self.settings = settings
         self._resource = encode_attributes(resource.items(), tag=b"\x0a")
         self._scope = delimited(b"\x0a", utf8(scope[0])) + delimited(b"\x12", utf8(scope[1]))
-        self._queue: deque[bytes | SpanData] = deque()
+        self._queue: deque[bytes | RequestRecord] = deque()
         self._wake = threading.Event()
         self._lock = threading.Lock()  # one export at a time: the thread's, or a flush's
         self._stopping = False
@@ -107,8 +107,8 @@ class OtlpExporter:
         self._thread = threading.Thread(target=self._run, name="servemesh-otlp", daemon=True)
         self._thread.start()
 
-    def submit(self, span: bytes | SpanData) -> None:
-        """Queue one span: as :func:`~broker.otlp.encode_span` wrote it, or a request's span as it ended."""
+    def submit(self, span: bytes | RequestRecord) -> None:
+        """Queue one span: as :func:`~broker.otlp.encode_span` wrote it, or a request span's record."""
         queue = self._queue
         if len(queue) >= self.settings.max_queue:
             self.dropped += 1
@@ -117,7 +117,7 @@ class OtlpExporter:
         if len(queue) == self.settings.batch_size:
             self._wake.set()
 
-    def submit_many(self, spans: list[bytes | SpanData]) -> None:
+    def submit_many(self, spans: list[bytes | RequestRecord]) -> None:
         queue, settings = self._queue, self.settings
         room = settings.max_queue - len(queue)
         if room < len(spans):

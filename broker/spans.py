@@ -13,7 +13,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, TraceState
 
-from broker.otlp import MESSAGE_ID, QUEUE_WAIT, SpanData, encode_span, is_request_span, span_shape
+from broker.otlp import MESSAGE_ID, QUEUE_WAIT, RequestRecord, encode_span, is_request_span, request_record, span_shape
 from broker.span_export import OtlpExporter
 
 __all__ = ["LightSpan", "Recorder", "Sampler"]
@@ -193,12 +193,12 @@ class Recorder:
             span.attrs = attrs
             if error is not None:
                 _failed(span, attrs, error)
-        # A request's span waits for the exporter as it is, to be written with its like in bulk.
-        self.exporter.submit(span if is_request_span(span) else encode_span(span))
+        # A request's span waits for the exporter as a record, to be written with its like in bulk.
+        self.exporter.submit(request_record(span) if is_request_span(span) else encode_span(span))
 
     def end_requests(self, requests: Iterable[tuple[LightSpan, BaseException | None, float]]) -> None:
         """End the spans of a batch's requests at once, each with its queue wait: one call for the batch."""
-        now, out = time.time_ns(), list[bytes | SpanData]()
+        now, out = time.time_ns(), list[bytes | RequestRecord]()
         for span, error, queue_ms in requests:
             if span.end:
                 continue
@@ -210,7 +210,7 @@ class Recorder:
                 _failed(span, attrs, error)
                 out.append(encode_span(span))
             else:
-                out.append(span if is_request_span(span) else encode_span(span))
+                out.append(request_record(span) if is_request_span(span) else encode_span(span))
         self.exporter.submit_many(out)
 
 

@@ -30,7 +30,15 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from broker import tracing
-from broker.otlp import encode_request, encode_request_spans, encode_span, is_request_span, span_shape
+from broker.otlp import (
+    RequestRecord,
+    encode_request,
+    encode_request_spans,
+    encode_span,
+    is_request_span,
+    request_record,
+    span_shape,
+)
 from broker.span_export import ExportSettings, OtlpExporter
 from broker.spans import CONSUMER, INTERNAL, PRODUCER, LightSpan, Sampler, _read_traceparent
 from schemas.errors import BadInput
@@ -420,10 +428,10 @@ def test_request_spans_written_in_bulk_are_the_bytes_encode_span_writes() -> Non
     spans = [_random_request_span(rng, i) for i in range(800)]
     assert all(is_request_span(span) for span in spans)
     for span in spans:
-        assert encode_request_spans([span]) == [encode_span(span)], (span.attrs, span.parent_id)
+        assert encode_request_spans([request_record(span)]) == [encode_span(span)], (span.attrs, span.parent_id)
     for size in (2, 17, 800):
         group = spans[:size]
-        chunks = encode_request_spans(group)
+        chunks = encode_request_spans([request_record(span) for span in group])
         assert _each_span(chunks) == _each_span([encode_span(span) for span in group])
         assert len(b"".join(chunks)) == sum(len(encode_span(span)) for span in group)
     # Many spans of one layout: one template, filled column by column.
@@ -431,7 +439,7 @@ def test_request_spans_written_in_bulk_are_the_bytes_encode_span_writes() -> Non
             for n in range(300)]  # fmt: skip
     for n, span in enumerate(same):
         span.start, span.end = 1_700_000_000_000_000_000 + n, 1_700_000_000_000_000_000 + 2 * n
-    assert encode_request_spans(same) == [b"".join(encode_span(span) for span in same)]
+    assert encode_request_spans([request_record(span) for span in same]) == [b"".join(map(encode_span, same))]
 
 
 def test_only_request_spans_take_the_bulk_path() -> None:
@@ -458,10 +466,10 @@ class _Capture:
     def __init__(self) -> None:
         self.spans: list[bytes] = []
 
-    def submit(self, span: bytes | LightSpan) -> None:
+    def submit(self, span: bytes | RequestRecord) -> None:
         self.spans.append(span if isinstance(span, bytes) else b"".join(encode_request_spans([span])))
 
-    def submit_many(self, spans: list[bytes | LightSpan]) -> None:
+    def submit_many(self, spans: list[bytes | RequestRecord]) -> None:
         for span in spans:
             self.submit(span)
 
@@ -511,3 +519,34 @@ def test_the_recorder_writes_each_request_span_as_encode_span_would() -> None:
             ending(span)
             assert capture.spans[-1] == encode_span(span), (endings.index(ending), spans.index(span))
     assert len(capture.spans) == 40
+
+
+def test_request_spans_wait_for_export_untracked_by_the_garbage_collector() -> None:
+    """An ended request span waits in the export queue as a record of plain values: after one collection the
+    garbage collector no longer counts or scans it, however many wait (span objects would be collected
+    over and over while they wait)."""
+    import gc
+
+    from broker.spans import Recorder
+
+    capture = _Kept()
+    recorder = Recorder(capture, Sampler("always_on"), tracing._subject_attributes)  # type: ignore[arg-type]
+    sent = [recorder.producer("mesh.infer.iris.1.normal", f"r-{n}", {}) for n in range(3)]
+    consumed = recorder.consumer({"traceparent": f"00-{T.hex()}-{P.hex()}-01"}, "mesh.infer.iris.1.normal", "r-9", "w")
+    for span in sent:
+        recorder.end(span, None, {})  # type: ignore[arg-type]
+    recorder.end_requests([(consumed, None, 1.5)])  # type: ignore[list-item]
+    gc.collect()
+    assert len(capture.items) == 4
+    assert not any(isinstance(item, bytes) or gc.is_tracked(item) for item in capture.items)
+
+
+class _Kept:
+    def __init__(self) -> None:
+        self.items: list[object] = []
+
+    def submit(self, item: object) -> None:
+        self.items.append(item)
+
+    def submit_many(self, items: list[object]) -> None:
+        self.items.extend(items)
