@@ -196,14 +196,27 @@ class Recorder:
         # A request's span waits for the exporter as a record, to be written with its like in bulk.
         self.exporter.submit(request_record(span) if is_request_span(span) else encode_span(span))
 
-    def end_requests(self, requests: Iterable[tuple[LightSpan, BaseException | None, float]]) -> None:
-        """End the spans of a batch's requests at once, each with its queue wait: one call for the batch."""
-        now, out = time.time_ns(), list[bytes | RequestRecord]()
-        for span, error, queue_ms in requests:
+    def end_requests(self, requests: Iterable[tuple[Any, BaseException | None, float]]) -> list[tuple[Any, Any, float]]:
+        """End the spans of a batch's requests at once, each with its queue wait: one call for the batch.
+        Returns the requests whose spans are not this recorder's (tracing was switched meanwhile)."""
+        now, out, others = time.time_ns(), list[bytes | RequestRecord](), []
+        for request in requests:
+            span, error, queue_ms = request
+            if type(span) is not LightSpan:
+                others.append(request)
+                continue
             if span.end:
                 continue
             span.end = now
-            attrs = span.attrs if span.attrs is not None else []
+            attrs = span.attrs
+            if (  # the usual process span, as consumer() made it: its record at once
+                error is None and attrs is not None and len(attrs) == 1 and attrs[0][0] is MESSAGE_ID
+                and span.trace_state is None and span.links is None and type(queue_ms) is float
+            ):  # fmt: skip
+                out.append((span.shape, span.remote_parent, span.trace_id, span.span_id, span.parent_id, span.start,
+                            now, attrs[0][1], queue_ms))  # fmt: skip
+                continue
+            attrs = attrs if attrs is not None else []
             attrs.append((QUEUE_WAIT, queue_ms))
             span.attrs = attrs
             if error is not None:
@@ -212,6 +225,7 @@ class Recorder:
             else:
                 out.append(request_record(span) if is_request_span(span) else encode_span(span))
         self.exporter.submit_many(out)
+        return others
 
 
 def _failed(span: LightSpan, attrs: _Attrs, error: BaseException) -> None:

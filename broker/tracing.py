@@ -322,17 +322,15 @@ def inject(
 
 def end_requests(requests: Iterable[tuple[Span | LightSpan, BaseException | None, float]]) -> None:
     """End the worker's spans of a batch's requests, each with its queue wait (``mesh.queue_wait_ms``)."""
-    light = []
-    for span, error, queue_ms in requests:
-        if isinstance(span, LightSpan):
-            light.append((span, error, queue_ms))
-        else:
-            end(span, error, **{"mesh.queue_wait_ms": queue_ms})
-    if light and _recorder is not None:
+    if _recorder is not None:
         try:
-            _recorder.end_requests(light)
+            requests = _recorder.end_requests(requests)  # what is left: spans of an SDK provider
         except Exception:  # tracing must never fail the requests it watches
-            log.warning("tracing: could not record %d spans", len(light), exc_info=True)
+            log.warning("tracing: could not record a batch's spans", exc_info=True)
+            return
+    for span, error, queue_ms in requests:
+        if not isinstance(span, LightSpan):  # else tracing was turned off while the span was open: dropped
+            end(span, error, **{"mesh.queue_wait_ms": queue_ms})
 
 
 def end(span: Span | LightSpan | None, error: BaseException | None = None, **attributes: Any) -> None:
