@@ -60,6 +60,7 @@ class Receiver:
         self.requests: list[ExportTraceServiceRequest] = []
         self.headers: list[dict[str, str]] = []
         self.fail_with: list[int] = []
+        self.hold: threading.Event | None = None  # set: each answer waits for it (a slow collector)
         self.attempts = 0
         self.url = ""
         self.flush: Callable[[], None] = tracing.flush  # what exports the spans still queued
@@ -86,6 +87,8 @@ def receiving() -> Iterator[Receiver]:
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             receiver.attempts += 1
+            if receiver.hold is not None:
+                receiver.hold.wait(10)
             status = receiver.fail_with.pop(0) if receiver.fail_with else 200
             if status == 200:
                 if self.headers.get("Content-Encoding") == "gzip":

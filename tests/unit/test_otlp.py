@@ -206,6 +206,39 @@ def test_a_full_batch_is_sent_without_waiting_for_the_delay() -> None:
     assert len(receiver.requests[0].resource_spans[0].scope_spans[0].spans) == 4
 
 
+def test_spans_that_arrive_during_a_post_wait_to_fill_the_next_batch() -> None:
+    """Woken by a full batch, the export thread posts whole batches: the few spans that came in while
+    the collector was answering wait for the next batch (or the delay), not posted as a batch of their own."""
+    import threading
+
+    light, _ = _pair(**SPANS["root producer"])  # type: ignore[arg-type]
+    with receiving() as receiver:
+        receiver.hold = threading.Event()
+        exporter = OtlpExporter(ExportSettings(url=receiver.url, delay_s=60, batch_size=4), {}, ("s", "1"))
+        for _ in range(4):
+            exporter.submit(encode_span(light))
+        _until(lambda: receiver.attempts == 1)  # the first batch is being posted
+        for _ in range(2):
+            exporter.submit(encode_span(light))
+        receiver.hold.set()
+        _until(lambda: exporter.exported == 4)
+        time.sleep(0.3)
+        assert len(receiver.requests) == 1 and exporter.exported == 4  # the two wait
+        for _ in range(2):
+            exporter.submit(encode_span(light))
+        _until(lambda: len(receiver.requests) == 2)
+        exporter.shutdown()
+    assert [len(r.resource_spans[0].scope_spans[0].spans) for r in receiver.requests] == [4, 4]
+    assert exporter.exported == 8
+
+
+def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def test_settings_from_the_standard_variables() -> None:
     settings = ExportSettings.from_env(
         {
