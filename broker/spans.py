@@ -208,15 +208,7 @@ class Recorder:
             if span.end:
                 continue
             span.end = now
-            attrs = span.attrs
-            if (  # the usual process span, as consumer() made it: its record at once
-                error is None and attrs is not None and len(attrs) == 1 and attrs[0][0] is MESSAGE_ID
-                and span.trace_state is None and span.links is None and type(queue_ms) is float
-            ):  # fmt: skip
-                out.append((span.shape, span.remote_parent, span.trace_id, span.span_id, span.parent_id, span.start,
-                            now, attrs[0][1], queue_ms))  # fmt: skip
-                continue
-            attrs = attrs if attrs is not None else []
+            attrs = span.attrs if span.attrs is not None else []
             attrs.append((QUEUE_WAIT, queue_ms))
             span.attrs = attrs
             if error is not None:
