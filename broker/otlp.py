@@ -21,7 +21,8 @@ _DOUBLE = struct.Struct("<d")
 _SPAN_FLAGS = {False: b"\x85\x01" + struct.pack("<I", 0x100), True: b"\x85\x01" + struct.pack("<I", 0x300)}
 # Status{} (unset) and flags, together: what a span that did not fail ends with.
 _OK_TAIL = {remote: b"\x7a\x00" + flags for remote, flags in _SPAN_FLAGS.items()}
-_LINK_FLAGS = b"\x35" + struct.pack("<I", 0x100)
+# Link{trace_id, span_id, flags: a local span}, as a bytes %-format of the two ids.
+_LINK = b"\x6a\x21\x0a\x10%b\x12\x08%b\x35" + struct.pack("<I", 0x100).replace(b"%", b"%%")
 MESSAGE_ID, QUEUE_WAIT = "messaging.message.id", "mesh.queue_wait_ms"
 
 
@@ -109,8 +110,8 @@ def encode_span(span: SpanData) -> bytes:
     body += span.shape + _TIMES.pack(0x39, span.start, 0x41, span.end)
     if span.attrs:
         body += encode_attributes(span.attrs)
-    if span.links:  # Link{trace_id, span_id, flags: a local span}
-        body += b"".join([b"\x6a\x21\x0a\x10" + t + b"\x12\x08" + s + _LINK_FLAGS for t, s in span.links])
+    if span.links:
+        body += b"".join([_LINK % link for link in span.links])
     if span.error is None:
         body += _OK_TAIL[span.remote_parent]
     else:  # Status{message, code=ERROR}
