@@ -4,6 +4,7 @@ UTF-8 (lone surrogates) is written with replacement characters rather than faili
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -11,8 +12,9 @@ from typing import Any, Protocol
 import numpy as np
 
 __all__ = [
-    "MESSAGE_ID", "QUEUE_WAIT", "RequestRecord", "delimited", "encode_attributes", "encode_request",
-    "encode_request_spans", "encode_span", "is_request_span", "request_record", "span_shape", "utf8", "varint",
+    "MESSAGE_ID", "QUEUE_WAIT", "ColumnSource", "Links", "RequestColumns", "RequestRecord", "delimited",
+    "encode_attributes", "encode_links", "encode_queued", "encode_request", "encode_request_spans", "encode_span",
+    "is_request_span", "request_record", "span_shape", "utf8", "varint",
 ]  # fmt: skip
 
 _VARINTS = [bytes([n]) for n in range(128)]
@@ -86,6 +88,20 @@ def span_shape(name: str, kind: int, attributes: Mapping[str, Any]) -> bytes:
     return delimited(b"\x2a", utf8(name)) + b"\x30" + varint(kind) + encode_attributes(attributes.items())
 
 
+class Links(Protocol):
+    """A span's links, written when the span is (many spans' links are written at once)."""
+
+    def links(self) -> bytes: ...
+
+
+class ColumnSource(Protocol):
+    """Request spans an exporter queues once per span, taken in slices as it writes them."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, count: int) -> RequestColumns: ...
+
+
 class SpanData(Protocol):
     trace_id: bytes
     span_id: bytes
@@ -96,7 +112,7 @@ class SpanData(Protocol):
     start: int
     end: int
     attrs: list[tuple[str, Any]] | None
-    links: list[tuple[bytes, bytes]] | None
+    links: list[tuple[bytes, bytes]] | Links | None
     error: str | None
 
 
@@ -111,13 +127,35 @@ def encode_span(span: SpanData) -> bytes:
     if span.attrs:
         body += encode_attributes(span.attrs)
     if span.links:
-        body += b"".join([_LINK % link for link in span.links])
+        links = span.links
+        body += b"".join([_LINK % link for link in links]) if type(links) is list else links.links()  # type: ignore[union-attr]
     if span.error is None:
         body += _OK_TAIL[span.remote_parent]
     else:  # Status{message, code=ERROR}
         status = delimited(b"\x12", utf8(span.error)) + b"\x18\x02"
         body += delimited(b"\x7a", status) + _SPAN_FLAGS[span.remote_parent]
     return delimited(b"\x12", body)
+
+
+def encode_links(trace_ids: bytes, span_ids: bytes) -> bytes:
+    """Links to the spans whose ids are joined in ``trace_ids`` (16 bytes each) and ``span_ids`` (8 each), as
+    encode_span writes a span's links."""
+    count = len(span_ids) // 8
+    return b"".join([_LINK % (trace_ids[16 * i : 16 * i + 16], span_ids[8 * i : 8 * i + 8]) for i in range(count)])
+
+
+_Column = tuple[int, bytes | np.ndarray[Any, Any], int]  # where it goes, the values joined, width of one
+
+
+def _fill(template: np.ndarray[Any, Any], n: int, columns: list[_Column]) -> bytes:
+    """``n`` copies of ``template``, each with its own bytes at the columns' places: (offset, the n values
+    joined, width of one)."""
+    rows = np.empty((n, len(template)), np.uint8)
+    rows[:] = template
+    for at, data, width in columns:
+        column = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data.view(np.uint8)
+        rows[:, at : at + width] = column.reshape(n, width)
+    return rows.tobytes()
 
 
 def encode_request(resource: bytes, scope: bytes, spans: Sequence[bytes]) -> bytes:
@@ -154,11 +192,64 @@ def request_record(span: SpanData) -> RequestRecord:
             attrs[0][1], wait)  # fmt: skip
 
 
+class RequestColumns:
+    """Request spans column by column: per span its shape, start, end, message id and queue wait (or no queue
+    waits), the ids of all joined (16, 8 and 8 bytes a span; no parent ids when none has a parent). A worker
+    ends a batch's spans as one of these; an exporter queues it once per span and writes it in slices
+    (:meth:`take`). Plain, not a dataclass: two are equal only when they are the same."""
+
+    __slots__ = ("ends", "message_ids", "parent_ids", "remote", "shapes", "span_ids", "starts", "taken",
+                 "trace_ids", "waits")  # fmt: skip
+
+    def __init__(
+        self, shapes: list[bytes], remote: bool, trace_ids: bytes, span_ids: bytes, parent_ids: bytes | None,
+        starts: list[int], ends: list[int], message_ids: list[str], waits: list[float] | None,
+    ) -> None:  # fmt: skip
+        self.shapes, self.remote, self.starts, self.ends = shapes, remote, starts, ends
+        self.trace_ids, self.span_ids, self.parent_ids = trace_ids, span_ids, parent_ids
+        self.message_ids, self.waits = message_ids, waits
+        self.taken = 0
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def take(self, count: int) -> RequestColumns:
+        """The next ``count`` spans not taken yet."""
+        a, b = self.taken, self.taken + count
+        self.taken = b
+        if a == 0 and b >= len(self):
+            return self
+        parents = self.parent_ids[8 * a : 8 * b] if self.parent_ids is not None else None
+        waits = self.waits[a:b] if self.waits is not None else None
+        return RequestColumns(
+            self.shapes[a:b], self.remote, self.trace_ids[16 * a : 16 * b], self.span_ids[8 * a : 8 * b], parents,
+            self.starts[a:b], self.ends[a:b], self.message_ids[a:b], waits,
+        )  # fmt: skip
+
+    @staticmethod
+    def joined(parts: list[RequestColumns]) -> RequestColumns:
+        """Columns of one layout, one after the other."""
+        first = parts[0]
+        parents = b"".join([p.parent_ids for p in parts]) if first.parent_ids is not None else None  # type: ignore[misc]
+        waits = [w for p in parts for w in p.waits] if first.waits is not None else None  # type: ignore[union-attr]
+        return RequestColumns(
+            [s for p in parts for s in p.shapes], first.remote, b"".join([p.trace_ids for p in parts]),
+            b"".join([p.span_ids for p in parts]), parents, [t for p in parts for t in p.starts],
+            [t for p in parts for t in p.ends], [i for p in parts for i in p.message_ids], waits,
+        )  # fmt: skip
+
+    def records(self) -> list[RequestRecord]:
+        t, s, p, w = self.trace_ids, self.span_ids, self.parent_ids, self.waits
+        return [(self.shapes[i], self.remote, t[16 * i : 16 * i + 16], s[8 * i : 8 * i + 8],
+                 p[8 * i : 8 * i + 8] if p is not None else None, self.starts[i], self.ends[i], self.message_ids[i],
+                 w[i] if w is not None else None) for i in range(len(self))]  # fmt: skip
+
+
 class _Ended:
     """A request record as span data, for :func:`encode_span`."""
 
     trace_state: str | None = None
-    links: list[tuple[bytes, bytes]] | None = None
+    links: list[tuple[bytes, bytes]] | Links | None = None
     error: str | None = None
 
     def __init__(self, record: RequestRecord) -> None:
@@ -167,6 +258,32 @@ class _Ended:
         if record[8] is not None:
             attrs.append((QUEUE_WAIT, record[8]))
         self.attrs: list[tuple[str, Any]] | None = attrs
+
+
+def encode_queued(items: Sequence[RequestRecord | ColumnSource | SpanData]) -> list[bytes]:
+    """What an exporter holds, written: request span records; column sources once for each of their spans
+    queued (a run of the same source is that many of its spans, taken in order); other spans as they are."""
+    records = [item for item in items if type(item) is tuple]
+    out = encode_request_spans(records) if records else []
+    if len(records) == len(items):
+        return out
+    same: dict[tuple[bytes, bool, bool, bool, int], list[RequestColumns]] = {}  # by layout: written together
+    others = [item for item in items if type(item) is not tuple]
+    for source, run in itertools.groupby(others):
+        take = getattr(source, "take", None)  # a column source, or else a span
+        if take is None:
+            out += [encode_span(span) for span in run]  # type: ignore[arg-type]
+            continue
+        taken: RequestColumns = take(len(list(run)))
+        shapes, lengths = taken.shapes, set(map(len, taken.message_ids))
+        if len(lengths) > 1 or shapes.count(shapes[0]) < len(shapes):  # several layouts: record by record
+            out += encode_request_spans(taken.records())
+            continue
+        key = (shapes[0], taken.remote, taken.parent_ids is not None, taken.waits is not None, lengths.pop())
+        same.setdefault(key, []).append(taken)
+    for key, group in same.items():
+        out += _layout(key).write(group[0] if len(group) == 1 else RequestColumns.joined(group))
+    return out
 
 
 def encode_request_spans(records: Iterable[RequestRecord]) -> list[bytes]:
@@ -183,13 +300,23 @@ def encode_request_spans(records: Iterable[RequestRecord]) -> list[bytes]:
             group.append(record)
     out = []
     for key, group in groups.items():
-        layout = _LAYOUTS.get(key)
-        if layout is None:
-            if len(_LAYOUTS) >= 1024:
-                _LAYOUTS.clear()
-            layout = _LAYOUTS[key] = _RequestLayout(*key)
-        out.extend(layout.write(group))
+        columns = RequestColumns(
+            [key[0]] * len(group), key[1], b"".join([r[2] for r in group]), b"".join([r[3] for r in group]),
+            b"".join([r[4] for r in group]) if key[2] else None,  # type: ignore[misc]
+            [r[5] for r in group], [r[6] for r in group], [r[7] for r in group],
+            [r[8] for r in group] if key[3] else None,  # type: ignore[misc]
+        )  # fmt: skip
+        out += _layout(key).write(columns)
     return out
+
+
+def _layout(key: tuple[bytes, bool, bool, bool, int]) -> _RequestLayout:
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        if len(_LAYOUTS) >= 1024:
+            _LAYOUTS.clear()
+        layout = _LAYOUTS[key] = _RequestLayout(*key)
+    return layout
 
 
 class _RequestLayout:
@@ -211,29 +338,23 @@ class _RequestLayout:
         self.wait = times + _TIMES.size + len(message_id) + len(wait) - 8 if wait else None
         self.id_length = id_length
 
-    def write(self, group: list[RequestRecord]) -> list[bytes]:
-        n, width = len(group), self.id_length
-        ids = "".join([record[7] for record in group]).encode("utf-8", "replace")
+    def write(self, columns: RequestColumns) -> list[bytes]:
+        n, width = len(columns), self.id_length
+        ids = "".join(columns.message_ids).encode("utf-8", "replace")
         if len(ids) != n * width:  # not all ASCII: byte lengths differ from character lengths
-            return [encode_span(_Ended(record)) for record in group]
-        rows = np.empty((n, len(self.template)), np.uint8)
-        rows[:] = self.template
-
-        def put(at: int, data: bytes | np.ndarray[Any, Any], size: int) -> None:
-            column = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data.view(np.uint8)
-            rows[:, at : at + size] = column.reshape(n, size)
-
-        put(self.trace, b"".join([record[2] for record in group]), 16)
-        put(self.span, b"".join([record[3] for record in group]), 8)
+            return [encode_span(_Ended(record)) for record in columns.records()]
+        filled: list[_Column] = [
+            (self.trace, columns.trace_ids, 16), (self.span, columns.span_ids, 8),
+            (self.start, np.array(columns.starts, "<u8"), 8), (self.end, np.array(columns.ends, "<u8"), 8),
+        ]  # fmt: skip
         if self.parent is not None:
-            put(self.parent, b"".join([record[4] for record in group]), 8)  # type: ignore[misc]
-        put(self.start, np.array([record[5] for record in group], "<u8"), 8)
-        put(self.end, np.array([record[6] for record in group], "<u8"), 8)
+            assert columns.parent_ids is not None
+            filled.append((self.parent, columns.parent_ids, 8))
         if width:
-            put(self.message_id, ids, width)
+            filled.append((self.message_id, ids, width))
         if self.wait is not None:
-            put(self.wait, np.array([record[8] for record in group], "<f8"), 8)
-        return [rows.tobytes()]
+            filled.append((self.wait, np.array(columns.waits, "<f8"), 8))
+        return [_fill(self.template, n, filled)]
 
 
 _LAYOUTS: dict[tuple[bytes, bool, bool, bool, int], _RequestLayout] = {}

@@ -13,10 +13,20 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from broker.otlp import RequestRecord, delimited, encode_attributes, encode_request, encode_request_spans, utf8
+from broker.otlp import (
+    ColumnSource,
+    RequestRecord,
+    SpanData,
+    delimited,
+    encode_attributes,
+    encode_queued,
+    encode_request,
+    utf8,
+)
 
 __all__ = ["ExportSettings", "OtlpExporter"]
 
@@ -91,13 +101,15 @@ def _header_ok(text: str) -> bool:
 class OtlpExporter:
     """Ended spans queue here (bounded: beyond ``max_queue`` they are dropped and counted); a thread posts
     them every ``delay_s``, or as soon as a batch is full. A span comes encoded, or as the record of a request's
-    span (:func:`~broker.otlp.request_record`), which the thread writes with its like, many at a time."""
+    span (:func:`~broker.otlp.request_record`), or as one of a batch's request spans
+    (:class:`~broker.otlp.RequestColumns`, queued once per span), which the thread writes with their like,
+    many at a time."""
 
     def __init__(self, settings: ExportSettings, resource: Mapping[str, Any], scope: tuple[str, str]) -> None:
         self.settings = settings
         self._resource = encode_attributes(resource.items(), tag=b"\x0a")
         self._scope = delimited(b"\x0a", utf8(scope[0])) + delimited(b"\x12", utf8(scope[1]))
-        self._queue: deque[bytes | RequestRecord] = deque()
+        self._queue: deque[bytes | RequestRecord | ColumnSource | SpanData] = deque()
         self._wake = threading.Event()
         self._lock = threading.Lock()  # one export at a time: the thread's, or a flush's
         self._stopping = False
@@ -107,8 +119,9 @@ class OtlpExporter:
         self._thread = threading.Thread(target=self._run, name="servemesh-otlp", daemon=True)
         self._thread.start()
 
-    def submit(self, span: bytes | RequestRecord) -> None:
-        """Queue one span: as :func:`~broker.otlp.encode_span` wrote it, or a request span's record."""
+    def submit(self, span: bytes | RequestRecord | SpanData) -> None:
+        """Queue one span: as :func:`~broker.otlp.encode_span` wrote it, a request span's record, or a span to
+        be written on export."""
         queue = self._queue
         if len(queue) >= self.settings.max_queue:
             self.dropped += 1
@@ -125,6 +138,20 @@ class OtlpExporter:
             spans = spans[: max(room, 0)]
         before = len(queue)
         queue.extend(spans)
+        if before < settings.batch_size <= len(queue):
+            self._wake.set()
+
+    def submit_columns(self, columns: ColumnSource) -> None:
+        """Queue request spans written as columns: each span takes its place in the queue, as if it came alone."""
+        queue, settings = self._queue, self.settings
+        room, n = settings.max_queue - len(queue), len(columns)
+        if room < n:
+            self.dropped += n - max(room, 0)
+            if room <= 0:
+                return
+            columns, n = columns.take(room), room  # the rest is not written
+        before = len(queue)
+        queue.extend(repeat(columns, n))
         if before < settings.batch_size <= len(queue):
             self._wake.set()
 
@@ -171,9 +198,9 @@ class OtlpExporter:
                 queue.clear()
                 return
             spans = [queue.popleft() for _ in range(min(size, len(queue)))]
-            encoded = [span for span in spans if isinstance(span, bytes)]
+            encoded = [span for span in spans if type(span) is bytes]
             if len(encoded) < len(spans):
-                encoded += encode_request_spans([span for span in spans if not isinstance(span, bytes)])
+                encoded += encode_queued([span for span in spans if type(span) is not bytes])  # type: ignore[misc]
             if self._post(encode_request(self._resource, self._scope, encoded)):
                 self.exported += len(spans)
             else:

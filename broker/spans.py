@@ -7,13 +7,23 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, TraceState
 
-from broker.otlp import MESSAGE_ID, QUEUE_WAIT, RequestRecord, encode_span, is_request_span, request_record, span_shape
+from broker.otlp import (
+    MESSAGE_ID,
+    QUEUE_WAIT,
+    Links,
+    RequestRecord,
+    encode_span,
+    is_request_span,
+    request_record,
+    span_shape,
+)
+from broker.process_spans import BatchIds, PendingSpan, usual_traceparent
 from broker.span_export import OtlpExporter
 
 __all__ = ["LightSpan", "Recorder", "Sampler"]
@@ -23,6 +33,7 @@ _RATIO_LIMIT = 1 << 64
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _TRACEPARENT_00 = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _NO_TRACE, _NO_SPAN = bytes(16), bytes(8)
+_SAMPLED_FLAGS = "13579bdf"  # trace flags whose lowest bit, sampled, is set
 _Attrs = list[tuple[str, Any]]
 
 
@@ -53,8 +64,8 @@ class Sampler:
 class LightSpan:
     """A span being recorded: ids as the bytes OTLP carries, times in ns since the epoch."""
 
-    __slots__ = ("attrs", "end", "error", "links", "parent_id", "remote_parent", "shape", "span_id", "start",
-                 "trace_id", "trace_state")  # fmt: skip
+    __slots__ = ("attrs", "end", "error", "links", "parent_id", "remote_parent", "requests", "shape", "span_id",
+                 "start", "trace_id", "trace_state")  # fmt: skip
 
     def __init__(
         self, trace_id: bytes, span_id: bytes, parent_id: bytes | None, shape: bytes, attrs: _Attrs | None
@@ -65,8 +76,9 @@ class LightSpan:
         self.shape = shape
         self.start, self.end = time.time_ns(), 0
         self.attrs = attrs
-        self.links: list[tuple[bytes, bytes]] | None = None
+        self.links: list[tuple[bytes, bytes]] | Links | None = None
         self.error: str | None = None
+        self.requests: BatchIds | None = None  # a batch's span: its pending request spans and their ids
 
     def traceparent(self) -> str:
         return f"00-{self.trace_id.hex()}-{self.span_id.hex()}-01"
@@ -128,11 +140,24 @@ class Recorder:
         return span
 
     def consumer(
-        self, headers: Mapping[str, str], subject: str, request_id: str | None, worker: str
-    ) -> LightSpan | None:
+        self, headers: Mapping[str, str], subject: str, request_id: str | None, worker: str, forwarded: bool = False
+    ) -> LightSpan | PendingSpan | None:
         """The worker's span for one request, a child of the ``traceparent`` it came with (a new trace
-        when it came with none or a malformed one)."""
-        parent = _read_traceparent(headers.get("traceparent"))
+        when it came with none or a malformed one). The usual request's span is a tuple until its batch
+        starts (:mod:`broker.process_spans`); one whose context goes on to a pipeline's next stage
+        (``forwarded``) is a span object at once."""
+        value = headers.get("traceparent")
+        sampler = self.sampler
+        if (
+            value is not None and request_id and not forwarded and (sampler.parent_based or sampler.always)
+            and _TRACEPARENT_00.fullmatch(value) is not None and usual_traceparent(value)
+            and not headers.get("tracestate")
+        ):  # fmt: skip
+            if sampler.parent_based and value[54] not in _SAMPLED_FLAGS:
+                return None
+            shape = self._process_shapes.get((subject, worker)) or self._process_shape(subject, worker)
+            return (value, request_id, time.time_ns(), shape)
+        parent = _read_traceparent(value)
         if parent is None:
             trace_id, parent_id = _random_bytes(16), None
             sampled = self.sampler.always or self.sampler.root(int.from_bytes(trace_id[8:], "big"))
@@ -144,11 +169,7 @@ class Recorder:
                 sampled = self.sampler.always or self.sampler.root(int.from_bytes(trace_id[8:], "big"))
         if not sampled:
             return None
-        shape = self._process_shapes.get((subject, worker))
-        if shape is None:
-            attrs = {**self._subject_attributes(subject), "messaging.operation.type": "process", "mesh.worker": worker}
-            shape = span_shape(f"process {attrs['mesh.model']}", CONSUMER, attrs)
-            self._process_shapes[(subject, worker)] = shape
+        shape = self._process_shape(subject, worker)
         span = LightSpan(
             trace_id, _random_bytes(8), parent_id, shape, [(MESSAGE_ID, request_id)] if request_id else None
         )
@@ -159,22 +180,39 @@ class Recorder:
                 span.trace_state = _trace_state(raw_state)
         return span
 
+    def _process_shape(self, subject: str, worker: str) -> bytes:
+        shape = self._process_shapes.get((subject, worker))
+        if shape is None:
+            attrs = {**self._subject_attributes(subject), "messaging.operation.type": "process", "mesh.worker": worker}
+            shape = span_shape(f"process {attrs['mesh.model']}", CONSUMER, attrs)
+            self._process_shapes[(subject, worker)] = shape
+        return shape
+
     def batch(self, model: str, version: str, requests: Iterable[Any], worker: str) -> LightSpan | None:
         """One span per batch, linked to every recorded request span, a child of the first (see tracing)."""
-        spans = [s for s in requests if isinstance(s, LightSpan)]
+        spans = [s for s in requests if type(s) is tuple or type(s) is LightSpan]
         if not spans:
             return None
+        pending: list[PendingSpan] = [s for s in spans if type(s) is tuple]
+        ids = BatchIds(pending) if pending else None
 
         def build() -> bytes:
             attrs = {"messaging.system": "nats", "mesh.model": model, "mesh.version": version, "mesh.worker": worker}
             return span_shape(f"batch {model}", INTERNAL, attrs)
 
         first = spans[0]
-        span = LightSpan(first.trace_id, _random_bytes(8), first.span_id,
-                         self._shape(("batch", model, version, worker), build),
+        if isinstance(first, LightSpan):
+            trace_id, parent_id, trace_state = first.trace_id, first.span_id, first.trace_state
+        else:
+            assert ids is not None
+            trace_id, parent_id, trace_state = bytes.fromhex(first[0][3:35]), ids.span_ids[:8], None
+        span = LightSpan(trace_id, _random_bytes(8), parent_id, self._shape(("batch", model, version, worker), build),
                          [("messaging.batch.message_count", len(spans))])  # fmt: skip
-        span.trace_state = first.trace_state
-        span.links = [(s.trace_id, s.span_id) for s in spans]
+        span.trace_state, span.requests = trace_state, ids
+        if ids is not None and len(pending) == len(spans):  # the usual batch: links written on export
+            span.links = ids
+        else:
+            span.links = [_ids_of(s, ids) for s in spans]
         return span
 
     def inference(self, batch: LightSpan, model: str, rows: int) -> LightSpan:
@@ -183,7 +221,10 @@ class Recorder:
         span.trace_state = batch.trace_state
         return span
 
-    def end(self, span: LightSpan, error: BaseException | None, attributes: Mapping[str, Any]) -> None:
+    def end(self, span: LightSpan | PendingSpan, error: BaseException | None, attributes: Mapping[str, Any]) -> None:
+        if type(span) is tuple:  # a request's span ended before (or without) a batch
+            span = _alone(span, _random_bytes(8))
+        assert type(span) is LightSpan
         if span.end:
             return  # ended already
         span.end = time.time_ns()
@@ -193,31 +234,79 @@ class Recorder:
             span.attrs = attrs
             if error is not None:
                 _failed(span, attrs, error)
-        # A request's span waits for the exporter as a record, to be written with its like in bulk.
-        self.exporter.submit(request_record(span) if is_request_span(span) else encode_span(span))
+        # A request's span waits for the exporter as a record, to be written with its like in bulk; a batch's
+        # span with its links still to write is written there too.
+        if is_request_span(span):
+            self.exporter.submit(request_record(span))
+        else:
+            self.exporter.submit(span if type(span.links) is BatchIds else encode_span(span))
 
-    def end_requests(self, requests: Iterable[tuple[Any, BaseException | None, float]]) -> list[tuple[Any, Any, float]]:
-        """End the spans of a batch's requests at once, each with its queue wait: one call for the batch.
-        Returns the requests whose spans are not this recorder's (tracing was switched meanwhile)."""
-        now, out, others = time.time_ns(), list[bytes | RequestRecord](), []
-        for request in requests:
-            span, error, queue_ms = request
-            if type(span) is not LightSpan:
-                others.append(request)
+    def end_requests(
+        self, batch: Any, spans: Sequence[Any], waits: Sequence[float], errors: Mapping[int, BaseException]
+    ) -> list[int]:
+        """End the spans of ``batch``'s requests at once (``None``: a request not traced), each with its queue
+        wait, those in ``errors`` (by position) failed. Returns where the spans are not this recorder's (tracing
+        was switched meanwhile)."""
+        now = time.time_ns()
+        ids: BatchIds | None = batch.requests if type(batch) is LightSpan else None
+        if ids is not None and ids.ended_at:
+            return []  # ended already
+        if ids is not None and not errors and len(spans) == len(ids.spans):
+            # The usual batch: every request's span pending with it; the export thread writes them.
+            self.exporter.submit_columns(ids.ended(list(waits), now))
+            return []
+        out: list[bytes | RequestRecord] = []
+        others: list[int] = []
+        rows: list[int] = []
+        for i, span in enumerate(spans):
+            if type(span) is tuple:
+                if ids is not None and i not in errors:
+                    rows.append(ids.row(span))
+                    continue
+                span = _alone(span, ids.span_id(span) if ids is not None else _random_bytes(8))
+            elif type(span) is not LightSpan:
+                if span is not None:
+                    others.append(i)
                 continue
             if span.end:
                 continue
             span.end = now
             attrs = span.attrs if span.attrs is not None else []
-            attrs.append((QUEUE_WAIT, queue_ms))
+            attrs.append((QUEUE_WAIT, waits[i]))
             span.attrs = attrs
+            error = errors.get(i)
             if error is not None:
                 _failed(span, attrs, error)
                 out.append(encode_span(span))
             else:
                 out.append(request_record(span) if is_request_span(span) else encode_span(span))
-        self.exporter.submit_many(out)
+        if out:
+            self.exporter.submit_many(out)
+        if rows:
+            assert ids is not None
+            kept = [waits[i] for i, span in enumerate(spans) if type(span) is tuple and i not in errors]
+            self.exporter.submit_columns(ids.ended(kept, now, rows))
+        elif ids is not None:
+            ids.ended_at = now
         return others
+
+
+def _alone(span: PendingSpan, span_id: bytes) -> LightSpan:
+    """A request's pending span as a span object, to end apart from its batch."""
+    value, message_id, start, shape = span
+    light = LightSpan(
+        bytes.fromhex(value[3:35]), span_id, bytes.fromhex(value[36:52]), shape, [(MESSAGE_ID, message_id)]
+    )
+    light.start, light.remote_parent = start, True
+    return light
+
+
+def _ids_of(span: LightSpan | PendingSpan, ids: BatchIds | None) -> tuple[bytes, bytes]:
+    """(trace id, span id) of a request's span, for a link."""
+    if type(span) is LightSpan:
+        return span.trace_id, span.span_id
+    assert ids is not None and type(span) is tuple
+    return bytes.fromhex(span[0][3:35]), ids.span_id(span)
 
 
 def _failed(span: LightSpan, attrs: _Attrs, error: BaseException) -> None:

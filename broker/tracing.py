@@ -14,7 +14,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
@@ -33,6 +33,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from broker.process_spans import PendingSpan
 from broker.span_export import ExportSettings, OtlpExporter
 from broker.spans import LightSpan, Recorder, Sampler
 from schemas.subjects import parse_infer_subject
@@ -253,12 +254,13 @@ def start_producer(subject: str, request_id: str, headers: MutableMapping[str, s
 
 
 def start_consumer(
-    headers: Mapping[str, str], subject: str, request_id: str | None, worker: str
-) -> Span | LightSpan | None:
+    headers: Mapping[str, str], subject: str, request_id: str | None, worker: str, forwarded: bool = False
+) -> Span | LightSpan | PendingSpan | None:
     """The worker's span for one request (CONSUMER), a child of the client's send span; None (and no
-    work) for a request whose trace was not sampled."""
+    work) for a request whose trace was not sampled. ``forwarded``: the request goes on to a pipeline's
+    next stage, which joins its trace (:func:`inject`)."""
     if _recorder is not None:
-        return _recorder.consumer(headers, subject, request_id, worker)
+        return _recorder.consumer(headers, subject, request_id, worker, forwarded)
     if _tracer is None:
         return None
     if _parent_decides and _not_sampled(headers.get("traceparent")):
@@ -272,7 +274,7 @@ def start_consumer(
 
 
 def start_batch(
-    model: str, version: str, requests: Iterable[Span | LightSpan | None], worker: str
+    model: str, version: str, requests: Iterable[Span | LightSpan | PendingSpan | None], worker: str
 ) -> Span | LightSpan | None:
     """One span per batch, linked to the span of every sampled request it carried; None when it carried none.
 
@@ -304,7 +306,9 @@ def start_inference(batch: Span | LightSpan | None, model: str, rows: int) -> Sp
 
 
 def inject(
-    span: Span | LightSpan | None, headers: MutableMapping[str, str], incoming: Mapping[str, str] | None = None
+    span: Span | LightSpan | PendingSpan | None,
+    headers: MutableMapping[str, str],
+    incoming: Mapping[str, str] | None = None,
 ) -> None:
     """Put ``span``'s context in ``headers`` (a pipeline stage forwarding to the next); without a span
     (a trace not sampled), pass on the context the request came with, so later stages drop it too."""
@@ -312,31 +316,39 @@ def inject(
         headers["traceparent"] = span.traceparent()
         if span.trace_state:
             headers["tracestate"] = span.trace_state
-    elif span is not None:
+    elif isinstance(span, Span):
         _write_context(span, headers)
-    elif incoming is not None and enabled():
+    elif incoming is not None and enabled():  # (a pending span is never forwarded: see start_consumer)
         for name in ("traceparent", "tracestate"):
             if name in incoming:
                 headers[name] = incoming[name]
 
 
-def end_requests(requests: Iterable[tuple[Span | LightSpan, BaseException | None, float]]) -> None:
-    """End the worker's spans of a batch's requests, each with its queue wait (``mesh.queue_wait_ms``)."""
+def end_requests(
+    batch: Span | LightSpan | None,
+    spans: Sequence[Span | LightSpan | PendingSpan | None],
+    waits: Sequence[float],
+    errors: Mapping[int, BaseException],
+) -> None:
+    """End the worker's spans of ``batch``'s requests (None: a request not traced), each with its queue wait
+    (``mesh.queue_wait_ms``), those in ``errors`` (by position) failed with their error."""
+    rest: Iterable[int] = range(len(spans))
     if _recorder is not None:
         try:
-            requests = _recorder.end_requests(requests)  # what is left: spans of an SDK provider
+            rest = _recorder.end_requests(batch, spans, waits, errors)  # what is left: spans of an SDK provider
         except Exception:  # tracing must never fail the requests it watches
             log.warning("tracing: could not record a batch's spans", exc_info=True)
             return
-    for span, error, queue_ms in requests:
-        if not isinstance(span, LightSpan):  # else tracing was turned off while the span was open: dropped
-            end(span, error, **{"mesh.queue_wait_ms": queue_ms})
+    for i in rest:
+        span = spans[i]
+        if isinstance(span, Span):  # else tracing was turned off while the span was open: dropped
+            end(span, errors.get(i), **{"mesh.queue_wait_ms": waits[i]})
 
 
-def end(span: Span | LightSpan | None, error: BaseException | None = None, **attributes: Any) -> None:
+def end(span: Span | LightSpan | PendingSpan | None, error: BaseException | None = None, **attributes: Any) -> None:
     if span is None:
         return
-    if isinstance(span, LightSpan):
+    if isinstance(span, (LightSpan, tuple)):
         if _recorder is not None:  # else tracing was turned off while the span was open: dropped
             try:
                 _recorder.end(span, error, attributes)

@@ -192,7 +192,7 @@ class ModelServer:
     async def _on_delivery(self, delivery: Delivery) -> None:
         if tracing.enabled():
             delivery.span = tracing.start_consumer(
-                delivery.headers, delivery.subject, delivery.request_id, self.worker_id
+                delivery.headers, delivery.subject, delivery.request_id, self.worker_id, delivery.route is not None
             )
         self._upstream[delivery.priority] = delivery.num_pending
         self.last_used = time.time()

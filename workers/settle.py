@@ -131,13 +131,10 @@ class Settler:
 
     @staticmethod
     def _end_spans(done: Computed) -> None:
-        started_ns = done.started_ns
+        started_ns, deliveries = done.started_ns, [request.delivery for request in done.batch]
         tracing.end_requests(
-            (
-                request.delivery.span,
-                result if isinstance(result, MeshError) else None,
-                max(0.0, (started_ns - request.delivery.stored_ns) / 1e6) if request.delivery.stored_ns else 0.0,
-            )
-            for request, result in zip(done.batch, done.results, strict=True)
-            if request.delivery.span is not None
+            done.span,
+            [delivery.span for delivery in deliveries],
+            [max(0.0, (started_ns - d.stored_ns) / 1e6) if d.stored_ns else 0.0 for d in deliveries],
+            {i: result for i, result in enumerate(done.results) if isinstance(result, MeshError)},
         )

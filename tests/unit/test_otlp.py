@@ -8,6 +8,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -507,15 +508,19 @@ class _Capture:
             self.submit(span)
 
 
-def test_the_recorder_writes_each_request_span_as_encode_span_would() -> None:
+def test_the_recorder_writes_each_request_span_as_encode_span_would(monkeypatch: pytest.MonkeyPatch) -> None:
     """The recorder hands most request spans to the exporter unencoded, to be written in bulk. Whatever the
     parent (none, the caller's local or remote span, a traceparent with or without tracestate) and however
     the span ends (plain, with its queue wait, failed, with extra attributes), what the exporter writes is
-    what encode_span writes for the span as it ended."""
+    what encode_span writes for the span as it ended. (A worker's usual request span is a tuple until it
+    ends: it is compared as the span object it stands for, its drawn span id known here.)"""
     from opentelemetry import context as otel_context
 
+    import broker.spans
     from broker.spans import Recorder
 
+    monkeypatch.setattr(broker.spans, "_random_bytes", lambda n: bytes(range(7, 7 + n)))
+    monkeypatch.setattr(broker.spans, "time", SimpleNamespace(time_ns=lambda: 1_700_000_000_123_456_789))
     capture = _Capture()
     recorder = Recorder(capture, Sampler("always_on"), tracing._subject_attributes)  # type: ignore[arg-type]
     subject = "mesh.infer.iris.1.normal"
@@ -539,19 +544,34 @@ def test_the_recorder_writes_each_request_span_as_encode_span_would() -> None:
         consumers = [recorder.consumer(h, subject, rid, "w-1") for h in incoming for rid in ("r-2", None)]
         return [s for s in producers + consumers if s is not None]
 
-    endings: list[Callable[[LightSpan], None]] = [
+    endings: list[Callable[[Any], None]] = [
         lambda span: recorder.end(span, None, {}),
-        lambda span: recorder.end_requests([(span, None, 2.5)]),
-        lambda span: recorder.end_requests([(span, BadInput("wrong dtype"), 0.5)]),
+        lambda span: recorder.end_requests(None, [span], [2.5], {}),
+        lambda span: recorder.end_requests(None, [span], [0.5], {0: BadInput("wrong dtype")}),
         lambda span: recorder.end(span, None, {"mesh.rows": 3}),
     ]
     for ending in endings:
         spans = start_all()
-        assert len(spans) == 10
+        assert len(spans) == 10 and sum(type(span) is tuple for span in spans) == 1
         for span in spans:
             ending(span)
-            assert capture.spans[-1] == encode_span(span), (endings.index(ending), spans.index(span))
+            if type(span) is tuple:  # the span object it stands for, ended alike
+                twin = _span_of(span, bytes(range(7, 15)))
+                ending(twin)
+                capture.spans.pop()
+                assert capture.spans[-1] == encode_span(twin), endings.index(ending)
+            else:
+                assert capture.spans[-1] == encode_span(span), (endings.index(ending), spans.index(span))
     assert len(capture.spans) == 40
+
+
+def _span_of(pending: tuple[str, str, int, bytes], span_id: bytes) -> LightSpan:
+    """A worker's pending request span as the span object it stands for."""
+    traceparent, message_id, start, shape = pending
+    span = LightSpan(bytes.fromhex(traceparent[3:35]), span_id, bytes.fromhex(traceparent[36:52]), shape,
+                     [("messaging.message.id", message_id)])  # fmt: skip
+    span.start, span.remote_parent = start, True
+    return span
 
 
 def test_request_spans_wait_for_export_untracked_by_the_garbage_collector() -> None:
@@ -568,7 +588,7 @@ def test_request_spans_wait_for_export_untracked_by_the_garbage_collector() -> N
     consumed = recorder.consumer({"traceparent": f"00-{T.hex()}-{P.hex()}-01"}, "mesh.infer.iris.1.normal", "r-9", "w")
     for span in sent:
         recorder.end(span, None, {})  # type: ignore[arg-type]
-    recorder.end_requests([(consumed, None, 1.5)])  # type: ignore[list-item]
+    recorder.end_requests(None, [consumed], [1.5], {})
     gc.collect()
     assert len(capture.items) == 4
     assert not any(isinstance(item, bytes) or gc.is_tracked(item) for item in capture.items)
