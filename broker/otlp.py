@@ -14,7 +14,7 @@ import numpy as np
 __all__ = [
     "MESSAGE_ID", "QUEUE_WAIT", "ColumnSource", "Links", "RequestColumns", "RequestRecord", "delimited",
     "encode_attributes", "encode_links", "encode_queued", "encode_request", "encode_request_spans", "encode_span",
-    "is_request_span", "request_record", "span_shape", "utf8", "varint",
+    "request_record", "span_shape", "utf8", "varint",
 ]  # fmt: skip
 
 _VARINTS = [bytes([n]) for n in range(128)]
@@ -164,18 +164,6 @@ def encode_request(resource: bytes, scope: bytes, spans: Sequence[bytes]) -> byt
     return delimited(b"\x0a", delimited(b"\x0a", resource) + scope_spans)
 
 
-def is_request_span(span: SpanData) -> bool:
-    """A request's span as it usually ends (the client's send, the worker's process): no trace state, links or
-    error, and as attributes only its message id, then perhaps its queue wait. :func:`encode_request_spans`
-    writes such spans many at a time, from their :func:`request_record`."""
-    attrs = span.attrs
-    if span.trace_state is not None or span.links or span.error is not None or not attrs or len(attrs) > 2:
-        return False
-    if attrs[0][0] != MESSAGE_ID or type(attrs[0][1]) is not str:
-        return False
-    return len(attrs) == 1 or (attrs[1][0] == QUEUE_WAIT and type(attrs[1][1]) is float)
-
-
 # What an ended request span leaves for the exporter: shape, remote parent, trace id, span id, parent id,
 # start, end, message id, queue wait. A plain tuple of plain values, which the garbage collector stops
 # looking at once it has seen it (a span object, its attribute list and their tuples, kept queued until
@@ -183,13 +171,22 @@ def is_request_span(span: SpanData) -> bool:
 RequestRecord = tuple[bytes, bool, bytes, bytes, bytes | None, int, int, str, float | None]
 
 
-def request_record(span: SpanData) -> RequestRecord:
-    """The record of a request span (:func:`is_request_span`)."""
+def request_record(span: SpanData) -> RequestRecord | None:
+    """The record of a request's span as it usually ends (the client's send, the worker's process): no trace
+    state, links or error, and as attributes only its message id, then perhaps its queue wait. None for any
+    other span. :func:`encode_request_spans` writes such spans many at a time, from their records."""
     attrs = span.attrs
-    assert attrs is not None
-    wait = attrs[1][1] if len(attrs) == 2 else None
+    if span.trace_state is not None or span.links or span.error is not None or not attrs or len(attrs) > 2:
+        return None
+    message_id, wait = attrs[0][1], None
+    if attrs[0][0] != MESSAGE_ID or type(message_id) is not str:
+        return None
+    if len(attrs) == 2:
+        if attrs[1][0] != QUEUE_WAIT or type(attrs[1][1]) is not float:
+            return None
+        wait = attrs[1][1]
     return (span.shape, span.remote_parent, span.trace_id, span.span_id, span.parent_id, span.start, span.end,
-            attrs[0][1], wait)  # fmt: skip
+            message_id, wait)  # fmt: skip
 
 
 class RequestColumns:

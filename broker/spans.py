@@ -19,14 +19,13 @@ from broker.otlp import (
     Links,
     RequestRecord,
     encode_span,
-    is_request_span,
     request_record,
     span_shape,
 )
 from broker.process_spans import BatchIds, PendingSpan, usual_traceparent
 from broker.span_export import OtlpExporter
 
-__all__ = ["LightSpan", "Recorder", "Sampler"]
+__all__ = ["LightSpan", "Recorder", "Sampler", "SendSpan"]
 
 PRODUCER, CONSUMER, INTERNAL = 4, 5, 1  # OTLP's SpanKind numbers
 _RATIO_LIMIT = 1 << 64
@@ -84,8 +83,32 @@ class LightSpan:
         return f"00-{self.trace_id.hex()}-{self.span_id.hex()}-01"
 
 
+# A client's send span with no parent, the usual: [its trace and span ids (24 random bytes), message id, start
+# (None once ended), shape]. A plain list, not a span object, unless it ends otherwise than as usual (see
+# Recorder.end).
+SendSpan = list[Any]
+
 # Span and trace ids; all zeros (invalid) has a chance of 2^-64 a span, which the SDK's generator ignores too.
 _random_bytes = random.randbytes
+
+
+def _context_reader() -> Callable[[], bool]:
+    """Whether the current OpenTelemetry context holds a span, asked for every request a client sends: read
+    from the API's context variable when the API keeps the context in one (its default), one call where
+    ``trace.get_current_span`` takes five; else through the API."""
+    try:
+        from opentelemetry.context import _RUNTIME_CONTEXT
+        from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+        from opentelemetry.trace.propagation import _SPAN_KEY
+    except ImportError:  # another release of the API
+        return lambda: trace.get_current_span() is not INVALID_SPAN
+    if type(_RUNTIME_CONTEXT) is not ContextVarsRuntimeContext:
+        return lambda: trace.get_current_span() is not INVALID_SPAN
+    current = _RUNTIME_CONTEXT._current_context.get
+    return lambda: _SPAN_KEY in current()
+
+
+_caller_has_span = _context_reader()
 
 
 class Recorder:
@@ -106,14 +129,17 @@ class Recorder:
             shape = self._shapes[key] = build()
         return shape
 
-    def producer(self, subject: str, request_id: str, headers: MutableMapping[str, str]) -> LightSpan | None:
-        """The client's send span; the parent is the caller's current span, if it has one. A dropped trace
-        still sends its context, marked not sampled, so that the worker drops it too."""
-        caller = trace.get_current_span()
+    def producer(self, subject: str, request_id: str, headers: MutableMapping[str, str]) -> LightSpan | SendSpan | None:
+        """The client's send span; the parent is the caller's current span, if it has one (else, the usual,
+        the span is a plain tuple: :data:`SendSpan`). A dropped trace still sends its context, marked not
+        sampled, so that the worker drops it too."""
         ids = _random_bytes(24)
-        parent = None if caller is INVALID_SPAN else caller.get_span_context()
-        if parent is not None and not parent.is_valid:
-            parent = None
+        parent = None
+        if _caller_has_span():  # else the usual: a new trace, with no span to ask for its context
+            caller = trace.get_current_span()
+            parent = None if caller is INVALID_SPAN else caller.get_span_context()
+            if parent is not None and not parent.is_valid:
+                parent = None
         if parent is None:  # a new trace: its ids and traceparent straight from the random bytes
             trace_id, span_id, parent_id = ids[:16], ids[16:], None
             sampled = self.sampler.always or self.sampler.root(int.from_bytes(ids[8:16], "big"))
@@ -132,11 +158,12 @@ class Recorder:
         if shape is None:
             attrs = {**self._subject_attributes(subject), "messaging.operation.type": "send"}
             shape = self._send_shapes[subject] = span_shape(f"send {attrs['mesh.model']}", PRODUCER, attrs)
+        if parent is None:
+            return [ids, request_id, time.time_ns(), shape]
         span = LightSpan(trace_id, span_id, parent_id, shape, [(MESSAGE_ID, request_id)])
-        if parent is not None:
-            span.remote_parent = parent.is_remote
-            if parent.trace_state:
-                span.trace_state = parent.trace_state.to_header()
+        span.remote_parent = parent.is_remote
+        if parent.trace_state:
+            span.trace_state = parent.trace_state.to_header()
         return span
 
     def consumer(
@@ -221,8 +248,19 @@ class Recorder:
         span.trace_state = batch.trace_state
         return span
 
-    def end(self, span: LightSpan | PendingSpan, error: BaseException | None, attributes: Mapping[str, Any]) -> None:
-        if type(span) is tuple:  # a request's span ended before (or without) a batch
+    def end(
+        self, span: LightSpan | PendingSpan | SendSpan, error: BaseException | None, attributes: Mapping[str, Any]
+    ) -> None:
+        if type(span) is list:  # a client's send span
+            ids, message_id, start, shape = span
+            if start is None:
+                return  # ended already
+            if error is None and not attributes:  # as it usually ends: its record
+                span[2], end = None, time.time_ns()
+                self.exporter.submit((shape, False, ids[:16], ids[16:], None, start, end, message_id, None))
+                return
+            span = _sent(span)
+        elif type(span) is tuple:  # a worker's request span, ended before (or without) a batch
             span = _alone(span, _random_bytes(8))
         assert type(span) is LightSpan
         if span.end:
@@ -236,8 +274,9 @@ class Recorder:
                 _failed(span, attrs, error)
         # A request's span waits for the exporter as a record, to be written with its like in bulk; a batch's
         # span with its links still to write is written there too.
-        if is_request_span(span):
-            self.exporter.submit(request_record(span))
+        record = request_record(span)
+        if record is not None:
+            self.exporter.submit(record)
         else:
             self.exporter.submit(span if type(span.links) is BatchIds else encode_span(span))
 
@@ -264,6 +303,8 @@ class Recorder:
                     rows.append(ids.row(span))
                     continue
                 span = _alone(span, ids.span_id(span) if ids is not None else _random_bytes(8))
+            elif type(span) is list:
+                span = _sent(span)
             elif type(span) is not LightSpan:
                 if span is not None:
                     others.append(i)
@@ -277,9 +318,7 @@ class Recorder:
             error = errors.get(i)
             if error is not None:
                 _failed(span, attrs, error)
-                out.append(encode_span(span))
-            else:
-                out.append(request_record(span) if is_request_span(span) else encode_span(span))
+            out.append(request_record(span) or encode_span(span))
         if out:
             self.exporter.submit_many(out)
         if rows:
@@ -298,6 +337,15 @@ def _alone(span: PendingSpan, span_id: bytes) -> LightSpan:
         bytes.fromhex(value[3:35]), span_id, bytes.fromhex(value[36:52]), shape, [(MESSAGE_ID, message_id)]
     )
     light.start, light.remote_parent = start, True
+    return light
+
+
+def _sent(span: SendSpan) -> LightSpan:
+    """A client's send span as a span object, to end otherwise than as usual (ended already if so)."""
+    ids, message_id, start, shape = span
+    light = LightSpan(ids[:16], ids[16:], None, shape, [(MESSAGE_ID, message_id)])
+    light.start, light.end = start or 0, 0 if start is not None else 1
+    span[2] = None
     return light
 
 

@@ -35,7 +35,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from broker.process_spans import PendingSpan
 from broker.span_export import ExportSettings, OtlpExporter
-from broker.spans import LightSpan, Recorder, Sampler
+from broker.spans import LightSpan, Recorder, Sampler, SendSpan
 from schemas.subjects import parse_infer_subject
 
 __all__ = [
@@ -240,7 +240,9 @@ def _write_context(span: Span, headers: MutableMapping[str, str]) -> None:
         headers["tracestate"] = ctx.trace_state.to_header()
 
 
-def start_producer(subject: str, request_id: str, headers: MutableMapping[str, str]) -> Span | LightSpan | None:
+def start_producer(
+    subject: str, request_id: str, headers: MutableMapping[str, str]
+) -> Span | LightSpan | SendSpan | None:
     """The client's send span (PRODUCER); its context goes into ``headers`` for the worker. A trace the
     sampler drops still sends its context (so the worker drops it too) and returns None."""
     if _recorder is not None:
@@ -345,10 +347,12 @@ def end_requests(
             end(span, errors.get(i), **{"mesh.queue_wait_ms": waits[i]})
 
 
-def end(span: Span | LightSpan | PendingSpan | None, error: BaseException | None = None, **attributes: Any) -> None:
+def end(
+    span: Span | LightSpan | PendingSpan | SendSpan | None, error: BaseException | None = None, **attributes: Any
+) -> None:
     if span is None:
         return
-    if isinstance(span, (LightSpan, tuple)):
+    if isinstance(span, (LightSpan, tuple, list)):
         if _recorder is not None:  # else tracing was turned off while the span was open: dropped
             try:
                 _recorder.end(span, error, attributes)

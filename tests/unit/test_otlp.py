@@ -36,7 +36,6 @@ from broker.otlp import (
     encode_request,
     encode_request_spans,
     encode_span,
-    is_request_span,
     request_record,
     span_shape,
 )
@@ -296,14 +295,20 @@ def test_ending_twice_exports_once_and_errors_carry_their_status() -> None:
         try:
             headers: dict[str, str] = {}
             span = tracing.start_producer("mesh.infer.iris.1.high", "r1", headers)
-            assert isinstance(span, LightSpan)
+            plain = tracing.start_producer("mesh.infer.iris.1.high", "r2", {})
+            assert span is not None and plain is not None
             tracing.end(span, BadInput("wrong dtype"))
             tracing.end(span)
+            tracing.end(plain)
+            tracing.end(plain, BadInput("late"))
             tracing.flush()
         finally:
             tracing.shutdown()
             tracing.disable()
-    (exported,) = receiver.get_finished_spans()
+    exported, ended = sorted(
+        receiver.get_finished_spans(), key=lambda s: str((s.attributes or {})["messaging.message.id"])
+    )
+    assert ended.status.status_code == StatusCode.UNSET
     assert exported.status.status_code == StatusCode.ERROR and exported.status.description == "wrong dtype"
     assert (exported.attributes or {})["mesh.status"] == 400
     assert headers["traceparent"] == f"00-{exported.context.trace_id:032x}-{exported.context.span_id:016x}-01"
@@ -460,7 +465,7 @@ def test_request_spans_written_in_bulk_are_the_bytes_encode_span_writes() -> Non
     encode_span writes; mixed (layouts, message id lengths, ASCII or not), every span comes out once."""
     rng = random.Random(11)
     spans = [_random_request_span(rng, i) for i in range(800)]
-    assert all(is_request_span(span) for span in spans)
+    assert all(request_record(span) is not None for span in spans)
     for span in spans:
         assert encode_request_spans([request_record(span)]) == [encode_span(span)], (span.attrs, span.parent_id)
     for size in (2, 17, 800):
@@ -480,7 +485,7 @@ def test_only_request_spans_take_the_bulk_path() -> None:
     """A span with trace state, links, an error or other attributes is encoded on its own."""
     for case in SPANS:
         light, _ = _pair(**SPANS[case])  # type: ignore[arg-type]
-        assert is_request_span(light) == (case == "root producer"), case
+        assert (request_record(light) is not None) == (case == "root producer"), case
     light, _ = _pair(**SPANS["root producer"])  # type: ignore[arg-type]
     for change in (
         {"trace_state": "a=1"}, {"links": [(T, P)]}, {"error": "failed"},
@@ -491,7 +496,7 @@ def test_only_request_spans_take_the_bulk_path() -> None:
         other = LightSpan(light.trace_id, light.span_id, None, light.shape, light.attrs)
         for name, value in change.items():
             setattr(other, name, value)
-        assert not is_request_span(other), change
+        assert request_record(other) is None, change
 
 
 class _Capture:
@@ -536,7 +541,8 @@ def test_the_recorder_writes_each_request_span_as_encode_span_would(monkeypatch:
             finally:
                 if token is not None:
                     otel_context.detach(token)
-        assert [s.remote_parent for s in producers if s] == [False, False, True, True]
+        assert type(producers[0]) is list  # no parent: a plain list until it ends
+        assert [s.remote_parent for s in producers[1:] if isinstance(s, LightSpan)] == [False, True, True]
         incoming = [
             {}, {"traceparent": f"00-{T.hex()}-{P.hex()}-01"},
             {"traceparent": f"00-{T.hex()}-{P.hex()}-01", "tracestate": "a=1"},
@@ -552,16 +558,19 @@ def test_the_recorder_writes_each_request_span_as_encode_span_would(monkeypatch:
     ]
     for ending in endings:
         spans = start_all()
-        assert len(spans) == 10 and sum(type(span) is tuple for span in spans) == 1
+        assert len(spans) == 10 and sum(type(span) in (tuple, list) for span in spans) == 2
         for span in spans:
-            ending(span)
-            if type(span) is tuple:  # the span object it stands for, ended alike
+            twin = None  # the span object a plain tuple or list stands for, ended alike
+            if type(span) is tuple:
                 twin = _span_of(span, bytes(range(7, 15)))
+            elif type(span) is list:
+                twin = LightSpan(span[0][:16], span[0][16:], None, span[3], [("messaging.message.id", span[1])])
+                twin.start = span[2]
+            ending(span)
+            if twin is not None:
                 ending(twin)
                 capture.spans.pop()
-                assert capture.spans[-1] == encode_span(twin), endings.index(ending)
-            else:
-                assert capture.spans[-1] == encode_span(span), (endings.index(ending), spans.index(span))
+            assert capture.spans[-1] == encode_span(twin or span), (endings.index(ending), spans.index(span))
     assert len(capture.spans) == 40
 
 
