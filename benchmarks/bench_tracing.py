@@ -1,6 +1,7 @@
 """What tracing costs: mesh throughput at concurrency 64 with tracing off, on at 100% and 10% sampling
 (the mesh's own recorder, OTLP/HTTP export to a local sink), at 100% through the SDK's
-BatchSpanProcessor and OTLP exporter, and with the instrumentation path stripped out.
+BatchSpanProcessor and OTLP exporter, with only the client traced, and with the instrumentation path
+stripped out.
 
 Run from the repository root: ``python benchmarks/bench_tracing.py [--quick] [--rounds N] [--model identity|mlp]``.
 """
@@ -34,9 +35,10 @@ from router.local import wait_workers_ready
 
 CONCURRENCY = 64
 WIDTHS = {"identity": 16, "mlp": 512}
-# sampled: 10% of traces (parent-based ratio sampler); sdk: 100%, through the OpenTelemetry SDK
-MODES = ("stripped", "off", "on", "sampled", "sdk")
-TRACED = ("on", "sampled", "sdk")
+# sampled: 10% of traces (parent-based ratio sampler); sdk: 100%, through the OpenTelemetry SDK; client: only
+# the client traced (100%), the worker not: against "on", what tracing costs the serving side alone.
+MODES = ("stripped", "off", "on", "sampled", "sdk", "client")
+TRACED = ("on", "sampled", "sdk", "client")
 
 
 def _otel_env(sink_url: str, mode: str) -> dict[str, str]:
@@ -48,7 +50,7 @@ def _otel_env(sink_url: str, mode: str) -> dict[str, str]:
 
 
 def _spawn_worker(mode: str, url: str, repo: Path, log: Path, sink_url: str) -> subprocess.Popen[bytes]:
-    traced = mode in TRACED
+    traced = mode in TRACED and mode != "client"
     untraced_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env = {**untraced_env, "SERVEMESH_LOOP": "uvloop", **(_otel_env(sink_url, mode) if traced else {})}
     script = ["benchmarks/stripped_worker.py"] if mode == "stripped" else ["-m", "router", "worker"]
@@ -173,6 +175,8 @@ def report(results: dict[str, list[tuple[float, float]]]) -> None:
     print(f"\n{'target':<58} {'req/s':>7} {'CPU':>7}  target")
     rows = [
         ("cost of tracing at 100% sampling (on vs off)", "on", "off", "≤ 10%"),
+        ("the serving side's share: worker traced too (on vs client)", "on", "client", "info"),
+        ("the client's share: its own spans only (client vs off)", "client", "off", "info"),
         ("cost of tracing with 10% of traces sampled (vs off)", "sampled", "off", "info"),
         ("cost at 100% through the OpenTelemetry SDK (vs off)", "sdk", "off", "info"),
         ("cost of the path with tracing off (off vs stripped)", "off", "stripped", "≤ 1% (noise: ±15%)"),
