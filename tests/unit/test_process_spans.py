@@ -178,3 +178,23 @@ def test_batch_columns_split_across_posts_reach_the_collector_once_each(fixed: N
     assert sum(sizes) == 20 and max(sizes) <= 8 and exporter.exported == 20
     exported = [s.attributes["messaging.message.id"] for s in receiver.get_finished_spans()]
     assert sorted(exported) == [f"r-{i:03}" for i in range(20)]  # type: ignore[type-var]
+
+
+def test_a_batch_beyond_a_full_queue_is_cut_and_counted() -> None:
+    """A batch's spans queue as if each came alone: those beyond the queue's room are dropped and counted,
+    the rest exported."""
+    rng = random.Random(9)
+    recorder, _ = _recorder()
+    spans = [recorder.consumer({"traceparent": _traceparent(rng)}, "mesh.infer.iris.1.normal", f"r-{i:03}", "w")
+             for i in range(20)]  # fmt: skip
+    batch = recorder.batch("iris", "1", spans, "w")
+    with receiving() as receiver:
+        settings = ExportSettings(url=receiver.url, delay_s=60, max_queue=11, batch_size=5)
+        exporter = OtlpExporter(settings, {}, ("s", "1"))
+        recorder.exporter = exporter
+        recorder.end_requests(batch, spans, [1.0] * 20, {})
+        exporter.force_flush()
+        exporter.shutdown()
+    assert exporter.dropped == 9 and exporter.exported == 11
+    exported = [s.attributes["messaging.message.id"] for s in receiver.get_finished_spans()]
+    assert sorted(exported) == [f"r-{i:03}" for i in range(11)]  # type: ignore[type-var]
