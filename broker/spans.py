@@ -171,7 +171,7 @@ class Recorder:
     ) -> LightSpan | PendingSpan | None:
         """The worker's span for one request, a child of the ``traceparent`` it came with (a new trace
         when it came with none or a malformed one). The usual request's span is a tuple until its batch
-        starts (:mod:`broker.process_spans`); one whose context goes on to a pipeline's next stage
+        ends (:mod:`broker.process_spans`); one whose context goes on to a pipeline's next stage
         (``forwarded``) is a span object at once."""
         value = headers.get("traceparent")
         sampler = self.sampler
