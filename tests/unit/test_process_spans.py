@@ -122,10 +122,8 @@ def test_usual_batches_are_queued_one_source_each_and_written_together(fixed: No
     reference, reference_queue = _recorder()
     links = []
     for _ in range(3):
-        spans = [recorder.consumer({"traceparent": _traceparent(rng)}, "mesh.infer.iris.1.normal", f"r-{i:03}", "w")
-                 for i in range(20)]  # fmt: skip
-        batch = recorder.batch("iris", "1", spans, "w")
-        assert batch is not None and batch.requests is not None and batch.links is batch.requests  # on export
+        spans, batch = _usual_batch(recorder, rng)
+        assert batch.requests is not None and batch.links is batch.requests  # written on export
         recorder.end_requests(batch, spans, [i / 8 for i in range(20)], {})
         twins = [_span_of(s, batch.requests.span_id(s)) for s in spans]
         reference.end_requests(None, twins, [i / 8 for i in range(20)], {})
@@ -161,40 +159,30 @@ def test_a_pending_span_ended_before_its_batch_is_written_alone() -> None:
     assert span.status.code == 2 and span.status.message == "expired" and span.flags & 0x200  # remote parent
 
 
-def test_batch_columns_split_across_posts_reach_the_collector_once_each(fixed: None) -> None:
-    """Through the exporter: a batch's 20 spans queued as one source, posted 8 at a time."""
-    rng = random.Random(7)
+@pytest.mark.parametrize(("room", "kept"), [(2048, 20), (11, 11)])
+def test_a_batch_reaches_the_collector_once_per_span_within_the_queue(room: int, kept: int) -> None:
+    """Through the exporter: a batch's 20 spans, queued as one source, posted 5 at a time. With room for
+    fewer, as if each came alone, those beyond are dropped and counted."""
     recorder, _ = _recorder()
-    spans = [recorder.consumer({"traceparent": _traceparent(rng)}, "mesh.infer.iris.1.normal", f"r-{i:03}", "w")
-             for i in range(20)]  # fmt: skip
-    batch = recorder.batch("iris", "1", spans, "w")
+    spans, batch = _usual_batch(recorder, random.Random(room))
     with receiving() as receiver:
-        exporter = OtlpExporter(ExportSettings(url=receiver.url, delay_s=60, batch_size=8), {}, ("s", "1"))
+        exporter = OtlpExporter(
+            ExportSettings(url=receiver.url, delay_s=60, max_queue=room, batch_size=5), {}, ("s", "1")
+        )
         recorder.exporter = exporter
         recorder.end_requests(batch, spans, [1.0] * 20, {})
         exporter.force_flush()
         exporter.shutdown()
     sizes = [len(r.resource_spans[0].scope_spans[0].spans) for r in receiver.requests]
-    assert sum(sizes) == 20 and max(sizes) <= 8 and exporter.exported == 20
+    assert sum(sizes) == exporter.exported == kept and max(sizes) <= 5 and exporter.dropped == 20 - kept
     exported = [s.attributes["messaging.message.id"] for s in receiver.get_finished_spans()]
-    assert sorted(exported) == [f"r-{i:03}" for i in range(20)]  # type: ignore[type-var]
+    assert sorted(exported) == [f"r-{i:03}" for i in range(kept)]  # type: ignore[type-var]
 
 
-def test_a_batch_beyond_a_full_queue_is_cut_and_counted() -> None:
-    """A batch's spans queue as if each came alone: those beyond the queue's room are dropped and counted,
-    the rest exported."""
-    rng = random.Random(9)
-    recorder, _ = _recorder()
+def _usual_batch(recorder: Recorder, rng: random.Random) -> tuple[list[Any], LightSpan]:
+    """A batch of 20 usual requests (their spans pending), started."""
     spans = [recorder.consumer({"traceparent": _traceparent(rng)}, "mesh.infer.iris.1.normal", f"r-{i:03}", "w")
              for i in range(20)]  # fmt: skip
     batch = recorder.batch("iris", "1", spans, "w")
-    with receiving() as receiver:
-        settings = ExportSettings(url=receiver.url, delay_s=60, max_queue=11, batch_size=5)
-        exporter = OtlpExporter(settings, {}, ("s", "1"))
-        recorder.exporter = exporter
-        recorder.end_requests(batch, spans, [1.0] * 20, {})
-        exporter.force_flush()
-        exporter.shutdown()
-    assert exporter.dropped == 9 and exporter.exported == 11
-    exported = [s.attributes["messaging.message.id"] for s in receiver.get_finished_spans()]
-    assert sorted(exported) == [f"r-{i:03}" for i in range(11)]  # type: ignore[type-var]
+    assert batch is not None and batch.requests is not None
+    return spans, batch
