@@ -101,9 +101,9 @@ def _header_ok(text: str) -> bool:
 class OtlpExporter:
     """Ended spans queue here (bounded: beyond ``max_queue`` they are dropped and counted); a thread posts
     them every ``delay_s``, or as soon as a batch is full. A span comes encoded, or as the record of a request's
-    span (:func:`~broker.otlp.request_record`), or as one of a batch's request spans
-    (:class:`~broker.otlp.RequestColumns`, queued once per span), which the thread writes with their like,
-    many at a time."""
+    span (:func:`~broker.otlp.request_record`), or among a batch's request spans (a
+    :class:`~broker.otlp.ColumnSource`, queued once per span), which the thread writes with their like, many
+    at a time; or as a span to encode there (a batch span whose links are written on export)."""
 
     def __init__(self, settings: ExportSettings, resource: Mapping[str, Any], scope: tuple[str, str]) -> None:
         self.settings = settings
