@@ -1,7 +1,7 @@
 """What tracing costs: mesh throughput at concurrency 64 with tracing off, on at 100% and 10% sampling
 (the mesh's own recorder, OTLP/HTTP export to a local sink), at 100% through the SDK's
-BatchSpanProcessor and OTLP exporter, with only the client traced, and with the instrumentation path
-stripped out.
+BatchSpanProcessor and OTLP exporter, with only the client traced, with every span recorded but none
+exported, and with the instrumentation path stripped out.
 
 Run from the repository root: ``python benchmarks/bench_tracing.py [--quick] [--rounds N] [--model identity|mlp]``.
 """
@@ -24,10 +24,10 @@ import tempfile
 import numpy as np
 
 from benchmarks.bench_mesh import Children
-from benchmarks.cpu import CpuMeter
+from benchmarks.cpu import CpuMeter, main_thread
 from benchmarks.loadgen import closed_loop
 from benchmarks.otlp_sink import Sink
-from benchmarks.stripped_worker import restore_tracing, strip_tracing
+from benchmarks.stripped_worker import exported, restore_tracing, strip_tracing, unexported
 from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision, tracing
 from broker.loop import run
 from examples.build_models import build_identity_onnx, build_mlp_onnx
@@ -36,9 +36,11 @@ from router.local import wait_workers_ready
 CONCURRENCY = 64
 WIDTHS = {"identity": 16, "mlp": 512}
 # sampled: 10% of traces (parent-based ratio sampler); sdk: 100%, through the OpenTelemetry SDK; client: only
-# the client traced (100%), the worker not: against "on", what tracing costs the serving side alone.
-MODES = ("stripped", "off", "on", "sampled", "sdk", "client")
-TRACED = ("on", "sampled", "sdk", "client")
+# the client traced (100%), the worker not: against "on", what tracing costs the serving side alone;
+# unexported: both traced (100%), every span recorded and then dropped where it would be queued for export.
+MODES = ("stripped", "off", "on", "sampled", "sdk", "client", "unexported")
+TRACED = ("on", "sampled", "sdk", "client", "unexported")
+CUT = {"stripped": "--strip", "unexported": "--unexported"}  # how stripped_worker.py runs the worker
 
 
 def _otel_env(sink_url: str, mode: str) -> dict[str, str]:
@@ -53,7 +55,7 @@ def _spawn_worker(mode: str, url: str, repo: Path, log: Path, sink_url: str) -> 
     traced = mode in TRACED and mode != "client"
     untraced_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env = {**untraced_env, "SERVEMESH_LOOP": "uvloop", **(_otel_env(sink_url, mode) if traced else {})}
-    script = ["benchmarks/stripped_worker.py"] if mode == "stripped" else ["-m", "router", "worker"]
+    script = ["benchmarks/stripped_worker.py", CUT[mode]] if mode in CUT else ["-m", "router", "worker"]
     args = [sys.executable, *script, "--models", str(repo), "--id", f"w-{mode}", "--nats", url]
     with open(log, "ab") as out:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
@@ -74,9 +76,10 @@ async def _cell(mode: str, url: str, seconds: float, model: str, meter: CpuMeter
         cpu = meter.stop()
     if result.errors:
         raise RuntimeError(f"{mode}: {len(result.errors)} failed requests, e.g. {result.errors[0]}")
-    busy = sum(v for k, v in cpu.items() if k != "machine") / 100  # cores
-    split = " / ".join(f"{cpu[k] / 100 / result.throughput * 1e6:.0f}" for k in ("client", "nats", "worker"))
-    print(f"    CPU µs/request, client / nats-server / worker: {split}", flush=True)
+    busy = sum(cpu[k] for k in meter.pids) / 100  # cores
+    us = {k: v / 100 / result.throughput * 1e6 for k, v in cpu.items()}
+    split = " / ".join(f"{us[k]:.0f}" + (f" ({us[main_thread(k)]:.0f})" if k != "nats" else "") for k in meter.pids)
+    print(f"    CPU µs/request, client (main thread) / nats-server / worker (main thread): {split}", flush=True)
     return result.throughput, busy / result.throughput * 1e6
 
 
@@ -102,16 +105,19 @@ async def _round(
     assert server.proc is not None
     try:
         proc = children.add(mode, _spawn_worker(mode, url, repo, logs / f"{mode}.log", sink_url))
-        meter = CpuMeter({"client": os.getpid(), "nats": server.proc.pid, "worker": proc.pid})
+        pids = {"client": os.getpid(), "nats": server.proc.pid, "worker": proc.pid}
+        meter = CpuMeter(pids, main_threads=("client", "worker"))
         conn = await Connection.open(Settings.from_url(url))
         await wait_workers_ready(await Registry.open(conn), [f"w-{mode}"], 60)
         await conn.close()
         _client_mode(mode, sink_url)
-        originals = strip_tracing() if mode == "stripped" else {}  # the client's hooks go too
+        hooks = strip_tracing() if mode == "stripped" else {}  # the client's hooks go too
+        submits = unexported() if mode == "unexported" else {}  # and its exports
         try:
             rps, cpu_us = await _cell(mode, url, seconds, model, meter)
         finally:
-            restore_tracing(originals)
+            restore_tracing(hooks)
+            exported(submits)
         print(f"  {mode:<9} {rps:9,.0f} req/s  {cpu_us:6.1f} µs CPU/request  (worker pid {proc.pid})", flush=True)
         return rps, cpu_us
     finally:
@@ -171,12 +177,14 @@ def report(results: dict[str, list[tuple[float, float]]]) -> None:
     print(f"\n{'mode':<10} {'median req/s':>13} {'CPU µs/req':>11}  runs (req/s)")
     for mode in MODES:
         print(f"{mode:<10} {rps[mode]:13,.0f} {cpu[mode]:11.1f}  {', '.join(f'{v[0]:,.0f}' for v in results[mode])}")
-    print("CPU µs/req: client + nats-server + worker CPU time per request (includes span export threads).")
+    print("CPU µs/req: client + nats-server + worker CPU time per request (span export threads included).")
     print(f"\n{'target':<58} {'req/s':>7} {'CPU':>7}  target")
     rows = [
         ("cost of tracing at 100% sampling (on vs off)", "on", "off", "≤ 10%"),
         ("the serving side's share: worker traced too (on vs client)", "on", "client", "info"),
         ("the client's share: its own spans only (client vs off)", "client", "off", "info"),
+        ("recording alone: spans recorded, none exported (vs off)", "unexported", "off", "info"),
+        ("the export's share: queue, write, post (on vs unexported)", "on", "unexported", "info"),
         ("cost of tracing with 10% of traces sampled (vs off)", "sampled", "off", "info"),
         ("cost at 100% through the OpenTelemetry SDK (vs off)", "sdk", "off", "info"),
         ("cost of the path with tracing off (off vs stripped)", "off", "stripped", "≤ 1% (noise: ±15%)"),
