@@ -23,8 +23,12 @@ _DOUBLE = struct.Struct("<d")
 _SPAN_FLAGS = {False: b"\x85\x01" + struct.pack("<I", 0x100), True: b"\x85\x01" + struct.pack("<I", 0x300)}
 # Status{} (unset) and flags, together: what a span that did not fail ends with.
 _OK_TAIL = {remote: b"\x7a\x00" + flags for remote, flags in _SPAN_FLAGS.items()}
-# Link{trace_id, span_id, flags: a local span}, as a bytes %-format of the two ids.
+# Link{trace_id, span_id, flags: a local span}, as a bytes %-format of the two ids; and with zero ids, as the
+# template of many links written at once, the ids at bytes 4 and 22.
 _LINK = b"\x6a\x21\x0a\x10%b\x12\x08%b\x35" + struct.pack("<I", 0x100).replace(b"%", b"%%")
+_LINKS = np.frombuffer(
+    b"\x6a\x21\x0a\x10" + bytes(16) + b"\x12\x08" + bytes(8) + b"\x35" + struct.pack("<I", 0x100), np.uint8
+)
 MESSAGE_ID, QUEUE_WAIT = "messaging.message.id", "mesh.queue_wait_ms"
 
 
@@ -140,8 +144,7 @@ def encode_span(span: SpanData) -> bytes:
 def encode_links(trace_ids: bytes, span_ids: bytes) -> bytes:
     """Links to the spans whose ids are joined in ``trace_ids`` (16 bytes each) and ``span_ids`` (8 each), as
     encode_span writes a span's links."""
-    count = len(span_ids) // 8
-    return b"".join([_LINK % (trace_ids[16 * i : 16 * i + 16], span_ids[8 * i : 8 * i + 8]) for i in range(count)])
+    return _fill(_LINKS, len(span_ids) // 8, [(4, trace_ids, 16), (22, span_ids, 8)])
 
 
 _Column = tuple[int, bytes | np.ndarray[Any, Any], int]  # where it goes, the values joined, width of one
@@ -160,8 +163,10 @@ def _fill(template: np.ndarray[Any, Any], n: int, columns: list[_Column]) -> byt
 
 def encode_request(resource: bytes, scope: bytes, spans: Sequence[bytes]) -> bytes:
     """An ``ExportTraceServiceRequest``: one resource, one instrumentation scope, encoded ``spans``."""
-    scope_spans = delimited(b"\x12", delimited(b"\x0a", scope) + b"".join(spans))
-    return delimited(b"\x0a", delimited(b"\x0a", resource) + scope_spans)
+    resource, scope = delimited(b"\x0a", resource), delimited(b"\x0a", scope)
+    scope_spans = len(scope) + sum(map(len, spans))
+    head = b"\x12" + varint(scope_spans)  # the spans are copied once, into the body
+    return b"".join([b"\x0a", varint(len(resource) + len(head) + scope_spans), resource, head, scope, *spans])
 
 
 # What an ended request span leaves for the exporter: shape, remote parent, trace id, span id, parent id,
