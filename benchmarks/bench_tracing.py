@@ -27,7 +27,7 @@ from benchmarks.bench_mesh import Children
 from benchmarks.cpu import CpuMeter, main_thread
 from benchmarks.loadgen import closed_loop
 from benchmarks.otlp_sink import Sink
-from benchmarks.stripped_worker import exported, restore_tracing, strip_tracing, unexported
+from benchmarks.stripped_worker import restore, strip_tracing, unexported
 from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision, tracing
 from broker.loop import run
 from examples.build_models import build_identity_onnx, build_mlp_onnx
@@ -111,13 +111,12 @@ async def _round(
         await wait_workers_ready(await Registry.open(conn), [f"w-{mode}"], 60)
         await conn.close()
         _client_mode(mode, sink_url)
-        hooks = strip_tracing() if mode == "stripped" else {}  # the client's hooks go too
-        submits = unexported() if mode == "unexported" else {}  # and its exports
+        # The client's hooks go too, or its exports.
+        swapped = strip_tracing() if mode == "stripped" else unexported() if mode == "unexported" else None
         try:
             rps, cpu_us = await _cell(mode, url, seconds, model, meter)
         finally:
-            restore_tracing(hooks)
-            exported(submits)
+            restore(swapped)
         print(f"  {mode:<9} {rps:9,.0f} req/s  {cpu_us:6.1f} µs CPU/request  (worker pid {proc.pid})", flush=True)
         return rps, cpu_us
     finally:

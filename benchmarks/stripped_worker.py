@@ -22,42 +22,40 @@ def nothing(*args: object, **kwargs: object) -> None:
     return None
 
 
-def strip_tracing() -> dict[str, object]:
-    """Swap every hook for the cheapest callable that keeps the call sites working; returns the originals."""
+Swapped = tuple[object, dict[str, object]]  # whose attributes were swapped, and what they were
+
+
+def _swap(owner: object, names: tuple[str, ...]) -> Swapped:
+    originals = {name: getattr(owner, name) for name in names}
+    for name in names:
+        setattr(owner, name, nothing)
+    return owner, originals
+
+
+def restore(swapped: Swapped | None) -> None:
+    if swapped is not None:
+        owner, originals = swapped
+        for name, value in originals.items():
+            setattr(owner, name, value)
+
+
+def strip_tracing() -> Swapped:
+    """Swap every hook for the cheapest callable that keeps the call sites working (``enabled()`` → None,
+    which call sites read as false); :func:`restore` puts them back."""
     from broker import tracing
 
-    originals = {hook: getattr(tracing, hook) for hook in HOOKS}
-    for hook in HOOKS:
-        setattr(tracing, hook, nothing)  # enabled() → None, which call sites read as false
-    return originals
+    return _swap(tracing, HOOKS)
 
 
-def restore_tracing(originals: dict[str, object]) -> None:
-    from broker import tracing
-
-    for hook, fn in originals.items():
-        setattr(tracing, hook, fn)
-
-
-def unexported() -> dict[str, object]:
-    """Let the span exporter drop every span it is handed; returns what to give :func:`exported` back."""
+def unexported() -> Swapped:
+    """Let the span exporter drop every span it is handed; :func:`restore` undoes it."""
     from broker.span_export import OtlpExporter
 
-    originals = {name: getattr(OtlpExporter, name) for name in SUBMITS}
-    for name in SUBMITS:
-        setattr(OtlpExporter, name, nothing)
-    return originals
-
-
-def exported(originals: dict[str, object]) -> None:
-    from broker.span_export import OtlpExporter
-
-    for name, fn in originals.items():
-        setattr(OtlpExporter, name, fn)
+    return _swap(OtlpExporter, SUBMITS)
 
 
 if __name__ == "__main__":
-    cut, args = sys.argv[1], sys.argv[2:]
+    cut, args = (sys.argv[1] if len(sys.argv) > 1 else ""), sys.argv[2:]
     if cut not in ("--strip", "--unexported"):
         raise SystemExit(f"usage: stripped_worker.py --strip|--unexported <servemesh worker arguments>: not {cut}")
     strip_tracing() if cut == "--strip" else unexported()
