@@ -19,22 +19,15 @@ from broker.span_export import ExportSettings, OtlpExporter
 from broker.spans import LightSpan, Recorder, Sampler
 from schemas.errors import BadInput
 from tests.otlp_receiver import receiving
-from tests.unit.test_otlp import _span_of
+from tests.unit.test_otlp import _Kept, _span_of
 
 NOW = 1_700_000_000_123_456_789
 
 
-class _Queue:
+class _Queue(_Kept):
     """An exporter stand-in that queues as the exporter does (columns once per span) and writes in posts."""
 
-    def __init__(self) -> None:
-        self.items: list[Any] = []
-
-    def submit(self, item: Any) -> None:
-        self.items.append(item)
-
-    def submit_many(self, items: list[Any]) -> None:
-        self.items += items
+    items: list[Any]
 
     def submit_columns(self, columns: Any) -> None:
         self.items += [columns] * len(columns)
