@@ -9,6 +9,7 @@ a crash during it is the request's own.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from nats.js.errors import KeyNotFoundError
@@ -20,6 +21,9 @@ from schemas.subjects import BUCKET_ATTEMPTS
 __all__ = ["Attempts"]
 
 log = logging.getLogger(__name__)
+
+# Counting an attempt waits on the server at most this long.
+_TIMEOUT_S = 2.0
 
 
 class Attempts:
@@ -40,16 +44,20 @@ class Attempts:
         ``deliveries`` stands in for it."""
         if self._kv is None or not stream_seq:
             return deliveries
-        key = str(stream_seq)
         try:
-            try:
-                entry = await self._kv.get(key)
-                alone = int(entry.value or b"0") + 1
-                await self._kv.update(key, str(alone).encode(), last=entry.revision)
-            except KeyNotFoundError:
-                alone = 1
-                await self._kv.create(key, b"1")
-        except Exception as exc:  # a lost race or a flaky store: err on the side of the count we know
+            alone = await asyncio.wait_for(self._count(str(stream_seq)), _TIMEOUT_S)
+        except Exception as exc:  # a lost race, a flaky or silent store: err on the side of the count we know
             log.warning("could not count an attempt of message %d: %s", stream_seq, exc)
             return deliveries
         return 1 + alone
+
+    async def _count(self, key: str) -> int:
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(key)
+            alone = int(entry.value or b"0") + 1
+            await self._kv.update(key, str(alone).encode(), last=entry.revision)
+        except KeyNotFoundError:
+            alone = 1
+            await self._kv.create(key, b"1")
+        return alone

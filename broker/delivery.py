@@ -1,35 +1,38 @@
-"""One request as a worker receives it: payload, headers, delivery count, and how to settle it."""
+"""One request as a worker receives it: payload, checked headers, delivery count, and how to settle it.
+
+A delivery holds one unit of its feed's pull credit from the moment it arrives until it is
+settled (acked, nak'ed or terminated): settling is what gives the credit back, so a request that
+is answered can never keep its feed from pulling more.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Container, Iterable
-from typing import Any
+from collections import Counter
+from collections.abc import Awaitable, Callable, Container, Iterable
+from typing import Any, Protocol
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from schemas.envelope import decode_request_bundle
-from schemas.errors import MeshError
+from schemas.envelope import decode_request_bundle, encode_error
+from schemas.errors import MeshError, ModelFailure
+from schemas.headers import RequestHeaders, read_headers, reply_of
 from schemas.subjects import (
     HDR_BUNDLE,
-    HDR_DEADLINE,
     HDR_DELIVERED,
     HDR_JOB,
     HDR_JOB_ITEM,
     HDR_MSG_ID,
-    HDR_REPLY,
-    HDR_REPLY_INBOX,
     HDR_REQUEST_ID,
-    HDR_ROUTE,
-    is_reply_subject,
     requeue_subject,
+    subject_kind,
 )
 
-__all__ = ["BundleAck", "Delivery", "settle_all"]
+__all__ = ["BundleAck", "Credit", "Delivery", "settle_all", "settle_failed"]
 
 log = logging.getLogger(__name__)
 
@@ -40,51 +43,60 @@ _TERM = b"+TERM"
 _NAK_LATER = b'-NAK {"delay": 1000000000}'  # redelivered in a second, not at once
 # A bundle's requests ask to reset its ack timer together: once per this many seconds is enough.
 _PROGRESS_EVERY_S = 0.5
+_NO_HEADERS = RequestHeaders()
+_JOB_HEADERS = (HDR_JOB, HDR_JOB_ITEM)
+
+
+class Credit(Protocol):
+    """Whoever pulled a delivery: told once it is settled, so that it may pull more."""
+
+    async def release(self, count: int = 1) -> None: ...
 
 
 class Delivery:
     """A JetStream message on loan to a worker until it is acked, nak'ed or terminated.
 
     Settling publishes on the ack subject without waiting for the server: replies go out
-    first, acks right after, both pipelined on the one connection.
+    first, acks right after, both pipelined on the one connection. ``invalid`` is the error a
+    header earned (answer it and settle; nothing else of the request is to be trusted).
     """
 
     __slots__ = (
-        "_ack_to", "_bundle", "_data", "_headers", "_nc", "_subject", "deadline_ms", "job", "job_item",
-        "num_delivered", "num_pending", "priority", "reply_inbox", "reply_to", "request_id", "route", "span",
-        "stored_ns", "stream_seq",
+        "_ack_to", "_bundle", "_credit", "_data", "_headers", "_nc", "_subject", "claim_bucket", "deadline_ms",
+        "invalid", "job", "job_item", "kind", "num_delivered", "num_pending", "priority", "reply_inbox", "reply_to",
+        "request_id", "route", "span", "stored_ns", "stream_seq",
     )  # fmt: skip
 
-    def __init__(self, nc: NatsClient, msg: Msg, priority: str) -> None:
+    def __init__(self, nc: NatsClient, msg: Msg, priority: str, credit: Credit | None = None) -> None:
         self._nc = nc
         self._subject = msg.subject
+        self.kind = subject_kind(msg.subject)
         self._ack_to = msg.reply or ""
         self._bundle: BundleAck | None = None
+        self._credit = credit
         self.priority = priority
         # num_pending: messages left in the consumer after this one, as the server saw it.
         # stream_seq: where the stream stores this message (0 if unknown), unique per message.
         self.num_delivered, self.stream_seq, self.stored_ns, self.num_pending = _ack_metadata(self._ack_to)
         self._read(msg.headers or {}, msg.data)
-        # Queued again out of a redelivered bundle: the deliveries it had inside the bundle count too.
-        prior = self._headers.get(HDR_DELIVERED)
-        if prior and len(prior) <= 6 and prior.isascii() and prior.isdigit():
-            self.num_delivered += int(prior)
 
     def _read(self, headers: dict[str, str], data: bytes) -> None:
         self._headers = headers
         self._data = data
-        # Subjects a client chose: one nobody can publish to is as good as none (else the publish
-        # raises in the middle of a batch).
-        self.reply_inbox: str | None = _inbox(headers.get(HDR_REPLY_INBOX))
-        self.reply_to: str | None = _reply_subject(headers.get(HDR_REPLY), self.reply_inbox)
-        # A pipeline stage's message id is "<request id>~<stage subject>": the request's own id comes first.
-        msg_id = headers.get(HDR_MSG_ID)
-        self.request_id: str | None = msg_id.partition("~")[0] if msg_id else None
-        self.route: str | None = headers.get(HDR_ROUTE)  # later pipeline stages, if any
-        self.job: str | None = headers.get(HDR_JOB)  # set on the items of a batch job
-        self.job_item: str | None = headers.get(HDR_JOB_ITEM)
         self.span: Any = None  # the worker's trace span for this request, when tracing is on
-        self.deadline_ms: int | None = _deadline(headers.get(HDR_DEADLINE))
+        try:
+            checked = read_headers(headers, self.kind)
+            self.invalid: MeshError | None = None
+        except MeshError as err:
+            checked, self.invalid = _NO_HEADERS, err
+        self.reply_to, self.reply_inbox = reply_of(headers) if self.invalid else (checked.reply_to, checked.reply_inbox)
+        self.request_id = checked.request_id
+        self.deadline_ms = checked.deadline_ms
+        self.route = checked.route  # the pipeline stages still ahead, if any
+        self.job, self.job_item = checked.job, checked.job_item  # set on the items of a batch job
+        self.claim_bucket = checked.claim_bucket
+        # Queued again out of a redelivered bundle: the deliveries it had inside the bundle count too.
+        self.num_delivered += checked.delivered_before
 
     @property
     def bundled(self) -> int:
@@ -94,20 +106,25 @@ class Delivery:
         raw = self._headers.get(HDR_BUNDLE)
         return int(raw) if raw and len(raw) <= 6 and raw.isascii() and raw.isdigit() else 0
 
+    @property
+    def settled(self) -> bool:
+        return self._credit is None and self._bundle is None and self._ack_to == ""
+
     def unbundle(self) -> list[Delivery]:
-        """The requests of a bundle, each settled on its own; the bundle is acked once all are
-        (nak'ed if any was). Raises BadInput if the bundle cannot be read."""
+        """The requests of a bundle, each settled on its own and holding one unit of credit; the
+        bundle is acked once all are (nak'ed if any was). Raises BadInput if it cannot be read."""
         requests = decode_request_bundle(self._data)
         bundle = BundleAck(self._nc, self._ack_to, len(requests))
         members = []
         for headers, data in requests:
             member = object.__new__(Delivery)
             member._nc, member._subject, member._ack_to, member._bundle = self._nc, self._subject, "", bundle
-            member.priority = self.priority
+            member._credit, member.kind, member.priority = self._credit, self.kind, self.priority
             member.num_delivered, member.stream_seq = self.num_delivered, self.stream_seq
             member.stored_ns, member.num_pending = self.stored_ns, self.num_pending
             member._read(headers, data)
             members.append(member)
+        self._credit = None  # its members hold the credit now
         return members
 
     async def requeue(self, js: JetStreamContext) -> bool:
@@ -124,7 +141,9 @@ class Delivery:
         prior = str(self.num_delivered - 1)
         results = await asyncio.gather(
             *(
-                js.publish(requeue_subject(self._subject), data, headers=_requeued(headers, prior))
+                asyncio.wait_for(
+                    js.publish(requeue_subject(self._subject), data, headers=_requeued(headers, prior, self.kind)), 5.0
+                )
                 for headers, data in members
             ),
             return_exceptions=True,
@@ -173,13 +192,20 @@ class Delivery:
         await self._settle(_TERM)
 
     async def _settle(self, verb: bytes) -> None:
+        if verb != _WPI:
+            credit, self._credit = self._credit, None  # settled: its credit is given back once
+            if credit is not None:
+                await credit.release()
         if self._bundle is not None:
             bundle = self._bundle
             if verb != _WPI:
                 self._bundle = None  # settled: a second ack or nak must not count again
             await bundle.settle(verb)
         elif self._ack_to and not self._nc.is_closed:
-            await self._nc.publish(self._ack_to, verb)
+            ack_to = self._ack_to
+            if verb != _WPI:
+                self._ack_to = ""
+            await self._nc.publish(ack_to, verb)
 
 
 class BundleAck:
@@ -194,7 +220,8 @@ class BundleAck:
         self._progress_at = -1.0
 
     async def settle(self, verb: bytes, count: int = 1) -> None:
-        """``count`` of the bundle's requests are settled with ``verb`` (one in-progress ack at most)."""
+        """``count`` of the bundle's requests are settled with ``verb`` (one in-progress ack at most).
+        A request terminated (answered with an error that retrying cannot fix) counts as acked."""
         if not self._ack_to or self._nc.is_closed:
             return
         if verb == _WPI:  # one "still working" per batch, not one per request
@@ -203,7 +230,7 @@ class BundleAck:
                 self._progress_at = now
                 await self._nc.publish(self._ack_to, _WPI)
             return
-        self._nak = self._nak or verb != _ACK
+        self._nak = self._nak or verb not in (_ACK, _TERM)
         self._open -= count
         if self._open == 0:
             await self._nc.publish(self._ack_to, _NAK if self._nak else _ACK)
@@ -211,9 +238,14 @@ class BundleAck:
 
 async def settle_all(deliveries: Iterable[Delivery], nak: Container[Delivery] = ()) -> None:
     """Ack each of ``deliveries`` (nak those in ``nak``), as :meth:`Delivery.ack` would one by one, with
-    one call per bundle rather than per request: a batch's requests mostly come a bundle at a time."""
+    one call per bundle and per feed rather than per request: a batch's requests mostly come a
+    bundle at a time, from one feed."""
     bundles: dict[BundleAck, list[int]] = {}
+    credits: Counter[Credit] = Counter()
     for delivery in deliveries:
+        if delivery._credit is not None:
+            credits[delivery._credit] += 1
+            delivery._credit = None
         bundle, failed = delivery._bundle, delivery in nak
         if bundle is None:
             await delivery._settle(_NAK if failed else _ACK)
@@ -225,47 +257,44 @@ async def settle_all(deliveries: Iterable[Delivery], nak: Container[Delivery] = 
         counts[failed] += 1
     for bundle, (acks, naks) in bundles.items():
         await bundle.settle(_NAK if naks else _ACK, acks + naks)
+    for credit, count in credits.items():
+        await credit.release(count)
 
 
-def _requeued(headers: dict[str, str], prior: str) -> dict[str, str]:
+async def settle_failed(
+    delivery: Delivery,
+    error: BaseException,
+    answer: Callable[[Delivery, MeshError], Awaitable[None]] | None = None,
+) -> None:
+    """A delivery whose handling failed: answered with ``error`` (a MeshError as it is, anything else
+    as a ModelFailure) by ``answer`` (else by a plain reply), then settled if ``answer`` did not.
+    Never raises: it is the last thing between one bad message and a feed that stops pulling."""
+    err = error if isinstance(error, MeshError) else ModelFailure("the worker failed handling this request")
+    try:
+        if answer is not None:
+            await answer(delivery, err)
+        else:
+            await delivery.reply(encode_error(err))
+    except Exception:
+        log.exception("answering a failed delivery on %s failed too", delivery.subject)
+    if not delivery.settled:
+        try:
+            await delivery.term()
+        except Exception:
+            log.exception("could not settle a failed delivery on %s", delivery.subject)
+
+
+def _requeued(headers: dict[str, str], prior: str, kind: str) -> dict[str, str]:
     """A bundled request's own headers, to queue it alone: its id, but no other JetStream header a
-    client may have slipped into the bundle (expected sequences, TTLs) to make the stream refuse it."""
-    kept = {k: v for k, v in headers.items() if not k.lower().startswith("nats-") or k == HDR_MSG_ID}
+    client may have slipped into the bundle (expected sequences, TTLs) to make the stream refuse it,
+    nor, from a client's own subject, the job headers that the requeue subject would make trusted."""
+    privileged = _JOB_HEADERS if kind == "request" else ()
+    kept = {
+        k: v for k, v in headers.items()
+        if (not k.lower().startswith("nats-") or k == HDR_MSG_ID) and k not in privileged
+    }  # fmt: skip
     kept[HDR_DELIVERED] = prior
     return kept
-
-
-_INBOXES: dict[str, bool] = {}  # reply inboxes seen, and whether a reply can be published under them
-
-
-def _inbox(raw: str | None) -> str | None:
-    """A client's reply inbox, checked once per inbox (its requests all carry the same)."""
-    if not raw:
-        return None
-    ok = _INBOXES.get(raw)
-    if ok is None:
-        if len(_INBOXES) >= 4096:
-            _INBOXES.clear()
-        ok = _INBOXES[raw] = is_reply_subject(raw)
-    return raw if ok else None
-
-
-def _reply_subject(raw: str | None, inbox: str | None) -> str | None:
-    """The subject a request's reply goes to; under the client's (checked) inbox, only the rest is checked."""
-    if not raw:
-        return None
-    if inbox is not None and len(raw) > len(inbox) + 1 and raw[len(inbox)] == "." and raw.startswith(inbox):
-        return raw if len(raw) <= 1024 and is_reply_subject(raw[len(inbox) + 1 :]) else None
-    return raw if is_reply_subject(raw) else None
-
-
-def _deadline(raw: str | None) -> int | None:
-    """Milliseconds since the epoch, or None: a deadline no one can read is no deadline.
-    ASCII only (``"²".isdigit()``, yet int() refuses it), and short enough to be a time that
-    converts to a float (thousands of digits would not)."""
-    if raw and len(raw) <= 15 and raw.isascii() and raw.isdigit():
-        return int(raw)
-    return None
 
 
 def _ack_metadata(ack_subject: str) -> tuple[int, int, int, int]:

@@ -20,14 +20,20 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from broker.connection import Connection
-from broker.delivery import Delivery
+from broker.delivery import Delivery, settle_failed
 from schemas.errors import BadInput, MeshError
+from schemas.subjects import MAX_BUNDLE
 
 __all__ = ["PullFeed"]
 
 log = logging.getLogger(__name__)
 
 _PENDING_HDR = "Nats-Pending-Messages"
+_ACK_PREFIX = "$JS.ACK."
+# Statuses that mean the consumer itself is gone (deleted, or the stream was rebuilt).
+_CONSUMER_GONE = frozenset({"404", "409", "503"})
+# Requests of an oversized bundle told why it was refused, at most.
+_MAX_REFUSALS = 256
 _SMOOTHING = 0.1  # weight of the latest message in the running mean of requests per message
 
 
@@ -41,12 +47,19 @@ class PullFeed:
         on_delivery: Callable[[Delivery], Awaitable[None]],
         window: int,
         expires_s: float = 2.0,
+        *,
+        on_error: Callable[[Delivery, MeshError], Awaitable[None]] | None = None,
+        bundle_limit: int = MAX_BUNDLE,
+        on_gone: Callable[[PullFeed], None] | None = None,
     ) -> None:
         self._conn = conn
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self.consumer = consumer
         self.priority = priority
         self._on_delivery = on_delivery
+        self._on_error = on_error  # answers a delivery that failed (else it is only settled)
+        self._on_gone = on_gone  # told when the consumer no longer exists
+        self.bundle_limit = bundle_limit
         self.window = max(1, window)
         self._expires_ns = int(expires_s * 1e9)
         self._expires_s = expires_s
@@ -100,34 +113,50 @@ class PullFeed:
 
     async def _on_msg(self, msg: Msg) -> None:
         self._last_heard = time.monotonic()
-        headers = msg.headers
-        status = headers.get("Status") if headers else None
-        if status is None:
-            self.outstanding = max(0, self.outstanding - 1)
-            delivery = Delivery(self._conn.nc, msg, self.priority)
-            if self._stopping:
-                # Asked for before the drain began: hand it straight back to the queue.
-                await delivery.nak()
-                return
-            if delivery.bundled:
-                await self._on_bundle(delivery)
-                return
-            self._per_message += _SMOOTHING * (1 - self._per_message)
-            self.per_message += _SMOOTHING * (1 - self.per_message)
-            self.held += 1
-            await self._on_delivery(delivery)
+        # A delivery always comes with its ack subject; the server's status messages (timeouts, idle
+        # heartbeats) never do. Telling them apart by headers would let a published "Status" header
+        # pass a request off as a heartbeat, never to be answered, acked or counted.
+        if not (msg.reply or "").startswith(_ACK_PREFIX):
+            await self._on_status(msg)
             return
+        self.outstanding = max(0, self.outstanding - 1)
+        delivery = Delivery(self._conn.nc, msg, self.priority, credit=self)
+        if self._stopping:
+            # Asked for before the drain began: hand it straight back to the queue.
+            await delivery.nak()
+            return
+        if delivery.bundled:
+            await self._on_bundle(delivery)
+            return
+        self._per_message += _SMOOTHING * (1 - self._per_message)
+        self.per_message += _SMOOTHING * (1 - self.per_message)
+        self.held += 1
+        await self._hand_on(delivery)
+
+    async def _hand_on(self, delivery: Delivery) -> None:
+        """The worker takes the delivery. Whatever goes wrong there, the delivery is answered and
+        settled, so that its credit comes back: no message can stop this feed from pulling."""
+        try:
+            await self._on_delivery(delivery)
+        except Exception as exc:
+            log.exception("%s: a delivery failed unexpectedly", self.consumer)
+            await settle_failed(delivery, exc, self._on_error)
+
+    async def _on_status(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status")
         if status == "100":  # idle heartbeat
             return
-        assert headers is not None  # a status always comes in headers
         pending = headers.get(_PENDING_HDR)
-        if pending is not None:
+        if pending is not None and pending.isascii() and pending.isdigit():
             self.outstanding = max(0, self.outstanding - int(pending))
         else:
-            # 404/409 without a count: the request is gone as a whole; start afresh, not in a loop.
+            # 404/409/503 without a count: the request is gone as a whole; start afresh, not in a loop.
             log.info("consumer %s answered %s %s", self.consumer, status, headers.get("Description", ""))
             self.outstanding = 0
             self._retry_at = time.monotonic() + 0.5
+            if status in _CONSUMER_GONE and self._on_gone is not None:
+                self._on_gone(self)
         await self._pull()
 
     async def _on_bundle(self, delivery: Delivery) -> None:
@@ -151,8 +180,22 @@ class PullFeed:
         self._per_message += _SMOOTHING * (len(members) - self._per_message)
         self.per_message += _SMOOTHING * (len(members) - self.per_message)
         self.held += len(members)
+        if len(members) > self.bundle_limit:
+            await self._refuse_bundle(members)
+            return
         for member in members:
-            await self._on_delivery(member)
+            await self._hand_on(member)
+
+    async def _refuse_bundle(self, members: list[Delivery]) -> None:
+        """A bundle larger than the model's batch (no servemesh client sends one): refused whole, each
+        request told so (up to a bound: answering costs, and its sender broke the protocol)."""
+        log.warning("refusing a bundle of %d requests on %s (at most %d)", len(members), self.consumer,
+                    self.bundle_limit)  # fmt: skip
+        error = BadInput(f"a bundle of {len(members)} requests; this model takes at most {self.bundle_limit}")
+        for i, member in enumerate(members):
+            if i >= _MAX_REFUSALS:
+                member.reply_to = None
+            await settle_failed(member, error, self._on_error)
 
     async def _reset(self) -> None:
         # Pull requests do not survive a reconnect.

@@ -21,13 +21,21 @@ from nats.js.api import DeliverPolicy
 
 from broker.connection import Connection, translate_error
 from broker.objects import download, is_s3
-from broker.outbox import MAX_BUNDLE
 from broker.registry import Json, Registry
 from broker.settings import Settings
 from schemas.envelope import Reply, decode_reply, encode_request, encode_request_bundle
 from schemas.errors import BadInput, MeshError, Overloaded, UnknownModel
 from schemas.spec import ModelSpec
-from schemas.subjects import HDR_BUNDLE, HDR_JOB, HDR_JOB_ITEM, HDR_MSG_ID, JOBS_PREFIX, STREAM_JOBS
+from schemas.subjects import (
+    HDR_BUNDLE,
+    HDR_JOB,
+    HDR_JOB_ITEM,
+    HDR_MSG_ID,
+    JOBS_PREFIX,
+    MAX_BUNDLE,
+    STREAM_JOBS,
+    job_subject,
+)
 
 __all__ = ["Job", "JobResult", "JobStatus", "items_of", "start_job"]
 
@@ -113,7 +121,9 @@ async def start_job(
     job = Job(conn, registry, job_id)
     # Items leave as bundles of up to a batch: one stream message for each (broker/outbox.py).
     bundle = max(1, min(MAX_BUNDLE, spec.max_batch_size))
-    job._submitter = asyncio.create_task(job._submit(subject, items, record, bundle), name=f"job-{job_id}")
+    # Items go to the queue's job subject, which only the mesh's own processes may publish to: a
+    # worker stores results under a job only for messages from there (docs/security.md).
+    job._submitter = asyncio.create_task(job._submit(job_subject(subject), items, record, bundle), name=f"job-{job_id}")
     return job
 
 

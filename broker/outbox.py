@@ -11,14 +11,12 @@ from collections.abc import Callable
 from broker.connection import Connection, translate_error
 from broker.inflight import InFlight
 from schemas.envelope import encode_request_bundle
-from schemas.subjects import HDR_BUNDLE, parse_infer_subject
+from schemas.subjects import HDR_BUNDLE, MAX_BUNDLE, bundle_limit, parse_infer_subject
 
 __all__ = ["Outbox"]
 
 log = logging.getLogger(__name__)
 
-# Requests per bundle at most: a worker's batch is rarely larger, and a bundle is redelivered whole.
-MAX_BUNDLE = 64
 # A bundle this large leaves at once, mid-turn (see put).
 SEND_AT = 16
 # The bundle's framing, per request.
@@ -79,7 +77,7 @@ class Outbox:
             model = parse_infer_subject(subject)[0]
         except ValueError:
             return MAX_BUNDLE
-        return max(1, min(MAX_BUNDLE, self._max_batch(model) or MAX_BUNDLE))
+        return bundle_limit(self._max_batch(model) or 0)
 
     def _send(self) -> None:
         """End of the turn: what waits leaves, written to the socket at once."""

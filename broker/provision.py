@@ -36,6 +36,7 @@ from schemas.subjects import (
     STREAM_JOBS,
     consumer_name,
     infer_subject,
+    job_subject,
     requeue_subject,
 )
 
@@ -119,8 +120,8 @@ async def ensure_consumer(
     subject = infer_subject(model, version, priority)
     config = ConsumerConfig(
         durable_name=name,
-        # Its requests, and those a worker queued again out of a redelivered bundle.
-        filter_subjects=[subject, requeue_subject(subject)],
+        # Its requests, those a worker queued again out of a redelivered bundle, and batch jobs' items.
+        filter_subjects=[subject, requeue_subject(subject), job_subject(subject)],
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
         # A request held (not computed) by a worker that crashed is delivered again without being

@@ -97,13 +97,13 @@ class ReplySender:
 
     async def _forward(self, delivery: Delivery, request: bytes) -> MeshError | None:
         assert delivery.route
-        subject, _, rest = delivery.route.partition(",")
+        subject, rest = delivery.route[0], delivery.route[1:]
         headers = {HDR_MSG_ID: f"{delivery.request_id}~{subject}"}
         for name, value in delivery.headers.items():
             if name in _CARRIED:
                 headers[name] = value
         if rest:
-            headers[HDR_ROUTE] = rest
+            headers[HDR_ROUTE] = ",".join(rest)
         tracing.inject(delivery.span, headers, delivery.headers)  # the next stage joins the same trace
         try:
             await self._conn.publish_acked(subject, request, headers, timeout=5.0)

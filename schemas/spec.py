@@ -77,6 +77,9 @@ class ModelSpec(BaseModel):
     placement: dict[Priority, dict[str, str]] = {}
     # Names of the classes a classifier's label output indexes, for people reading replies.
     class_names: list[str] = []
+    # The tenant that owns the model (docs/security.md). A worker forwards a pipeline request only
+    # to models of the same owner, and moves large payloads only through that owner's claims bucket.
+    tenant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,52}$")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:

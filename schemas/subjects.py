@@ -31,24 +31,37 @@ __all__ = [
     "HDR_TRACESTATE",
     "INFER_PREFIX",
     "JOBS_PREFIX",
+    "MAX_BUNDLE",
     "PRIORITIES",
     "SHADOW_PREFIX",
     "STREAM_INFER",
     "STREAM_JOBS",
     "Priority",
+    "SubjectKind",
+    "bundle_limit",
     "bundle_subject",
     "check_name",
+    "claims_bucket_of",
     "consumer_name",
     "infer_subject",
     "is_claims_bucket",
     "is_reply_subject",
+    "is_route_subject",
     "job_result_subject",
+    "job_subject",
     "parse_infer_subject",
     "requeue_subject",
     "shadow_subject",
+    "subject_kind",
 ]  # fmt: skip
 
 Priority = Literal["high", "normal", "low"]
+# What a stream message on an inference subject is, by the subject's last token: a request as a
+# client sends it; a request a worker queued again out of a redelivered bundle ("again"); or a
+# batch job's item ("job"). Only the mesh's own processes may publish the last two (a tenant's
+# grant is ``mesh.infer.<model>.*.*``), which is what lets a worker trust the headers that only
+# they carry (docs/security.md).
+SubjectKind = Literal["request", "again", "job"]
 PRIORITIES: Final[tuple[Priority, ...]] = ("high", "normal", "low")
 
 STREAM_INFER: Final = "MESH_INFER"
@@ -110,6 +123,21 @@ def check_name(model: str, version: str | None = None) -> None:
 _PUBLISH_RE = re.compile(r"[^\s*>.\x00-\x1f\x7f]+(\.[^\s*>.\x00-\x1f\x7f]+)*")
 
 
+def claims_bucket_of(tenant: str | None) -> str:
+    """The claims bucket of a model's owner: its own, or the shared one for models without a tenant."""
+    return f"{BUCKET_CLAIMS}-{tenant}" if tenant else BUCKET_CLAIMS
+
+
+# Requests per stream message at most: a client's bundle is never larger than a batch of its
+# model (or this, for a model that does not batch), and a bundle is redelivered whole.
+MAX_BUNDLE: Final = 64
+
+
+def bundle_limit(max_batch_size: int) -> int:
+    """The most requests one stream message may carry for a model with this ``max_batch_size``."""
+    return max(1, min(MAX_BUNDLE, max_batch_size or MAX_BUNDLE))
+
+
 def is_claims_bucket(name: str) -> bool:
     """``mesh-claims`` or a bucket of one's own, ``mesh-claims-<owner>`` (e.g. per tenant)."""
     owner = name.removeprefix(BUCKET_CLAIMS + "-")
@@ -132,25 +160,51 @@ def job_result_subject(job: str, ok: bool) -> str:
 
 
 _REQUEUE = ".again"
+_JOB = ".job"
 
 
 def infer_subject(model: str, version: str, priority: str) -> str:
     return f"{INFER_PREFIX}.{model}.{version}.{priority}"
 
 
+def _base(subject: str) -> str:
+    return subject.removesuffix(_REQUEUE).removesuffix(_JOB)
+
+
 def requeue_subject(subject: str) -> str:
     """Where a worker queues again the requests of a redelivered bundle taken from ``subject``: the
     same queue (its consumer reads both), on a subject a worker may publish to without being able
     to send requests anywhere else (docs/security.md)."""
-    return subject if subject.endswith(_REQUEUE) else subject + _REQUEUE
+    return _base(subject) + _REQUEUE
+
+
+def job_subject(subject: str) -> str:
+    """Where a batch job's items for the queue ``subject`` are published (read by the same consumer)."""
+    return _base(subject) + _JOB
+
+
+def subject_kind(subject: str) -> SubjectKind:
+    if subject.endswith(_REQUEUE):
+        return "again"
+    return "job" if subject.endswith(_JOB) else "request"
 
 
 def parse_infer_subject(subject: str) -> tuple[str, str, str]:
-    """``mesh.infer.<model>.<version>.<priority>`` (or its requeue subject) → (model, version, priority)."""
-    parts = subject.removesuffix(_REQUEUE).split(".")
+    """``mesh.infer.<model>.<version>.<priority>`` (or its requeue or job subject) → (model, version, priority)."""
+    parts = _base(subject).split(".")
     if len(parts) != 5 or ".".join(parts[:2]) != INFER_PREFIX:
         raise ValueError(f"not an inference subject: {subject!r}")
     return parts[2], parts[3], parts[4]
+
+
+_ROUTE_RE = re.compile(
+    r"mesh\.infer\.[A-Za-z0-9][A-Za-z0-9_-]{0,127}\.[A-Za-z0-9][A-Za-z0-9-]{0,63}\.(?:high|normal|low)"
+)
+
+
+def is_route_subject(subject: str) -> bool:
+    """Whether ``subject`` may be a pipeline stage: a request queue, ``mesh.infer.<model>.<version>.<priority>``."""
+    return _ROUTE_RE.fullmatch(subject) is not None
 
 
 def shadow_subject(model: str) -> str:

@@ -24,14 +24,14 @@ from broker import tracing
 from broker.attempts import Attempts
 from broker.claims import Claims
 from broker.connection import Connection
-from broker.delivery import Delivery
+from broker.delivery import Delivery, settle_failed
 from broker.feed import PullFeed
 from broker.provision import ensure_consumer, max_deliveries
 from broker.replies import ReplySender
 from schemas.envelope import Timing, claim_of, decode_request, encode_error
-from schemas.errors import DeadlineExceeded, MeshError, ModelFailure
+from schemas.errors import DeadlineExceeded, Forbidden, MeshError, MeshUnavailable, ModelFailure
 from schemas.spec import ModelSpec
-from schemas.subjects import PRIORITIES, STREAM_INFER
+from schemas.subjects import PRIORITIES, STREAM_INFER, bundle_limit, claims_bucket_of
 from workers.batcher import BatchQueue
 from workers.histogram import BATCH_BUCKETS, SECONDS_BUCKETS, Histogram
 from workers.jobs import JobBook
@@ -39,6 +39,7 @@ from workers.runtimes.base import Runtime, Tensors
 from workers.settle import Computed, Settler
 from workers.settle import Request as _Request
 from workers.signature import Signature
+from workers.tenancy import Tenancy
 
 __all__ = ["ModelServer", "ServingStats"]
 
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 INLINE_BUDGET_S = 0.0002
 
 _RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
+# The longest a request may wait on the server (a claimed payload, a job's state, a stage's owner)
+# before it joins a batch: past it, it is answered 503 rather than held.
+_ADMIT_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -93,6 +97,7 @@ class ModelServer:
         worker_id: str,
         priorities: Iterable[str] | None = None,
         jobs: JobBook | None = None,
+        tenancy: Tenancy | None = None,
     ) -> None:
         self._conn = conn
         self._claims = Claims(conn)
@@ -122,7 +127,10 @@ class ModelServer:
         self._computing = 0  # requests
         self._computing_batches = 0
         self._attempts = Attempts(None)  # opened in start()
-        self._settler = Settler(conn, self._claims, self.key, worker_id, self.stats, self._release, self._fail)
+        self._claims_bucket = claims_bucket_of(spec.tenant)
+        self._tenancy = tenancy or Tenancy(None)
+        self._admitting: set[asyncio.Task[None]] = set()  # requests waiting on the server before they queue
+        self._settler = Settler(conn, self._claims, self.key, worker_id, self.stats, self._fail, self._claims_bucket)
 
     @property
     def key(self) -> str:
@@ -143,7 +151,10 @@ class ModelServer:
         )  # fmt: skip
         # Room for the batch being computed and the next one forming, and no more.
         window = 2 * max(1, self.spec.max_batch_size)
-        feed = PullFeed(self._conn, STREAM_INFER, name, priority, self._on_delivery, window)
+        feed = PullFeed(
+            self._conn, STREAM_INFER, name, priority, self._on_delivery, window,
+            on_error=self._fail, bundle_limit=bundle_limit(self.spec.max_batch_size),
+        )  # fmt: skip
         self._feeds[priority] = feed
         self._retired.pop(priority, None)
         await feed.start()
@@ -171,7 +182,7 @@ class ModelServer:
     @property
     def in_flight(self) -> int:
         """Requests this replica holds: queued here, computing, or being answered."""
-        return len(self._queue) + self._computing + self._settler.settling
+        return len(self._queue) + len(self._admitting) + self._computing + self._settler.settling
 
     def _warm_up(self) -> None:
         """One tiny prediction before subscribing, so the first real request does not pay for lazy init."""
@@ -190,27 +201,83 @@ class ModelServer:
             log.warning("%s: warm-up prediction failed: %s", self.key, exc)
 
     async def _on_delivery(self, delivery: Delivery) -> None:
+        """A request arrives (in its feed's callback: nothing here may wait on the server). It is
+        answered at once if it cannot be served; one that needs the server first (a claimed payload,
+        a pipeline's owner, a job's state) is admitted in a task of its own; the rest join the batch."""
         if tracing.enabled():
             delivery.span = tracing.start_consumer(
-                delivery.headers, delivery.subject, delivery.request_id, self.worker_id, delivery.route is not None
+                delivery.headers, delivery.subject, delivery.request_id, self.worker_id, bool(delivery.route)
             )
         self._upstream[delivery.priority] = delivery.num_pending
         self.last_used = time.time()
-        now_wall_ms = self.last_used * 1000
-        if delivery.deadline_ms is not None and delivery.deadline_ms <= now_wall_ms:
+        refusal = self._refusal(delivery)
+        if refusal is not None:
+            await self._fail(delivery, refusal)
+            return
+        if delivery.deadline_ms is not None and delivery.deadline_ms <= self.last_used * 1000:
             await self._expire(delivery)
             return
+        if delivery.route or delivery.job or claim_of(delivery.data) is not None:
+            task = asyncio.create_task(self._admit(delivery), name=f"admit-{self.key}")
+            self._admitting.add(task)
+            task.add_done_callback(self._admitting.discard)
+            return
+        await self._enqueue(delivery, delivery.data)
+
+    def _refusal(self, delivery: Delivery) -> MeshError | None:
+        """Why ``delivery`` is answered without being computed, if it is: a header that cannot be
+        used, too many deliveries, or a claims bucket that is not its model's owner's."""
+        if delivery.invalid is not None:
+            return delivery.invalid
+        if delivery.num_delivered > max_deliveries(self.spec.max_attempts):
+            return self._gave_up()
+        if delivery.claim_bucket is not None and delivery.claim_bucket != self._claims_bucket:
+            return Forbidden(f"{self.key} moves large payloads through {self._claims_bucket} only")
+        return None
+
+    async def _admit(self, delivery: Delivery) -> None:
+        """Admit a request that needs the server first, each wait bounded by its deadline (and by
+        ``_ADMIT_TIMEOUT_S``): a server that stops answering fails it, never holds it."""
+        try:
+            remaining = _ADMIT_TIMEOUT_S
+            if delivery.deadline_ms is not None:
+                remaining = min(remaining, max(0.0, delivery.deadline_ms / 1000 - time.time()))
+            data = await asyncio.wait_for(self._prepare(delivery), remaining)
+        except TimeoutError:
+            if delivery.deadline_ms is not None and delivery.deadline_ms <= time.time() * 1000:
+                await self._expire(delivery)
+            else:
+                await self._fail(delivery, MeshUnavailable(f"{self.key}: NATS did not answer in time"))
+            return
+        except MeshError as err:
+            await self._fail(delivery, err)
+            return
+        except Exception as exc:
+            log.exception("%s: admitting a request failed unexpectedly", self.key)
+            await settle_failed(delivery, exc, self._fail)
+            return
+        if data is not None:
+            await self._enqueue(delivery, data)
+
+    async def _prepare(self, delivery: Delivery) -> bytes | None:
+        """The request's payload, once what it names is checked; None if it was settled meanwhile."""
         if delivery.job and self._jobs is not None and await self._jobs.cancelled(delivery.job):
             await delivery.ack()  # a cancelled job's item: dropped, not computed
-            await self._feed(delivery.priority).release()
-            return
-        if delivery.num_delivered > max_deliveries(self.spec.max_attempts):
-            await self._fail(delivery, self._gave_up())
-            return
+            return None
+        if delivery.route:
+            await self._tenancy.check_route(self.spec.tenant, delivery.route)
+        data = delivery.data
+        claim = claim_of(data)
+        if claim is not None:  # a claim check: the payload is fetched first, from the owner's bucket only
+            if claim.bucket != self._claims_bucket:
+                raise Forbidden(f"{self.key} reads claimed payloads from {self._claims_bucket} only")
+            data = await self._claims.resolve(data)
+        return data
+
+    async def _enqueue(self, delivery: Delivery, data: bytes) -> None:
+        """Decode and check the request against the model, then queue it for a batch; a request
+        that does not fit is answered alone."""
         try:
-            data = delivery.data
-            if claim_of(data) is not None:  # a claim check: the payload is fetched first
-                data = await self._claims.resolve(data)
             inputs = decode_request(data)
             rows = self.signature.validate(inputs)
         except MeshError as err:
@@ -218,7 +285,7 @@ class ModelServer:
             return
         deadline = None
         if delivery.deadline_ms is not None:
-            deadline = time.monotonic() + (delivery.deadline_ms - now_wall_ms) / 1000.0
+            deadline = time.monotonic() + (delivery.deadline_ms - time.time() * 1000) / 1000.0
         # A redelivered request may be the one that crashed a worker: it is computed alone.
         suspect = delivery.num_delivered > 1
         self._queue.put(_Request(delivery, inputs, rows), rows, _RANK[delivery.priority], time.monotonic(), deadline,
@@ -395,13 +462,7 @@ class ModelServer:
         sender = ReplySender(self._conn)
         sender.add(delivery, encode_error(err, timing), ok=False)
         await sender.send()
-        await (delivery.nak() if sender.unsaved else delivery.ack())
-        await self._feed(delivery.priority).release()
-
-    async def _release(self, batch: list[_Request]) -> None:
-        counts = Counter(r.delivery.priority for r in batch)
-        for priority, count in counts.items():
-            await self._feed(priority).release(count)
+        await (delivery.nak() if sender.unsaved else delivery.ack())  # gives its pull credit back
 
     async def drain(self) -> None:
         """Stop pulling, finish what was already taken, then free the runtime."""
@@ -409,6 +470,8 @@ class ModelServer:
         await asyncio.gather(*(feed.stop() for feed in self._feeds.values()))
         self._retired.update(self._feeds)
         self._feeds.clear()
+        if self._admitting:  # each bounded by _ADMIT_TIMEOUT_S
+            await asyncio.gather(*self._admitting, return_exceptions=True)
         self._wake.set()
         if self._loop_task is not None:
             await self._loop_task

@@ -2,8 +2,8 @@
 background task per batch, so the serving loop starts the next batch while this one's answers go out.
 
 Order within a request is kept: its reply, forward or stored result first, its ack after (a job
-result that could not be stored is nak'ed, to be computed again). Only then is its pull credit
-released, so a replica never holds more than its window.
+result that could not be stored is nak'ed, to be computed again). Settling gives its pull credit
+back, so a replica never holds more than its window.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from broker.delivery import Delivery, settle_all
 from broker.replies import ReplySender
 from schemas.envelope import Timing, encode_error, encode_outputs, encode_request
 from schemas.errors import MeshError, ModelFailure
-from schemas.subjects import HDR_CLAIM_BUCKET
 from workers.runtimes.base import Tensors
 
 if TYPE_CHECKING:
@@ -60,15 +59,15 @@ class Settler:
         key: str,
         worker_id: str,
         stats: ServingStats,
-        release: Callable[[list[Request]], Awaitable[None]],
         fail: Callable[[Delivery, MeshError], Awaitable[None]],
+        claims_bucket: str,
     ) -> None:
         self._conn = conn
         self._claims = claims
+        self._claims_bucket = claims_bucket  # where a large reply goes: the model's owner's bucket
         self._key = key
         self._worker_id = worker_id
         self._stats = stats
-        self._release = release
         self._fail = fail
         self._tasks: set[asyncio.Task[None]] = set()
         self.settling = 0  # requests whose answers are still on their way
@@ -114,16 +113,15 @@ class Settler:
                 payload = encode_outputs(result, timing)
                 # Too large for a message: by claim check (not a job's result, kept longer than claims are).
                 if len(payload) > self._claims.threshold and not delivery.job:
-                    payload = await self._claims.wrap_reply(payload, timing, delivery.headers.get(HDR_CLAIM_BUCKET))
+                    payload = await self._claims.wrap_reply(payload, timing, self._claims_bucket)
                 sender.add(delivery, payload)
         for delivery, err in await sender.send():
-            err.data["stage"] = delivery.route.partition(",")[0] if delivery.route else self._key
+            err.data["stage"] = delivery.route[0] if delivery.route else self._key
             await delivery.reply(encode_error(err, Timing(worker=self._worker_id)))
         sent_ns = time.time_ns()
         stats.recent_ms.extend((sent_ns - r.delivery.stored_ns) / 1e6 for r in batch if r.delivery.stored_ns)
         # A job item whose result was not stored is nak'ed: computed again.
-        await settle_all((request.delivery for request in batch), nak=sender.unsaved)
-        await self._release(batch)
+        await settle_all((request.delivery for request in batch), nak=sender.unsaved)  # gives the credit back
         done.settled = True
         tracing.end(done.span)
         if done.span is not None:  # the requests' spans end once their answers are out, off the reply path

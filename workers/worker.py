@@ -23,6 +23,7 @@ from workers.model_server import ModelServer
 from workers.repository import read_repository
 from workers.runtimes import load_runtime, runtime_threads
 from workers.store import ArtifactStore
+from workers.tenancy import Tenancy
 
 __all__ = ["Worker", "default_worker_id"]
 
@@ -59,6 +60,7 @@ class Worker:
         self._retry: dict[Key, tuple[float, float]] = {}  # key → (retry at, current backoff)
         self._registry: Registry | None = None
         self._job_book: JobBook | None = None
+        self._tenancy = Tenancy(None)
         self._tasks: list[asyncio.Task[None]] = []
         self._started = time.time()
         self._rates: dict[Key, tuple[float, int, float]] = {}
@@ -75,6 +77,7 @@ class Worker:
         await provision(self.conn)
         self._registry = await Registry.open(self.conn)
         self._job_book = JobBook(self._registry)
+        self._tenancy = Tenancy(self._registry)
         self._tasks.append(asyncio.create_task(self._beat(), name="heartbeat"))
 
     # -- serving a fixed repository ---------------------------------------------------------------
@@ -109,7 +112,7 @@ class Worker:
             runtime = await asyncio.get_running_loop().run_in_executor(
                 None, load_runtime, vspec.format, artifact, spec, threads
             )
-            server = ModelServer(self.conn, spec, version, runtime, self.id, priorities, self._job_book)
+            server = ModelServer(self.conn, spec, version, runtime, self.id, priorities, self._job_book, self._tenancy)
             await server.start()
         except MeshError as err:
             wait = min(_RETRY_MAX_S, self._retry.get(key, (0.0, _RETRY_MIN_S / 2))[1] * 2)
