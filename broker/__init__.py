@@ -4,7 +4,7 @@ from broker.client import MeshClient
 from broker.connection import Connection
 from broker.delivery import Delivery
 from broker.feed import PullFeed
-from broker.provision import ensure_buckets, ensure_consumer, ensure_stream, provision
+from broker.provision import check_provisioned, ensure_consumer, provision, wait_provisioned
 from broker.registry import Registry
 from broker.server import NatsServer
 from broker.settings import Settings
@@ -12,5 +12,5 @@ from broker.sync_client import SyncMeshClient
 
 __all__ = [
     "Connection", "Delivery", "MeshClient", "NatsServer", "PullFeed", "Registry", "Settings", "SyncMeshClient",
-    "ensure_buckets", "ensure_consumer", "ensure_stream", "provision",
+    "check_provisioned", "ensure_consumer", "provision", "wait_provisioned",
 ]  # fmt: skip

@@ -9,10 +9,11 @@ a timeout or a fire-and-forget request left behind.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 
-from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig, StorageType
+from nats.js.api import ObjectMeta, ObjectMetaOptions
 from nats.js.errors import BucketNotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 from nats.nuid import NUID
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 
 # Room a reply needs beside its payload when it goes out in a bundle (request id, framing).
 _BUNDLE_ROOM = 1024
+# Opening a bucket, storing or reading an object: each waits on the server at most this long (an
+# object of claim_max_bytes moves in well under it on any link the mesh runs on).
+_TIMEOUT_S = 30.0
 
 
 class Claims:
@@ -53,37 +57,27 @@ class Claims:
         store = self._stores.get(name)
         if store is None:
             try:
-                store = await self._conn.js.object_store(name)
+                store = await asyncio.wait_for(self._conn.js.object_store(name), _TIMEOUT_S)
             except BucketNotFoundError:
-                if name == BUCKET_CLAIMS or name != self._conn.settings.claim_bucket:
-                    raise BadInput(
-                        f"payload too large for one message and no {name} bucket to carry it "
-                        "(mesh-claims is provisioned when a worker starts; a bucket of one's own by its owner)"
-                    ) from None
-                store = await self._create(name)  # our own bucket: made on first use
+                raise BadInput(
+                    f"payload too large for one message and no {name} bucket to carry it: the admin makes "
+                    f"it with `servemesh provision`" + (f" --tenant {name[len(BUCKET_CLAIMS) + 1 :]}"
+                                                       if name != BUCKET_CLAIMS else "")
+                ) from None
             except Exception as exc:
                 raise translate_error(exc, f"open the {name} bucket") from exc
             self._stores[name] = store
         return store
 
     async def ensure_own(self) -> None:
-        """Make sure this process's own claims bucket exists (a worker may have a large reply for
-        it before we ever store a request there); only logs when it cannot."""
+        """Check that this process's own claims bucket exists (a worker may have a large reply for it
+        before we ever store a request there); only logs when it does not."""
         name = self._conn.settings.claim_bucket
         if name != BUCKET_CLAIMS and self._conn.settings.claims:
             try:
                 await self._bucket(name)
             except MeshError as err:
                 log.warning("claims bucket %s unavailable: %s", name, err.message)
-
-    async def _create(self, name: str) -> ObjectStore:
-        settings = self._conn.settings
-        storage = StorageType.FILE if settings.storage == "file" else StorageType.MEMORY
-        config = ObjectStoreConfig(ttl=settings.claim_ttl_s, storage=storage, replicas=settings.replicas)
-        try:
-            return await self._conn.js.create_object_store(name, config)
-        except Exception as exc:
-            raise translate_error(exc, f"create the {name} bucket") from exc
 
     async def wrap(self, payload: bytes, bucket: str | None = None) -> bytes:
         """``payload`` itself when small enough (or claims are off); else stored (in ``bucket``, by
@@ -102,7 +96,7 @@ class Claims:
         chunk = max(64 * 1024, self._conn.nc.max_payload - 4096)
         meta = ObjectMeta(name=name, options=ObjectMetaOptions(max_chunk_size=chunk))
         try:
-            await store.put(name, payload, meta=meta)
+            await asyncio.wait_for(store.put(name, payload, meta=meta), _TIMEOUT_S)
         except Exception as exc:
             raise translate_error(exc, f"store a {len(payload)}-byte payload in {bucket}") from exc
         return encode_claim(Claim(bucket, name, len(payload)))
@@ -136,11 +130,11 @@ class Claims:
             raise BadInput(f"claimed payload is {claim.size} bytes; at most {limit} are accepted", size=claim.size)
         store = await self._bucket(claim.bucket)
         try:
-            info = await store.get_info(claim.name)
+            info = await asyncio.wait_for(store.get_info(claim.name), _TIMEOUT_S)
             if info.size != claim.size:
                 raise BadInput(f"claimed payload {claim.name!r} is {info.size} bytes, not {claim.size}")
             sink = io.BytesIO()
-            await store.get(claim.name, writeinto=sink)
+            await asyncio.wait_for(store.get(claim.name, writeinto=sink), _TIMEOUT_S)
         except ObjectNotFoundError:
             raise BadInput(f"claimed payload {claim.name!r} is gone (expired or deleted)", claim=claim.name) from None
         except MeshError:
@@ -157,6 +151,6 @@ class Claims:
         if claim is None or not is_claims_bucket(claim.bucket):
             return
         try:
-            await (await self._bucket(claim.bucket)).delete(claim.name)
+            await asyncio.wait_for((await self._bucket(claim.bucket)).delete(claim.name), _TIMEOUT_S)
         except Exception as exc:
             log.info("could not delete claimed payload %s (it expires anyway): %s", claim.name, exc)

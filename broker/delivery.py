@@ -124,7 +124,8 @@ class Delivery:
             member.stored_ns, member.num_pending = self.stored_ns, self.num_pending
             member._read(headers, data)
             members.append(member)
-        self._credit = None  # its members hold the credit now
+        if members:
+            self._credit = None  # its members hold the credit now
         return members
 
     async def requeue(self, js: JetStreamContext) -> bool:

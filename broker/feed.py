@@ -65,6 +65,8 @@ class PullFeed:
         self._expires_s = expires_s
         self.outstanding = 0  # asked for, not yet delivered or expired
         self.held = 0  # delivered, not yet released
+        self.upstream = 0  # requests left in the stream as the latest delivery (or expired pull) told
+        self.released_at = time.monotonic()  # when a delivery was last settled: this feed's progress
         self._inbox = ""
         self._sub: Subscription | None = None
         self._stopping = False
@@ -89,6 +91,7 @@ class PullFeed:
     async def release(self, count: int = 1) -> None:
         """The worker finished with ``count`` deliveries: room for more."""
         self.held -= count
+        self.released_at = time.monotonic()
         await self._pull()
 
     async def _pull(self) -> None:
@@ -120,7 +123,11 @@ class PullFeed:
             await self._on_status(msg)
             return
         self.outstanding = max(0, self.outstanding - 1)
+        # Held from here until settled: every delivery holding credit is counted, and settling it
+        # (whatever path it takes) gives the credit back.
+        self.held += 1
         delivery = Delivery(self._conn.nc, msg, self.priority, credit=self)
+        self.upstream = delivery.num_pending
         if self._stopping:
             # Asked for before the drain began: hand it straight back to the queue.
             await delivery.nak()
@@ -130,7 +137,6 @@ class PullFeed:
             return
         self._per_message += _SMOOTHING * (1 - self._per_message)
         self.per_message += _SMOOTHING * (1 - self.per_message)
-        self.held += 1
         await self._hand_on(delivery)
 
     async def _hand_on(self, delivery: Delivery) -> None:
@@ -150,6 +156,8 @@ class PullFeed:
         pending = headers.get(_PENDING_HDR)
         if pending is not None and pending.isascii() and pending.isdigit():
             self.outstanding = max(0, self.outstanding - int(pending))
+            if status == "408":  # a pull that expired short of its batch: nothing left for us to take
+                self.upstream = 0
         else:
             # 404/409/503 without a count: the request is gone as a whole; start afresh, not in a loop.
             log.info("consumer %s answered %s %s", self.consumer, status, headers.get("Description", ""))
@@ -179,7 +187,7 @@ class PullFeed:
             return
         self._per_message += _SMOOTHING * (len(members) - self._per_message)
         self.per_message += _SMOOTHING * (len(members) - self.per_message)
-        self.held += len(members)
+        self.held += len(members) - 1  # the bundle's one unit of credit is now one per request
         if len(members) > self.bundle_limit:
             await self._refuse_bundle(members)
             return

@@ -26,6 +26,9 @@ class Settings(BaseModel):
     runtime_threads: int = Field(default=0, ge=0)
     # Event loop of servemesh processes: uvloop when installed ("auto"), or force one.
     loop: str = Field(default="auto", pattern="^(auto|asyncio|uvloop)$")
+    # A worker whose model has requests waiting (held, or queued in the stream) and has answered none
+    # of them for this long reports itself not ready, saying why (``models show``, /health/ready).
+    stall_after_s: float = Field(default=60.0, gt=0)
     # Port of a worker's or router's HTTP endpoint (/metrics, /health/live, /health/ready); 0: off.
     http_port: int = Field(default=0, ge=0, le=65535)
     # Log lines as JSON objects (with trace and request ids) instead of text.

@@ -269,15 +269,18 @@ def build_identity_onnx(
     max_delay_ms: float = 2,
     shape: Sequence[int] = (-1,),
     version: str = "1",
+    names: tuple[str, str] = ("input", "output"),
 ) -> Path:
-    """Build an Identity model for one element type, to test the wire format of every dtype."""
+    """Build an Identity model for one element type, to test the wire format of every dtype
+    (``names``: its input's and output's, e.g. swapped for a pipeline's second stage)."""
+    source, result = names
     elem_type = _onnx_elem_type(dtype)
     onnx_shape = _batched(shape, max_batch_size)
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["input"], ["output"])],
+        [helper.make_node("Identity", [source], [result])],
         name,
-        [_value_info("input", elem_type, onnx_shape)],
-        [_value_info("output", elem_type, onnx_shape)],
+        [_value_info(source, elem_type, onnx_shape)],
+        [_value_info(result, elem_type, onnx_shape)],
     )
     _save_onnx(graph, repo, name, version)
     model_dir = Path(repo) / name
@@ -287,8 +290,8 @@ def build_identity_onnx(
         "onnx",
         max_batch_size,
         max_delay_ms,
-        [_spec("input", wire_dtype, shape)],
-        [_spec("output", wire_dtype, shape)],
+        [_spec(source, wire_dtype, shape)],
+        [_spec(result, wire_dtype, shape)],
     )
     return model_dir
 

@@ -25,8 +25,36 @@ __all__ = ["main"]
 
 def _cmd_nats(args: argparse.Namespace) -> int:
     with NatsServer(port=args.port, store_dir=args.store_dir) as server:
-        print(f"nats-server ready at {server.url} (JetStream data in {server.store_dir}); Ctrl-C stops it")
+        # Its own server: this is the admin step that provisions it (as `servemesh up` does).
+        asyncio.run(_provision(Settings.from_env(nats_url=server.url), []))
+        print(f"nats-server ready at {server.url} (JetStream data in {server.store_dir}), provisioned; "
+              "Ctrl-C stops it", flush=True)  # fmt: skip
         _wait_for_signal()
+    return 0
+
+
+async def _provision(settings: Settings, tenants: list[str]) -> list[str]:
+    from broker.connection import Connection
+    from broker.provision import provision
+
+    conn = await Connection.open(settings, name="servemesh-provision")
+    try:
+        return await provision(conn, tenants)
+    finally:
+        await conn.close()
+
+
+def _cmd_provision(args: argparse.Namespace) -> int:
+    """The admin step: the only command that creates or changes the mesh's streams and buckets."""
+    settings = Settings.from_env(nats_url=args.nats, replicas=args.replicas, max_queue=args.max_queue,
+                                 storage=args.storage)  # fmt: skip
+    done = asyncio.run(_provision(settings, args.tenant))
+    if args.json:
+        print(json.dumps({"nats": settings.nats_url, "done": done}))
+    else:
+        for line in done:
+            print(line)
+        print(f"the mesh at {settings.nats_url} is provisioned" + ("" if done else "; nothing to change"))
     return 0
 
 
@@ -181,6 +209,16 @@ def _parser() -> argparse.ArgumentParser:
     nats_cmd.add_argument("--port", type=int, default=4222)
     nats_cmd.add_argument("--store-dir")
     nats_cmd.set_defaults(run=_cmd_nats)
+
+    prov = sub.add_parser("provision", help="create (or bring in line) the mesh's streams and buckets: the admin step")
+    prov.add_argument("--tenant", action="append", default=[], metavar="NAME",
+                      help="also make this tenant's claims bucket (owners of registered models get theirs anyway)")
+    prov.add_argument("--replicas", type=int, help="stream and bucket replicas ($SERVEMESH_REPLICAS; 3 in a cluster)")
+    prov.add_argument("--max-queue", type=int, help="messages one subject may hold ($SERVEMESH_MAX_QUEUE)")
+    prov.add_argument("--storage", choices=["file", "memory"], help="$SERVEMESH_STORAGE")
+    prov.add_argument("--json", action="store_true", help="machine-readable output")
+    prov.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
+    prov.set_defaults(run=_cmd_provision)
 
     worker = sub.add_parser("worker", help="serve what the router assigns (or, with --models, a repository)")
     worker.add_argument("--models", help="serve every model of this repository instead of following the router")

@@ -140,6 +140,8 @@ def _print_human(command: str, result: Any) -> None:
                 print(f"    {priority:<7} lag {lag['messages']} msgs, oldest {lag['age_s']} s")
             for worker, reason in st.get("failed", {}).items():
                 print(f"    FAILED on {worker}: {reason}")
+            for worker, reason in st.get("stalled", {}).items():
+                print(f"    NOT SERVING on {worker}: {reason}")
             if st.get("last_decision"):
                 d = st["last_decision"]
                 print(

@@ -75,16 +75,20 @@ def _key(label: str) -> tuple[str, str]:
 Failures = dict[tuple[str, str], dict[str, str]]  # (model, version) → worker → why it failed to load
 
 
-async def observe(conn: Connection, registry: Registry, now: float) -> tuple[Snapshot, Failures]:
-    """The policy's snapshot, and the load failures workers report (shown by ``models show``)."""
+async def observe(conn: Connection, registry: Registry, now: float) -> tuple[Snapshot, Failures, Failures]:
+    """The policy's snapshot, the load failures workers report, and the versions they hold that
+    stopped answering their queue (both shown by ``models show``)."""
     specs = await registry.list_specs()
     beats = await registry.heartbeats()
     failures: Failures = {}
+    stalls: Failures = {}
     for worker_id, beat in beats.items():
         if now - float(beat.get("time", 0.0)) < STALE_AFTER_S:
             # "retrying": failed, backoff over; placeable again, yet still failed as far as users can see.
             for label, reason in {**beat.get("failed", {}), **beat.get("retrying", {})}.items():
                 failures.setdefault(_key(label), {})[worker_id] = reason
+            for label, reason in (beat.get("stalled") or {}).items():
+                stalls.setdefault(_key(label), {})[worker_id] = reason
     lag = await read_lag(conn.js, now)
     assigned = await registry.assignments()
     snapshot = Snapshot(
@@ -99,4 +103,4 @@ async def observe(conn: Connection, registry: Registry, now: float) -> tuple[Sna
         lag={k: Lag(v.messages, v.age_s) for k, v in lag.items()},
         assigned={w: frozenset(unit_from_json(u) for u in units) for w, units in assigned.items()},
     )
-    return snapshot, failures
+    return snapshot, failures, stalls

@@ -18,7 +18,7 @@ from typing import Any
 
 from broker.connection import Connection
 from broker.lease import Lease
-from broker.provision import provision
+from broker.provision import wait_provisioned
 from broker.registry import Json, Registry
 from broker.shadow import shadow_events
 from router.observe import Failures, observe, unit_to_json
@@ -53,9 +53,14 @@ class Router:
         # writes them into each model's status.
         self.shadow = ShadowTally()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        await provision(self.conn)
+    async def open(self) -> Router:
+        """Ready to tick: the mesh provisioned (by the admin step, not by routers) and its registry open."""
+        await wait_provisioned(self.conn, f"router {self.id}")
         self._registry = await Registry.open(self.conn)
+        return self
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.open()
         lease = await Lease.open(self.conn, LEASE_KEY, self.id)
         tallying = asyncio.create_task(self._tally_shadow())
         try:
@@ -83,7 +88,7 @@ class Router:
 
     async def tick(self) -> list[Decision]:
         assert self._registry is not None
-        snapshot, failures = await observe(self.conn, self._registry, time.time())
+        snapshot, failures, stalls = await observe(self.conn, self._registry, time.time())
         assignments, self.state, decisions = plan(snapshot, self.state, self.config)
         await self._write_assignments(snapshot, assignments)
         self.last_snapshot, self.last_assignments = snapshot, assignments
@@ -92,7 +97,7 @@ class Router:
             log.info("%s:%s %s%s: %s", decision.model, decision.version, decision.action,
                      f" on {decision.worker}" if decision.worker else "", decision.reason)  # fmt: skip
             self._last_decisions[(decision.model, decision.version)] = decision
-        await self._write_status(snapshot, assignments, failures)
+        await self._write_status(snapshot, assignments, failures, stalls)
         return decisions
 
     async def _write_assignments(self, snapshot: Snapshot, assignments: Assignments) -> None:
@@ -106,13 +111,16 @@ class Router:
             else:
                 await self._registry.delete_assignment(worker_id)  # a dead worker with nothing left
 
-    async def _write_status(self, snapshot: Snapshot, assignments: Assignments, failures: Failures) -> None:
+    async def _write_status(
+        self, snapshot: Snapshot, assignments: Assignments, failures: Failures, stalls: Failures
+    ) -> None:
         assert self._registry is not None
         per_model: dict[str, dict[str, Json]] = defaultdict(dict)
         for (model, version), mv in snapshot.models.items():
             per_model[model][version] = _version_status(snapshot, assignments, model, version, mv.priorities,
                                                         self._last_decisions.get((model, version)))  # fmt: skip
             per_model[model][version]["failed"] = failures.get((model, version), {})
+            per_model[model][version]["stalled"] = stalls.get((model, version), {})
         shadow = self.shadow.by_model()
         for model, versions in per_model.items():
             written: Json = {"versions": versions, **({"shadow": shadow[model]} if model in shadow else {})}

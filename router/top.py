@@ -12,9 +12,9 @@ from rich.live import Live
 from rich.table import Table
 
 from broker.connection import Connection
-from broker.provision import provision
 from broker.registry import Registry
 from broker.settings import Settings
+from router.cli_support import require_provisioned
 
 __all__ = ["render", "run_top"]
 
@@ -86,7 +86,7 @@ async def render(registry: Registry) -> Group:
 async def run_top(settings: Settings, interval_s: float = 1.0, once: bool = False) -> None:
     conn = await Connection.open(settings, name="servemesh-top")
     try:
-        await provision(conn)
+        await require_provisioned(conn)
         registry = await Registry.open(conn)
         if once:
             from rich.console import Console

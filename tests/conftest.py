@@ -13,16 +13,30 @@ from typing import Any
 
 import pytest
 
-from broker import Connection, MeshClient, NatsServer, Settings
+from broker import Connection, MeshClient, NatsServer, Settings, provision
 from examples import build_models
 from workers.repository import read_model
 from workers.worker import Worker
 
 
+def provisioned(server: NatsServer, **settings: Any) -> NatsServer:
+    """``server`` with the mesh provisioned on it, as the admin step (``servemesh provision``) would."""
+
+    async def run() -> None:
+        conn = await Connection.open(Settings.from_url(server.url, **settings))
+        try:
+            await provision(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    return server
+
+
 @pytest.fixture(scope="session")
 def nats_server() -> Iterator[NatsServer]:
     with NatsServer() as server:
-        yield server
+        yield provisioned(server)
 
 
 @pytest.fixture(scope="session")

@@ -68,7 +68,9 @@ class _WorkerCollector(Collector):
         cache.add_metric(["hit"], self.worker.store.hits)
         cache.add_metric(["miss"], self.worker.store.misses)
         yield cache
-        ready = GaugeMetricFamily("servemesh_worker_ready", "1 when every assigned model is loaded.")
+        ready = GaugeMetricFamily(
+            "servemesh_worker_ready", "1 when every assigned model is loaded and none has stopped answering its queue."
+        )
         ready.add_metric([], 1 if self.worker.ready else 0)
         yield ready
         spans = tracing.export_counts()

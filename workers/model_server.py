@@ -130,6 +130,7 @@ class ModelServer:
         self._claims_bucket = claims_bucket_of(spec.tenant)
         self._tenancy = tenancy or Tenancy(None)
         self._admitting: set[asyncio.Task[None]] = set()  # requests waiting on the server before they queue
+        self._progress_at = time.monotonic()  # last seen with nothing waiting (see stalled)
         self._settler = Settler(conn, self._claims, self.key, worker_id, self.stats, self._fail, self._claims_bucket)
 
     @property
@@ -479,6 +480,21 @@ class ModelServer:
         self._executor.shutdown(wait=True)
         self.runtime.close()
         log.info("drained %s", self.key)
+
+    def stalled(self, after_s: float) -> str | None:
+        """Why this replica is not serving, if requests wait (held here, or queued in the stream as its
+        feeds last heard) and none was answered for ``after_s``; None while it makes progress."""
+        now = time.monotonic()
+        feeds = list(self._feeds.values())
+        queued = sum(feed.upstream for feed in feeds)
+        if not (self.in_flight or queued):
+            self._progress_at = now
+            return None
+        since = now - max([self._progress_at, *(feed.released_at for feed in feeds)])
+        if since <= after_s:
+            return None
+        return (f"no request answered for {since:.0f}s while {self.in_flight} are held here "
+                f"and {queued} wait in the stream")  # fmt: skip
 
     def status(self) -> dict[str, Any]:
         # Requests per stream message lately, per priority (clients and jobs send bundles).

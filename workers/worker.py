@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.connection import Connection
-from broker.provision import provision
+from broker.provision import wait_provisioned
 from broker.registry import Json, Registry
 from schemas.errors import MeshError
 from schemas.spec import ModelSpec
@@ -56,7 +56,8 @@ class Worker:
         self.servers: dict[Key, ModelServer] = {}
         self.failed: dict[str, str] = {}
         self.cached: set[Key] = set()  # versions loaded here before: their artifacts are on local disk
-        self.ready = False
+        self._loaded = False  # every model it should serve is loaded
+        self.stalls: dict[str, str] = {}  # model:version → why it is not serving, as last checked
         self._retry: dict[Key, tuple[float, float]] = {}  # key → (retry at, current backoff)
         self._registry: Registry | None = None
         self._job_book: JobBook | None = None
@@ -69,12 +70,27 @@ class Worker:
         self.managed = False  # True once it follows the router's assignments
 
     @property
+    def ready(self) -> bool:
+        """Serving: every model it should serve loaded, and none that stopped answering its queue."""
+        return self._loaded and not self.stalls
+
+    def check_stalls(self) -> dict[str, str]:
+        after = self.conn.settings.stall_after_s
+        stalls = {server.key: why for server in self.servers.values() if (why := server.stalled(after))}
+        for key in stalls.keys() - self.stalls.keys():
+            log.error("%s is not serving: %s", key, stalls[key])
+        for key in self.stalls.keys() - stalls.keys():
+            log.info("%s is serving again", key)
+        self.stalls = stalls
+        return stalls
+
+    @property
     def registry(self) -> Registry:
         assert self._registry is not None, "start() first"
         return self._registry
 
     async def start(self) -> None:
-        await provision(self.conn)
+        await wait_provisioned(self.conn, f"worker {self.id}")
         self._registry = await Registry.open(self.conn)
         self._job_book = JobBook(self._registry)
         self._tenancy = Tenancy(self._registry)
@@ -89,7 +105,7 @@ class Worker:
             self.failed[error.model] = error.reason
         for spec in specs:
             await self.serve(spec)
-        self.ready = True
+        self._loaded = True
         await self.beat_now()
 
     async def serve(self, spec: ModelSpec, register: bool = True) -> None:
@@ -179,14 +195,15 @@ class Worker:
                 self.failed[f"{key[0]}:{key[1]}"] = "not registered"
                 continue
             await self.load(spec, key[1], priorities)
-        was_ready, self.ready = self.ready, all(key in self.servers for key in desired)
-        if self.ready != was_ready or desired:
+        was_loaded, self._loaded = self._loaded, all(key in self.servers for key in desired)
+        if self._loaded != was_loaded or desired:
             await self.beat_now()
 
     # -- heartbeat and drain -------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         used = sum(server.spec.memory_of(server.version) for server in self.servers.values())
+        stalls = self.check_stalls()
         return {
             "id": self.id, "pid": os.getpid(), "host": socket.gethostname(), "started": self._started,
             "time": time.time(),
@@ -194,7 +211,7 @@ class Worker:
             "memory_mb": self.memory_mb, "memory_used_mb": used,
             "models": {server.key: {**server.status(), **self._rates_of(key, server)}
                        for key, server in self.servers.items()},
-            "cached": sorted(f"{m}:{v}" for m, v in self.cached), **self._failures(),
+            "cached": sorted(f"{m}:{v}" for m, v in self.cached), "stalled": stalls, **self._failures(),
         }  # fmt: skip
 
     def _failures(self) -> dict[str, dict[str, str]]:

@@ -15,7 +15,7 @@ from broker import Connection, MeshClient, NatsServer, Registry, Settings, provi
 from examples.build_models import build_identity_onnx
 from router.local import wait_workers_ready
 from schemas.spec import ModelSpec, TensorSpec, VersionSpec
-from tests.conftest import set_config, unique, wait_for
+from tests.conftest import provisioned, set_config, unique, wait_for
 from tests.faults import faulty_runtime
 from tests.faults.fleet import Fleet
 from tests.faults.report import LINES
@@ -36,7 +36,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def server(tmp_path: Path) -> Iterator[NatsServer]:
     """A nats-server with file storage, for this test alone (scenarios kill and restart it)."""
     with NatsServer(store_dir=tmp_path / "nats") as nats_server:
-        yield nats_server
+        yield provisioned(nats_server)
 
 
 @pytest.fixture

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from broker import NatsServer
+from broker import Connection, NatsServer, provision
 from tests.integration.cluster import Cluster
+from tests.integration.secure_mesh import TENANTS, ConfigServer, Mesh, connected, deploy_copy
 
 
 @pytest.fixture
@@ -20,3 +22,28 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
             yield mesh
         finally:
             await mesh.close()
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    workdir = tmp_path_factory.mktemp("secure") / "nats"
+    passwords = deploy_copy(workdir)
+    server = ConfigServer(workdir, "secure.conf").start()
+    try:
+        yield Mesh(server, passwords)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def admin(secure: Mesh) -> AsyncIterator[Connection]:
+    """The admin's connection, with the mesh provisioned (each tenant's claims bucket too): only the
+    admin may create streams and buckets."""
+    async with connected(secure.settings("admin")) as conn:
+        await provision(conn, TENANTS)
+        yield conn
+
+
+@pytest.fixture
+def capture_violations(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="broker.connection")

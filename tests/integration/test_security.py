@@ -10,17 +10,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import re
 import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +27,11 @@ from nats.js.errors import KeyNotFoundError
 from pydantic import SecretStr
 
 from broker import Connection, MeshClient, Registry, Settings, ensure_consumer, provision
-from broker.server import find_nats_server
 from broker.shadow import shadow_events
-from examples.build_models import build_identity_onnx
 from schemas.envelope import encode_request
-from schemas.errors import DeadlineExceeded, Forbidden, MeshError, MeshUnavailable
-from schemas.spec import ModelSpec
+from schemas.errors import DeadlineExceeded, Forbidden, MeshUnavailable
 from schemas.subjects import (
     BUCKET_ASSIGNMENTS,
-    BUCKET_ATTEMPTS,
     BUCKET_CLAIMS,
     BUCKET_JOBS,
     BUCKET_LEADER,
@@ -55,188 +46,25 @@ from schemas.subjects import (
     STREAM_INFER,
     STREAM_JOBS,
     consumer_name,
-    infer_subject,
+    job_subject,
     requeue_subject,
 )
 from tests.conftest import unique, wait_for
-from workers.repository import read_model
-from workers.worker import Worker
-
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nats"
-USERS = ("admin", "worker", "tenant_a", "tenant_b", "sys")
-BUCKETS = (
-    BUCKET_MODELS,
-    BUCKET_WORKERS,
-    BUCKET_ASSIGNMENTS,
-    BUCKET_LEADER,
-    BUCKET_STATUS,
-    BUCKET_PIPELINES,
-    BUCKET_JOBS,
-    BUCKET_ROUTES,
-    BUCKET_CLAIMS,
-    BUCKET_ATTEMPTS,
+from tests.integration.secure_mesh import (
+    BUCKETS,
+    ConfigServer,
+    Mesh,
+    connected,
+    deploy_copy,
+    ones,
+    queued,
+    register,
+    serving,
+    subject_of,
+    violation,
 )
-_LISTEN_RE = re.compile(r"Listening for client connections on [^\s]+:(\d+)")
 
-
-# -- servers from the shipped configs -------------------------------------------------------------
-
-
-def deploy_copy(dest: Path, route_ports: Sequence[int] = (6222, 6223, 6224)) -> dict[str, str]:
-    """Copy deploy/nats to ``dest`` with secrets of its own; returns the users' passwords."""
-    shutil.copytree(DEPLOY, dest)
-    passwords = {user: secrets.token_urlsafe(16) for user in USERS}
-    (dest / "secrets.conf").write_text(
-        "".join(f'MESH_{user.upper()}_PASSWORD: "{password}"\n' for user, password in passwords.items())
-    )
-    route_password = secrets.token_urlsafe(16)
-    routes = "".join(f'  "nats-route://route:{route_password}@127.0.0.1:{port}"\n' for port in route_ports)
-    (dest / "cluster-secrets.conf").write_text(f'MESH_ROUTE_PASSWORD: "{route_password}"\nMESH_ROUTES: [\n{routes}]\n')
-    return passwords
-
-
-class ConfigServer:
-    """nats-server started from one config of a deploy copy (its working directory), stopped by PID."""
-
-    def __init__(self, workdir: Path, config: str) -> None:
-        self.workdir = workdir
-        self.config = config
-        self.log_path = workdir / f"{Path(config).stem}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 20.0) -> ConfigServer:
-        # The config's host and port give way to loopback and a free port.
-        cmd = [find_nats_server(), "-c", self.config, "-a", "127.0.0.1", "-p", "-1"]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log_path.read_text(errors="replace")
-            match = _LISTEN_RE.search(text)
-            if match and "Server is ready" in text:
-                self.port = int(match.group(1))
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server -c {self.config} exited:\n{text[-2000:]}")
-            time.sleep(0.02)
-        self.stop()
-        raise TimeoutError(f"nats-server -c {self.config} not ready after {timeout}s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-class Mesh:
-    """A running server and the passwords of its users."""
-
-    def __init__(self, server: ConfigServer, passwords: dict[str, str]) -> None:
-        self.server = server
-        self.passwords = passwords
-
-    def settings(self, user: str, **overrides: Any) -> Settings:
-        """A user's settings as its processes would read them from SERVEMESH_* variables."""
-        values: dict[str, Any] = {
-            "nats_url": self.server.url, "user": user, "password": self.passwords[user],
-            "inbox_prefix": f"_INBOX.{user}",
-        }  # fmt: skip
-        if user.startswith("tenant"):
-            values["claim_bucket"] = f"{BUCKET_CLAIMS}-{user}"  # tenants never share a claims bucket
-        return Settings(**{**values, **overrides})
-
-
-@pytest.fixture(scope="module")
-def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    workdir = tmp_path_factory.mktemp("secure") / "nats"
-    passwords = deploy_copy(workdir)
-    server = ConfigServer(workdir, "secure.conf").start()
-    try:
-        yield Mesh(server, passwords)
-    finally:
-        server.stop()
-
-
-# -- helpers ------------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def connected(settings: Settings) -> AsyncIterator[Connection]:
-    conn = await Connection.open(settings, name=f"test-{settings.user}")
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-async def admin(secure: Mesh) -> AsyncIterator[Connection]:
-    """The admin's connection, with the mesh provisioned: only the admin may create it."""
-    async with connected(secure.settings("admin")) as conn:
-        await provision(conn)
-        yield conn
-
-
-async def register(admin: Connection, repo: Path, model: str) -> ModelSpec:
-    """Register an identity model under a version new to this test, so its subjects are too."""
-    build_identity_onnx(repo, model, version=uuid.uuid4().hex[:10])
-    spec = read_model(repo / model)
-    await (await Registry.open(admin)).put_spec(spec)
-    return spec
-
-
-def subject_of(spec: ModelSpec, priority: str = "normal") -> str:
-    return infer_subject(spec.name, next(iter(spec.versions)), priority)
-
-
-@asynccontextmanager
-async def serving(settings: Settings, specs: list[ModelSpec]) -> AsyncIterator[Worker]:
-    """An in-process worker connected as ``settings`` (registering nothing: the admin did)."""
-    async with connected(settings) as conn:
-        worker = Worker(conn, unique("w"))
-        try:
-            await worker.start()
-            for spec in specs:
-                await worker.serve(spec, register=False)
-            yield worker
-        finally:
-            await worker.drain()
-
-
-async def queued(admin: Connection, subject: str) -> int:
-    """Requests the stream holds on ``subject``."""
-    info = await admin.js.stream_info(STREAM_INFER, subjects_filter=subject)
-    return (info.state.subjects or {}).get(subject, 0)
-
-
-async def violation(caplog: pytest.LogCaptureFixture, what: str, subject: str) -> None:
-    """Wait until a connection reported the server's permissions violation for ``what`` ("publish",
-    "subscription") on ``subject``: how nats tells a client it was denied."""
-    needle = f'permissions violation for {what} to "{subject}"'.lower()
-
-    async def seen() -> bool:
-        return any(needle in record.getMessage().lower() for record in caplog.records)
-
-    await wait_for(seen, timeout=5.0, what=needle)
-
-
-def ones(n: int = 4) -> dict[str, np.ndarray[Any, Any]]:
-    return {"input": np.arange(n, dtype=np.float32)[None]}
-
-
-@pytest.fixture(autouse=True)
-def _capture_violations(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="broker.connection")
-
+pytestmark = pytest.mark.usefixtures("capture_violations")
 
 # -- the permission model -----------------------------------------------------------------------
 
@@ -312,8 +140,6 @@ async def test_large_tensors_travel_by_claim_check_between_a_tenant_and_a_worker
 async def test_tenant_cannot_read_another_tenants_large_tensors(
     secure: Mesh, admin: Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with await MeshClient.connect(settings=secure.settings("tenant_a")):
-        pass  # its client makes its own claims bucket
     async with connected(secure.settings("tenant_b")) as spy:
         for bucket in (f"{BUCKET_CLAIMS}-tenant_a", BUCKET_CLAIMS):
             with pytest.raises(Exception):  # noqa: B017  (a denial arrives as a timeout)
@@ -403,9 +229,11 @@ async def test_a_client_without_its_inbox_prefix_is_told_so(secure: Mesh, admin:
     assert denied.value.status == 403 and time.monotonic() - started < 15  # not the request's timeout
 
 
-async def test_worker_pulls_acks_and_replies_but_cannot_queue_requests(
+async def test_worker_pulls_acks_and_replies_but_cannot_queue_job_items(
     secure: Mesh, admin: Connection, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A worker may queue requests (pipeline stages, checked against their owner) but not job items,
+    whose headers workers trust."""
     spec = await register(admin, tmp_path, "echo_a")
     subject = subject_of(spec)
     async with serving(secure.settings("worker"), [spec]) as worker:
@@ -414,9 +242,9 @@ async def test_worker_pulls_acks_and_replies_but_cannot_queue_requests(
         assert {reply.timing.worker for reply in replies} == {worker.id}
         await wait_for(lambda: _is(queued(admin, subject), 0), what="every request acked")
         with pytest.raises(nats.errors.TimeoutError):
-            await worker.conn.nc.jetstream(timeout=1.0).publish(subject, b"forged")
-    await violation(caplog, "publish", subject)
-    assert await queued(admin, subject) == 0
+            await worker.conn.nc.jetstream(timeout=1.0).publish(job_subject(subject), b"forged")
+    await violation(caplog, "publish", job_subject(subject))
+    assert await queued(admin, job_subject(subject)) == 0
 
 
 async def test_a_worker_queues_a_redelivered_bundle_again_request_by_request(
@@ -450,7 +278,8 @@ async def test_a_worker_queues_a_redelivered_bundle_again_request_by_request(
 async def test_a_request_cannot_make_a_worker_write_for_it(
     secure: Mesh, admin: Connection, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Workers send replies where a request's headers say; their own rights bound where that can be."""
+    """A worker replies where a request's headers say, with its own rights: a reply subject of the
+    server's or the mesh's own is never used (and the worker's rights would refuse it besides)."""
     spec = await register(admin, tmp_path, "echo_a")
     key = unique("victim")
     target = f"$KV.{BUCKET_ASSIGNMENTS}.{key}"
@@ -460,25 +289,45 @@ async def test_a_request_cannot_make_a_worker_write_for_it(
             headers={HDR_MSG_ID: unique("forged"), HDR_REPLY: target},
         )  # fmt: skip
         assert b'"error"' not in ack.data  # queued: the tenant may ask its own model
-        await violation(caplog, "publish", target)  # the worker's reply to it was refused
+        await wait_for(lambda: _is(queued(admin, subject_of(spec)), 0), what="the request settled")
+    assert not any(target.lower() in record.getMessage().lower() for record in caplog.records)  # never tried
     with pytest.raises(KeyNotFoundError):
         await (await admin.js.key_value(BUCKET_ASSIGNMENTS)).get(key)
 
 
 async def test_tenant_cannot_route_a_pipeline_through_another_tenants_model(
-    secure: Mesh, admin: Connection, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    secure: Mesh, admin: Connection, tmp_path: Path
 ) -> None:
+    """The worker checks a route against the owner of the model the request came to: a stage of
+    another tenant's is refused (403) before anything is computed, and nothing of that model (its
+    owner, inputs or outputs) is in the refusal."""
     own, other = await register(admin, tmp_path, "echo_a"), await register(admin, tmp_path, "echo_b")
     async with (
-        serving(secure.settings("worker"), [own, other]),
+        serving(secure.settings("worker"), [own, other]) as worker,
         await MeshClient.connect(settings=secure.settings("tenant_a")) as client,
     ):
-        with pytest.raises(MeshError) as refused:
+        with pytest.raises(Forbidden) as refused:
             await client.infer(["echo_a", "echo_b"], ones(), timeout=20)
-    # The worker may not forward (docs/security.md#pipelines): the stage it could not reach is named.
-    assert str(refused.value.data.get("stage", "")).startswith(subject_of(other)), refused.value
-    await violation(caplog, "publish", subject_of(other))
+        stats = {server.spec.name: server.stats for server in worker.servers.values()}
+    assert refused.value.status == 403
+    assert refused.value.data["stage"] == subject_of(other)
+    wire = json.dumps(refused.value.to_wire())
+    assert "tenant_b" not in wire and "input" not in wire.replace(subject_of(other), "")
+    assert stats["echo_a"].rows == 0 and stats["echo_b"].rows == 0  # refused before computing, either stage
     assert await queued(admin, subject_of(other)) == 0
+
+
+async def test_a_tenant_routes_a_pipeline_through_its_own_models(
+    secure: Mesh, admin: Connection, tmp_path: Path
+) -> None:
+    first = await register(admin, tmp_path, "echo_a")
+    second = await register(admin, tmp_path, "fraud", names=("output", "input"))  # takes the first's output
+    async with (
+        serving(secure.settings("worker"), [first, second]),
+        await MeshClient.connect(settings=secure.settings("tenant_a")) as client,
+    ):
+        reply = await client.infer_reply(["echo_a", "fraud"], ones(), timeout=20)
+    np.testing.assert_array_equal(reply.outputs["input"], ones()["input"])
 
 
 @pytest.mark.parametrize(
