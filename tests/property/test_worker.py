@@ -382,12 +382,17 @@ def test_missing_and_garbled_headers_never_stop_the_worker(
         mesh.run(wait_for(settled, timeout=10, what="the reply-less request to be taken and acked"))
         return
     assert reply is not None
-    if kind == "past":
-        with pytest.raises(DeadlineExceeded):
-            decode_reply(reply)
-    else:  # no deadline, a later one, or one that cannot be read: computed
+    try:
         got = decode_reply(reply).outputs["output"]
-        np.testing.assert_allclose(got, mesh.expected(mesh.mlp, inputs)["output"], rtol=1e-5, atol=1e-6)
+    except BadInput as err:  # a header that cannot be used is refused, naming it
+        assert HDR_DEADLINE in err.message or HDR_MSG_ID in err.message, err
+        assert kind in ("garbage", "huge") or (msg_id is not None and HDR_MSG_ID in err.message), err
+        return
+    except DeadlineExceeded:
+        assert kind == "past"
+        return
+    assert kind in ("absent", "future")  # computed
+    np.testing.assert_allclose(got, mesh.expected(mesh.mlp, inputs)["output"], rtol=1e-5, atol=1e-6)
 
 
 # -- reply subjects a client made up -------------------------------------------------------------------
@@ -413,13 +418,13 @@ def test_made_up_subjects_in_headers_do_not_stop_the_worker(mesh: Mesh, header: 
     reply = mesh.run(mesh.alongside(mesh.send(mesh.mlp, encode_request(inputs), headers, wait_for_reply)))
     if header == HDR_REPLY:
         pass
-    elif header == HDR_REPLY_INBOX or not value.strip():  # answered alone instead of in a bundle; no route
+    elif header == HDR_REPLY_INBOX:  # answered alone instead of in a bundle
         got = decode_reply(reply).outputs["output"]
         np.testing.assert_allclose(got, mesh.expected(mesh.mlp, inputs)["output"], rtol=1e-5, atol=1e-6)
-    elif header == HDR_ROUTE:  # no such next stage: the error names the stage that could not be reached
+    elif header == HDR_ROUTE:  # not a route (400), or no such next stage of this owner's (403)
         with pytest.raises(MeshError) as err:
             decode_reply(reply)
-        assert err.value.status in (400, 503)
+        assert err.value.status in (400, 403)
     assert mesh.worker.conn.nc.is_connected
 
 
@@ -551,14 +556,11 @@ def test_fire_and_forget_results_arrive_through_the_claim_check_too(mesh: Mesh) 
     subject = unique("props.results")
 
     async def run() -> Any:
-        results = mesh.client.subscribe_results(subject)
+        results = await mesh.client.subscribe_results(subject)
         first = asyncio.ensure_future(anext(results))
-        # One turn of the loop lets the generator subscribe; the request is published after it on
-        # the same connection, so the server has the subscription first.
-        await asyncio.sleep(0)
         request_id = await mesh.client.publish(mesh.ident, {"input": x}, reply_to=subject)
         result = await asyncio.wait_for(first, 30)
-        await results.aclose()  # type: ignore[attr-defined]
+        await results.aclose()
         return request_id, result
 
     request_id, result = mesh.run(mesh.alongside(run()))
