@@ -55,6 +55,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = {
         "min_replicas": args.min_replicas, "max_replicas": args.max_replicas, "memory_mb": args.memory_mb,
         "max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms, "instances": args.instances,
+        "tenant": args.tenant,
     }  # fmt: skip
     if args.priorities:
         values["priorities"] = [p for p in args.priorities.split(",") if p]
@@ -176,6 +177,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     add.add_argument("--max-batch-size", type=int)
     add.add_argument("--max-delay-ms", type=float)
     add.add_argument("--instances", type=int, help="batches a replica computes at once (sharing its cores)")
+    add.add_argument("--tenant", help="the tenant that owns the model (docs/security.md); its claims bucket is "
+                     "made by `servemesh provision`")
     add.add_argument("--priorities", help=f"subset of {','.join(PRIORITIES)}")
     add.add_argument("--labels", help="worker labels the model needs, k=v,...")
     add.add_argument("--placement", action="append", default=[], metavar="PRIORITY:k=v,...",
