@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from nats.nuid import NUID
 
 from broker import tracing
+from broker.admission import Admission
 from broker.claims import Claims
 from broker.connection import Connection, pub_ack_error, translate_error
 from broker.inflight import InFlight
@@ -44,6 +45,7 @@ from schemas.subjects import (
     HDR_ROUTE,
     PRIORITIES,
     check_name,
+    parse_infer_subject,
 )
 
 __all__ = ["MeshClient"]
@@ -67,6 +69,7 @@ class MeshClient:
         self._resolver = Resolver(conn, self._shadowing.configs)
         self._outbox = Outbox(conn, self._inbox, self._pending, self._resolver.max_batch, conn.settings.coalesce)
         self._deaf: Forbidden | None = None  # set once the server refuses our reply inbox
+        self._admission = Admission()  # refuses at once what could not be served in time
 
     @classmethod
     async def connect(cls, url: str | None = None, settings: Settings | None = None) -> MeshClient:
@@ -135,6 +138,7 @@ class MeshClient:
                 raise
             raise DeadlineExceeded(f"{model}: the registry did not answer within {timeout:.3g}s") from None
         subject, payload, headers = prepared
+        staged = HDR_ROUTE in headers  # a pipeline: its reply tells of the last stage's queue, not this one's
         headers[HDR_REPLY_INBOX] = self._inbox
         pending = self._pending.open(request_id, subject, payload, headers, timeout, timeout - (loop.time() - started))
         span = tracing.start_producer(subject, request_id, headers)
@@ -147,12 +151,15 @@ class MeshClient:
             # stream's PubAck comes to our own inbox too: no round trip is awaited on its own, yet a
             # rejection (full queue, no stream) still fails the call at once.
             self._outbox.put(subject, request_id, payload, headers)
+            self._admission.queued(subject)
             if mirror_id is not None:
                 await self._shadowing.send(mirror_id, subject, payload, headers[HDR_DEADLINE], timeout)
             data = await pending.future
             if claim_of(data) is not None:  # a large reply, handed over through the object store
                 data = await self._claims.resolve(data, take=True)
             reply = decode_reply(data)
+            if not staged:
+                self._admission.heard(subject, reply.timing)
             if mirror_id is not None:
                 self._shadowing.book.primary_done(mirror_id, reply)
             return reply
@@ -202,6 +209,7 @@ class MeshClient:
         once the stream has it. Read the replies with :meth:`subscribe_results`."""
         request_id = f"{self._id_prefix}{next(self._counter)}"
         subject, payload, headers = await self._prepare(model, inputs, version, priority, timeout, request_id, reply_to)
+        self._admission.queued(subject)
         try:
             await self._conn.publish_acked(subject, payload, headers, timeout=min(timeout, 10.0))
         except Exception as exc:
@@ -254,6 +262,7 @@ class MeshClient:
         route = self._resolver.cached_route(model, version, priority)
         if route is None:
             return None
+        self._admit(route[0], timeout)
         payload = encode_request(inputs)
         if len(payload) > self._claims.threshold and self._conn.settings.claims:
             return payload
@@ -268,11 +277,18 @@ class MeshClient:
         if priority not in PRIORITIES:
             raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
         route = await self._resolver.route(model, version, priority)
+        self._admit(route[0], timeout)
         if payload is None:
             payload = encode_request(inputs)
         if len(payload) > self._claims.threshold:
             payload = await self._claims.wrap(payload)  # claim check: through the object store, if on
         return self._parts(route, payload, timeout, request_id, reply_to)
+
+    def _admit(self, subject: str, timeout: float) -> None:
+        """Raise Overloaded (429) now for a request the queue could not serve in time (broker/admission.py)."""
+        refused = self._admission.check(subject, timeout, self._resolver.max_queue(parse_infer_subject(subject)[0]))
+        if refused is not None:
+            raise refused
 
     def _parts(
         self, route: tuple[str, ...], payload: bytes, timeout: float, request_id: str, reply_to: str

@@ -47,6 +47,7 @@ class Resolver:
         self._registry: Registry | None = None
         self._specs: dict[str, tuple[float, ModelSpec]] = {}
         self._plans: dict[_PlanKey, tuple[float, Plan]] = {}
+        self._reading: dict[_PlanKey, asyncio.Future[Plan]] = {}  # plans being read, one read per plan
         # Routes of plans without a weighted choice, per priority, with the time of the plan they come from.
         self._fixed_routes: dict[tuple[_PlanKey, str], tuple[float, tuple[str, ...]]] = {}
 
@@ -85,17 +86,41 @@ class Resolver:
                 check_name(name, pinned or version)
             except ValueError as exc:
                 raise BadInput(str(exc), model=name) from None
+        if cached is not None:
+            # Stale: it still routes this request while one read refreshes it for the next ones
+            # (not one read per request: under load, thousands would wait on the registry at once).
+            self._refresh(key, names, version)
+            return cached[1]
+        return await asyncio.shield(self._refresh(key, names, version))
+
+    def _refresh(self, key: _PlanKey, names: tuple[str, ...], version: str | None) -> asyncio.Future[Plan]:
+        """The read of ``key``'s plan in flight, started if there is none."""
+        reading = self._reading.get(key)
+        if reading is None:
+            reading = self._reading[key] = asyncio.ensure_future(self._reread(key, names, version))
+            reading.add_done_callback(lambda done: self._read_done(key, done))
+        return reading
+
+    def _read_done(self, key: _PlanKey, done: asyncio.Future[Plan]) -> None:
+        self._reading.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: a refresh nobody awaits must not log "never retrieved"
+
+    async def _reread(self, key: _PlanKey, names: tuple[str, ...], version: str | None) -> Plan:
+        cached = self._plans.get(key)
+        started = time.monotonic()
         try:
             plan = await asyncio.wait_for(self._read_plan(names, version), _STALE_AFTER_S if cached else None)
         except MeshError as exc:
             if cached is None or not isinstance(exc, MeshUnavailable):
+                self._plans.pop(key, None)  # gone or refused now: the next request learns it
                 raise
             plan = cached[1]  # the registry is unreachable for now: the last plan still routes
         except Exception as exc:
             if cached is None:
                 raise translate_error(exc, f"look up {', '.join(names)}") from exc
             plan = cached[1]
-        self._plans[key] = (now, plan)
+        self._plans[key] = (started, plan)
         return plan
 
     async def _read_plan(self, names: tuple[str, ...], version: str | None) -> Plan:
@@ -158,6 +183,11 @@ class Resolver:
         except BucketNotFoundError:
             raise UnknownModel("no model registry on this NATS yet (is a worker running?)") from None
         return self._registry
+
+    def max_queue(self, model: str) -> int | None:
+        """The model's max_queue as last read (no lookup), or None."""
+        cached = self._specs.get(model)
+        return cached[1].max_queue if cached is not None else None
 
     def max_batch(self, model: str) -> int | None:
         """The model's max_batch_size as last read (no lookup), or None if never read."""

@@ -34,6 +34,11 @@ class Timing:
     batch_size: int = 0
     worker: str = ""
     attempt: int = 1
+    # The worker's view of its queue as it answered, for clients to shed load at once (429) rather
+    # than queue a request that could not be served in time: requests waiting ahead on this
+    # subject, and the requests per second this replica serves when it has work (0: not known yet).
+    ahead: int = 0
+    rate: float = 0.0
 
 
 @dataclass(slots=True)
@@ -54,7 +59,17 @@ class Claim:
 def _timing_map(t: Timing) -> dict[str, Any]:
     # By hand: dataclasses.asdict deep-copies and costs more than the rest of the reply.
     return {"queue_ms": t.queue_ms, "compute_ms": t.compute_ms, "batch_size": t.batch_size,
-            "worker": t.worker, "attempt": t.attempt}  # fmt: skip
+            "worker": t.worker, "attempt": t.attempt, "ahead": t.ahead, "rate": t.rate}  # fmt: skip
+
+
+_TIMING_FIELDS = frozenset(Timing.__dataclass_fields__)
+
+
+def _timing_of(raw: Any) -> Timing:
+    """A reply's timing; fields this version does not know (a newer worker's) are left out."""
+    if not isinstance(raw, dict):
+        return Timing()
+    return Timing(**{k: v for k, v in raw.items() if k in _TIMING_FIELDS})
 
 
 def _pack(body: dict[str, Any]) -> bytes:
@@ -134,7 +149,7 @@ def decode_reply(payload: bytes) -> Reply:
     """
     try:
         body = msgpack.unpackb(payload, raw=False)
-        timing = Timing(**body.get("timing", {}))
+        timing = _timing_of(body.get("timing"))
         if "claim" in body:  # its receiver resolves a claim before decoding; an empty reply would mislead
             raise ValueError("a claim check, not resolved")
         error = body.get("error")

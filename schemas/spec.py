@@ -65,6 +65,9 @@ class ModelSpec(BaseModel):
     inputs: list[TensorSpec] = []
     outputs: list[TensorSpec] = []
     priorities: list[Priority] = list(PRIORITIES)
+    # Requests one priority of a version may have waiting; beyond, new ones are refused at once (429).
+    # Unset: bounded only by time (a request that would not be served before its timeout is refused).
+    max_queue: int | None = Field(default=None, ge=1)
     max_attempts: int = Field(default=3, ge=1)
     ack_wait_s: float = Field(default=30.0, gt=0)
     min_replicas: int = Field(default=1, ge=0)

@@ -53,6 +53,8 @@ _RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
 # The longest a request may wait on the server (a claimed payload, a job's state, a stage's owner)
 # before it joins a batch: past it, it is answered 503 rather than held.
 _ADMIT_TIMEOUT_S = 10.0
+# The service rate told to clients is measured over answers spanning at least this long.
+_RATE_WINDOW_S = 0.25
 
 
 @dataclass
@@ -131,7 +133,14 @@ class ModelServer:
         self._tenancy = tenancy or Tenancy(None)
         self._admitting: set[asyncio.Task[None]] = set()  # requests waiting on the server before they queue
         self._progress_at = time.monotonic()  # last seen with nothing waiting (see stalled)
-        self._settler = Settler(conn, self._claims, self.key, worker_id, self.stats, self._fail, self._claims_bucket)
+        # Requests per second this replica answers while it has a backlog (0: not measured yet), and
+        # what it is measured from: requests and seconds between answers while work was waiting.
+        self.rate = 0.0
+        self._rate_window = [0, 0.0]
+        self._last_settle: float | None = None
+        self._was_backlogged = False
+        self._settler = Settler(conn, self._claims, self.key, worker_id, self.stats, self._fail, self._claims_bucket,
+                                self.load, self._on_settled)  # fmt: skip
 
     @property
     def key(self) -> str:
@@ -480,6 +489,36 @@ class ModelServer:
         self._executor.shutdown(wait=True)
         self.runtime.close()
         log.info("drained %s", self.key)
+
+    def load(self, priority: str) -> tuple[int, float]:
+        """(requests waiting ahead of a new request at ``priority``, requests/s served when busy): what
+        replies tell clients, so that they refuse at once a request that could not be served in time.
+        Ahead: what this replica holds, and what waits in the stream at this priority and above."""
+        rank = _RANK[priority]
+        ahead = float(self.in_flight)
+        for p, feed in self._feeds.items():
+            if _RANK[p] <= rank:
+                ahead += feed.upstream * feed.per_message
+        return int(ahead), round(self.rate, 1)
+
+    def _backlogged(self) -> bool:
+        return bool(len(self._queue) or self._admitting or self._computing) or any(
+            feed.upstream for feed in self._feeds.values()
+        )
+
+    def _on_settled(self, count: int) -> None:
+        """Measure the rate at which answers go out while work waits (idle gaps say nothing of it)."""
+        now = time.monotonic()
+        if self._last_settle is not None and self._was_backlogged:
+            window = self._rate_window
+            window[0] += count
+            window[1] += now - self._last_settle
+            if window[1] >= _RATE_WINDOW_S:
+                sample = window[0] / window[1]
+                self.rate = sample if not self.rate else 0.7 * self.rate + 0.3 * sample
+                self._rate_window = [0, 0.0]
+        self._last_settle = now
+        self._was_backlogged = self._backlogged()
 
     def stalled(self, after_s: float) -> str | None:
         """Why this replica is not serving, if requests wait (held here, or queued in the stream as its

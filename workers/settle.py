@@ -61,6 +61,8 @@ class Settler:
         stats: ServingStats,
         fail: Callable[[Delivery, MeshError], Awaitable[None]],
         claims_bucket: str,
+        load: Callable[[str], tuple[int, float]] = lambda priority: (0, 0.0),
+        settled: Callable[[int], None] = lambda count: None,
     ) -> None:
         self._conn = conn
         self._claims = claims
@@ -69,6 +71,8 @@ class Settler:
         self._worker_id = worker_id
         self._stats = stats
         self._fail = fail
+        self._load = load  # priority → (requests waiting ahead, requests/s served when busy): told in replies
+        self._settled = settled  # told how many requests each batch answered
         self._tasks: set[asyncio.Task[None]] = set()
         self.settling = 0  # requests whose answers are still on their way
 
@@ -96,10 +100,14 @@ class Settler:
     async def settle(self, done: Computed) -> None:
         batch, stats = done.batch, self._stats
         sender = ReplySender(self._conn)
+        loads: dict[str, tuple[int, float]] = {}
         for request, result in zip(batch, done.results, strict=True):
             delivery = request.delivery
             queue_ms = max(0.0, (done.started_ns - delivery.stored_ns) / 1e6) if delivery.stored_ns else 0.0
-            timing = Timing(queue_ms, done.compute_ms, len(batch), self._worker_id, delivery.num_delivered)
+            load = loads.get(delivery.priority)
+            if load is None:
+                load = loads[delivery.priority] = self._load(delivery.priority)
+            timing = Timing(queue_ms, done.compute_ms, len(batch), self._worker_id, delivery.num_delivered, *load)
             stats.queue_s.observe(queue_ms / 1000)
             if isinstance(result, MeshError):
                 stats.errors[result.status] += 1
@@ -123,6 +131,7 @@ class Settler:
         # A job item whose result was not stored is nak'ed: computed again.
         await settle_all((request.delivery for request in batch), nak=sender.unsaved)  # gives the credit back
         done.settled = True
+        self._settled(len(batch))
         tracing.end(done.span)
         if done.span is not None:  # the requests' spans end once their answers are out, off the reply path
             self._end_spans(done)
