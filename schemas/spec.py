@@ -69,7 +69,9 @@ class ModelSpec(BaseModel):
     # Unset: bounded only by time (a request that would not be served before its timeout is refused).
     max_queue: int | None = Field(default=None, ge=1)
     max_attempts: int = Field(default=3, ge=1)
-    ack_wait_s: float = Field(default=30.0, gt=0)
+    # Redelivery after a worker goes silent (a crash, a stall, a lost cluster leader): short enough that what a
+    # dead leader had delivered comes back well within a typical timeout; long batches keep it alive.
+    ack_wait_s: float = Field(default=5.0, gt=0)
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, ge=1)
     # Memory one loaded replica needs; unset: estimated from the artifact's size.

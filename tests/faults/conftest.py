@@ -66,9 +66,13 @@ async def client(server: NatsServer) -> AsyncIterator[MeshClient]:
 
 
 def identity_repo(repo: Path, **config: object) -> str:
-    """An identity model (output = input, float32 [4]) of a name unique to the test, in ``repo``."""
+    """An identity model (output = input, float32 [4]) of a name unique to the test, in ``repo``; its
+    ack wait ACK_WAIT_S unless ``config`` says otherwise (None: the default a user gets)."""
     name = unique("ident")
-    set_config(build_identity_onnx(repo, name, "float32", shape=(4,), max_delay_ms=2), ack_wait_s=ACK_WAIT_S, **config)
+    config = {"ack_wait_s": ACK_WAIT_S, **config}
+    if config["ack_wait_s"] is None:
+        del config["ack_wait_s"]
+    set_config(build_identity_onnx(repo, name, "float32", shape=(4,), max_delay_ms=2), **config)
     return name
 
 

@@ -14,13 +14,14 @@ import pytest
 
 from broker import Connection, MeshClient, Registry, Settings, provision
 from router.local import wait_workers_ready
-from schemas.subjects import STREAM_INFER
+from schemas.subjects import STREAM_INFER, consumer_name
 from tests.conftest import wait_for
 from tests.faults.conftest import identity_repo
 from tests.faults.fleet import Fleet
 from tests.faults.load import Load
 from tests.faults.report import record
-from tests.integration.test_security import ConfigServer, Mesh, _free_ports, connected, deploy_copy
+from tests.integration.secure_mesh import ConfigServer, Mesh, connected, deploy_copy
+from tests.integration.test_security import _free_ports
 from workers.repository import read_model
 
 NODES = (1, 2, 3)
@@ -76,34 +77,41 @@ async def test_cluster_node_killed_under_load_and_rejoins(
             return True
 
         await wait_for(provisioned, timeout=30, what="the JetStream cluster accepting the R3 stream")
-        model = identity_repo(tmp_path / "repo")
+        model = identity_repo(tmp_path / "repo", ack_wait_s=None)  # the default ack wait, as users get it
         await (await Registry.open(conn)).put_spec(read_model(tmp_path / "repo" / model))
         # Each worker on a node of its own; the client on the first.
         fleet = Fleet(servers[0].url, tmp_path)
         for i, name in ((1, "w1"), (2, "w2")):
             fleet.worker(name, tmp_path / "repo", env=_env(meshes[i].settings("admin", replicas=3)), url=servers[i].url)
         await wait_workers_ready(await Registry.open(conn), ["w1", "w2"], timeout=60)
-        leader, _ = await _stream_replicas(conn)
-        victim = next(s for s in servers if s.config == f"cluster-{leader[-1]}.conf") if leader else servers[1]
+        # The node leading the model's consumer: what it delivered and had not heard acked is what a
+        # leader loss can strand (the stream's leader is often the same node; the consumer's decides).
+        info = await conn.js.consumer_info(STREAM_INFER, consumer_name(model, "1", "normal"))
+        consumer_leader = info.cluster.leader if info.cluster else None
+        victim = next((s for s in servers if consumer_leader and s.config == f"cluster-{consumer_leader[-1]}.conf"),
+                      servers[1])  # fmt: skip
+        victim_name = f"mesh-{victim.config.removeprefix('cluster-').removesuffix('.conf')}"
         started = time.monotonic()
         # The test watches the stream through a node that survives.
         survivor = meshes[0] if victim is not servers[0] else meshes[1]
         client = await MeshClient.connect(settings=meshes[0].settings("admin"))
-        async with client, connected(survivor.settings("admin")) as watcher, Load(client, model, 16, 15) as load:
+        async with client, connected(survivor.settings("admin")) as watcher, Load(client, model, 48, 15) as load:
             await load.answers(500, 30, "answers before the kill")
             assert victim.proc is not None
             victim.proc.send_signal(signal.SIGKILL)
             victim.proc.wait(10)
             killed_at = time.monotonic()
 
-            async def new_leader() -> bool:
+            async def new_leader() -> bool:  # of the consumer, and a stream led by a live node
                 try:
-                    now_leading, _ = await _stream_replicas(watcher)
+                    stream_leader, _ = await _stream_replicas(watcher)
+                    now = await watcher.js.consumer_info(STREAM_INFER, consumer_name(model, "1", "normal"))
                 except Exception:
                     return False
-                return bool(now_leading) and now_leading != leader
+                live = victim_name not in (stream_leader, now.cluster.leader if now.cluster else None)
+                return bool(stream_leader) and bool(now.cluster and now.cluster.leader) and live
 
-            await wait_for(new_leader, timeout=20, what="a new stream leader")
+            await wait_for(new_leader, timeout=20, what="new stream and consumer leaders")
             failover_s = time.monotonic() - killed_at
             await load.answers(500, 30, "answers with one node down")
             await asyncio.get_running_loop().run_in_executor(None, _restart, victim)
@@ -114,15 +122,18 @@ async def test_cluster_node_killed_under_load_and_rejoins(
                     _, followers = await _stream_replicas(watcher)
                 except Exception:
                     return False
-                return leader in followers and all(followers.values())
+                return victim_name in followers and all(followers.values())
 
             await wait_for(rejoined, timeout=30, what="the node back and current in the stream")
             rejoin_s = time.monotonic() - back_at
             await load.answers(500, 30, "answers after the node rejoined")
         tally = load.tally
-        record("3-node cluster: stream leader SIGKILL, then back", tally, time.monotonic() - started,
+        record("3-node cluster: consumer leader SIGKILL, then back", tally, time.monotonic() - started,
                new_leader_s=round(failover_s, 1), rejoined_s=round(rejoin_s, 1))  # fmt: skip
         assert tally.lost == 0 and tally.wrong == 0 and not tally.untyped
+        # With the default ack wait, what the dead leader had delivered comes back well within the
+        # requests' 15 s timeout: a leader loss fails no request.
+        assert tally.failed_total == 0, tally.errors
     finally:
         if fleet is not None:
             fleet.close()
