@@ -86,11 +86,8 @@ class Resolver:
                 check_name(name, pinned or version)
             except ValueError as exc:
                 raise BadInput(str(exc), model=name) from None
-        if cached is not None:
-            # Stale: it still routes this request while one read refreshes it for the next ones
-            # (not one read per request: under load, thousands would wait on the registry at once).
-            self._refresh(key, names, version)
-            return cached[1]
+        # One read per plan, whoever asks meanwhile waits on it: under load, thousands of requests would
+        # otherwise each read the registry at the moment the cached plan ages out.
         return await asyncio.shield(self._refresh(key, names, version))
 
     def _refresh(self, key: _PlanKey, names: tuple[str, ...], version: str | None) -> asyncio.Future[Plan]:
