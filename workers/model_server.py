@@ -133,6 +133,8 @@ class ModelServer:
         self._tenancy = tenancy or Tenancy(None)
         self._admitting: set[asyncio.Task[None]] = set()  # requests waiting on the server before they queue
         self._progress_at = time.monotonic()  # last seen with nothing waiting (see stalled)
+        self._remade_at = 0.0  # when the consumer was last made again (see _consumer_gone)
+        self._upkeep: set[asyncio.Task[None]] = set()
         # Requests per second this replica answers while it has a backlog (0: not measured yet), and
         # what it is measured from: requests and seconds between answers while work was waiting.
         self.rate = 0.0
@@ -163,11 +165,32 @@ class ModelServer:
         window = 2 * max(1, self.spec.max_batch_size)
         feed = PullFeed(
             self._conn, STREAM_INFER, name, priority, self._on_delivery, window,
-            on_error=self._fail, bundle_limit=bundle_limit(self.spec.max_batch_size),
+            on_error=self._fail, bundle_limit=bundle_limit(self.spec.max_batch_size), on_gone=self._consumer_gone,
         )  # fmt: skip
         self._feeds[priority] = feed
         self._retired.pop(priority, None)
         await feed.start()
+
+    def _consumer_gone(self, feed: PullFeed) -> None:
+        """The server says the feed's consumer is missing (deleted, or its stream rebuilt): make it again,
+        at most once a second; the feed goes on pulling meanwhile and finds it once it exists."""
+        now = time.monotonic()
+        if self._draining or now - self._remade_at < 1.0:
+            return
+        self._remade_at = now
+        task = asyncio.create_task(self._remake_consumer(feed.priority), name=f"consumer-{self.key}")
+        self._upkeep.add(task)
+        task.add_done_callback(self._upkeep.discard)
+
+    async def _remake_consumer(self, priority: str) -> None:
+        try:
+            await asyncio.wait_for(
+                ensure_consumer(self._conn.js, self.spec.name, self.version, priority,
+                                ack_wait_s=self.spec.ack_wait_s, max_attempts=self.spec.max_attempts), 5.0,
+            )  # fmt: skip
+            log.info("%s: made the consumer of priority %s again", self.key, priority)
+        except Exception as exc:  # the stream may be missing too: asked again on the next refusal
+            log.warning("%s: cannot make the consumer of priority %s yet: %s", self.key, priority, exc)
 
     async def set_priorities(self, priorities: Iterable[str]) -> None:
         """Serve another set of this version's priorities: open new feeds, stop dropped ones."""
