@@ -32,8 +32,9 @@ from broker.resolver import Resolver
 from broker.results import Results
 from broker.settings import Settings
 from broker.shadow import Shadowing
+from broker.storage import StorageNews, StorageReport
 from schemas.envelope import Reply, claim_of, decode_bundle, decode_reply, encode_request
-from schemas.errors import BadInput, DeadlineExceeded, Forbidden, MeshError
+from schemas.errors import BadInput, DeadlineExceeded, Forbidden, MeshError, MeshUnavailable
 from schemas.spec import ModelSpec
 from schemas.subjects import (
     BUCKET_CLAIMS,
@@ -44,6 +45,7 @@ from schemas.subjects import (
     HDR_REPLY_INBOX,
     HDR_ROUTE,
     PRIORITIES,
+    STREAM_INFER,
     check_name,
     parse_infer_subject,
 )
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 
 # Room kept for a request's headers (ids, reply subjects, deadline, route, trace context).
 _HEADER_ROOM = 4096
+
 
 
 class MeshClient:
@@ -70,6 +73,7 @@ class MeshClient:
         self._outbox = Outbox(conn, self._inbox, self._pending, self._resolver.max_batch, conn.settings.coalesce)
         self._deaf: Forbidden | None = None  # set once the server refuses our reply inbox
         self._admission = Admission()  # refuses at once what could not be served in time
+        self._storage = StorageNews(conn, self._on_storage)  # the routers' word on which streams store writes
 
     @classmethod
     async def connect(cls, url: str | None = None, settings: Settings | None = None) -> MeshClient:
@@ -81,6 +85,7 @@ class MeshClient:
             f"{client._inbox}.*.*", cb=client._on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1
         )
         conn.on_reconnect.append(client._pending.after_reconnect)
+        await client._storage.start()
         await conn.nc.flush()  # a refused reply subscription is usually reported by now
         if client._deaf is None:
             await client._claims.ensure_own()
@@ -285,10 +290,27 @@ class MeshClient:
         return self._parts(route, payload, timeout, request_id, reply_to)
 
     def _admit(self, subject: str, timeout: float) -> None:
-        """Raise Overloaded (429) now for a request the queue could not serve in time (broker/admission.py)."""
+        """Raise now for a request that cannot be served: Overloaded (429) when the queue could not serve
+        it in time (broker/admission.py), MeshUnavailable (503) when the stream stores no requests."""
+        unstored = self._unstored()
+        if unstored is not None:
+            raise unstored
         refused = self._admission.check(subject, timeout, self._resolver.max_queue(parse_infer_subject(subject)[0]))
         if refused is not None:
             raise refused
+
+    def _unstored(self) -> MeshUnavailable | None:
+        """The routers' latest word that the inference stream stores no writes, while it is fresh."""
+        problem = self._storage.problems().get(STREAM_INFER)
+        if problem is None:
+            return None
+        return MeshUnavailable(f"{STREAM_INFER} {problem}: no request can be queued; the mesh repairs the "
+                               "stream by itself once its server can write again", stream=STREAM_INFER)  # fmt: skip
+
+    def _on_storage(self, report: StorageReport) -> None:
+        unstored = self._unstored()
+        if unstored is not None:  # what waits for the stream's acknowledgement will not get one
+            self._pending.fail(unstored)
 
     def _parts(
         self, route: tuple[str, ...], payload: bytes, timeout: float, request_id: str, reply_to: str

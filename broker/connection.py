@@ -22,12 +22,14 @@ from nats.js import JetStreamContext
 from broker.settings import Settings
 from schemas.errors import MeshError, MeshUnavailable, Overloaded
 
-__all__ = ["Connection", "pub_ack_error", "translate_error"]
+__all__ = ["OUT_OF_STORAGE", "Connection", "pub_ack_error", "translate_error"]
 
 log = logging.getLogger(__name__)
 
 # JetStream API error codes that mean "the queue is full" rather than "something broke".
 _FULL_CODES = {10077, 10078, 10047, 10026}
+# "insufficient resources": the server's storage limit is reached; publishing again will not help soon.
+OUT_OF_STORAGE = 10023
 
 
 def translate_error(exc: BaseException, what: str) -> MeshError:
@@ -190,6 +192,9 @@ def pub_ack_error(msg: Msg, subject: str | None = None) -> MeshError | None:
     description = error.get("description", "")
     if err_code in _FULL_CODES:
         return Overloaded(f"queue is full ({description})", err_code=err_code)
+    if err_code == OUT_OF_STORAGE:
+        return MeshUnavailable(f"the stream is out of storage ({description}): no request can be queued now",
+                               err_code=err_code)  # fmt: skip
     return MeshUnavailable(f"JetStream refused the request: {description}", err_code=err_code)
 
 

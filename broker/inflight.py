@@ -16,7 +16,7 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
-from broker.connection import Connection, pub_ack_error
+from broker.connection import OUT_OF_STORAGE, Connection, pub_ack_error
 from schemas.errors import DeadlineExceeded, MeshError, MeshUnavailable
 from schemas.subjects import HDR_MSG_ID
 
@@ -154,7 +154,7 @@ class InFlight:
         error = pub_ack_error(msg, pending.subject)
         if error is None:
             self._stored(request_id, msg.data)
-        elif isinstance(error, MeshUnavailable):
+        elif isinstance(error, MeshUnavailable) and error.data.get("err_code") != OUT_OF_STORAGE:
             pending.refused = error  # e.g. no stream leader during an election: publishing again may work
         else:
             pending.future.set_exception(error)  # a full queue (429) is answered at once: load shedding

@@ -53,6 +53,7 @@ class Registry:
         self._assignments = assignments
         self._status = status
         self._pipelines = pipelines
+        self.conn: Connection | None = None  # the connection it was opened on
 
     @classmethod
     async def open(cls, conn: Connection) -> Registry:
@@ -61,7 +62,9 @@ class Registry:
             BUCKET_MODELS, BUCKET_WORKERS, BUCKET_ASSIGNMENTS, BUCKET_STATUS, BUCKET_PIPELINES, BUCKET_JOBS,
             BUCKET_ROUTES,
         )  # fmt: skip
-        return cls(*[_Bucket(js, name, await js.key_value(name)) for name in names])
+        registry = cls(*[_Bucket(js, name, await js.key_value(name)) for name in names])
+        registry.conn = conn
+        return registry
 
     # -- model specs ---------------------------------------------------------------------------
 

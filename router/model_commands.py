@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from broker.registry import Registry
+from broker.storage import latest_report
 from router.cli_support import add_common_flags, on_registry
 from schemas.spec import ModelSpec, VersionSpec
 from schemas.subjects import PRIORITIES
@@ -100,7 +102,14 @@ def _summary(spec: ModelSpec, status: dict[str, Any] | None) -> dict[str, Any]:
     }  # fmt: skip
 
 
+async def _storage(registry: Registry) -> dict[str, str]:
+    """Streams that store no writes, as a router last found (nothing when no router answers)."""
+    report = await latest_report(registry.conn) if registry.conn is not None else None
+    return report.unwritable if report is not None else {}
+
+
 async def _list(registry: Registry, args: argparse.Namespace) -> Any:
+    _print_storage(await _storage(registry))  # to stderr: the listing itself stays a list
     return [_summary(spec, await registry.get_status(spec.name)) for spec in await registry.list_specs()]
 
 
@@ -110,7 +119,12 @@ async def _show(registry: Registry, args: argparse.Namespace) -> Any:
         raise SystemExit(f"no model {args.name!r}")
     status = await registry.get_status(args.name) or {}
     return {"spec": json.loads(spec.model_dump_json()), "status": status.get("versions", {}),
-            "leader": status.get("leader")}  # fmt: skip
+            "leader": status.get("leader"), "storage": await _storage(registry)}  # fmt: skip
+
+
+def _print_storage(storage: dict[str, str], file: Any = sys.stderr) -> None:
+    for stream, why in storage.items():
+        print(f"STORAGE: stream {stream} {why}", file=file)
 
 
 async def _rm(registry: Registry, args: argparse.Namespace) -> Any:
@@ -129,6 +143,7 @@ def _print_human(command: str, result: Any) -> None:
             print(f"{m['name']:<24} {','.join(m['versions']):<12} {m['replicas']['min']}..{m['replicas']['max']:<6} "
                   f"{ready:<12} {lag}")  # fmt: skip
     elif command == "show":
+        _print_storage(result.get("storage") or {}, sys.stdout)
         spec = result["spec"]
         print(f"{spec['name']}: batch ≤ {spec['max_batch_size']}, delay {spec['max_delay_ms']} ms, "
               f"{spec.get('instances', 1)} instance(s) per replica, replicas "

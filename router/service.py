@@ -25,6 +25,7 @@ from router.observe import Failures, observe, unit_to_json
 from router.policy import PolicyConfig, PolicyState, plan
 from router.shadow import ShadowTally
 from router.snapshot import Assignments, Decision, Snapshot
+from router.storage_watch import StorageWatch
 
 __all__ = ["Router"]
 
@@ -52,6 +53,7 @@ class Router:
         # Every router tallies shadow reports, so that a new leader has them too; the leader
         # writes them into each model's status.
         self.shadow = ShadowTally()
+        self.storage = StorageWatch(conn, self.id)
 
     async def open(self) -> Router:
         """Ready to tick: the mesh provisioned (by the admin step, not by routers) and its registry open."""
@@ -63,6 +65,8 @@ class Router:
         await self.open()
         lease = await Lease.open(self.conn, LEASE_KEY, self.id)
         tallying = asyncio.create_task(self._tally_shadow())
+        # Every router, leading or not: a full disk also stops the lease from being renewed.
+        watching = asyncio.create_task(self.storage.run(stop), name="storage-watch")
         try:
             while not stop.is_set():
                 started = time.monotonic()
@@ -80,6 +84,7 @@ class Router:
                 await _sleep_until(stop, started + self.tick_s)
         finally:
             tallying.cancel()
+            watching.cancel()
             await lease.release()
 
     async def _tally_shadow(self) -> None:

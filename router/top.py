@@ -14,6 +14,7 @@ from rich.table import Table
 from broker.connection import Connection
 from broker.registry import Registry
 from broker.settings import Settings
+from broker.storage import latest_report
 from router.cli_support import require_provisioned
 
 __all__ = ["render", "run_top"]
@@ -80,7 +81,10 @@ async def render(registry: Registry) -> Group:
     stamp = time.strftime("%H:%M:%S")
     shadow = _shadow_table(statuses)
     tables = [_models_table(specs, statuses, beats), _workers_table(beats), *([shadow] if shadow else [])]
-    return Group(f"servemesh top — {stamp}", *tables)
+    report = await latest_report(registry.conn) if registry.conn is not None else None
+    unwritable = report.unwritable if report is not None else {}
+    storage = [f"[bold red]STORAGE: stream {stream} {why}[/]" for stream, why in unwritable.items()]
+    return Group(f"servemesh top — {stamp}", *storage, *tables)
 
 
 async def run_top(settings: Settings, interval_s: float = 1.0, once: bool = False) -> None:

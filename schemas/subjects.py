@@ -34,6 +34,7 @@ __all__ = [
     "MAX_BUNDLE",
     "PRIORITIES",
     "SHADOW_PREFIX",
+    "STORAGE_SUBJECT",
     "STREAM_INFER",
     "STREAM_JOBS",
     "Priority",
@@ -50,6 +51,7 @@ __all__ = [
     "job_result_subject",
     "job_subject",
     "parse_infer_subject",
+    "probe_subject",
     "requeue_subject",
     "shadow_subject",
     "subject_kind",
@@ -83,6 +85,9 @@ STREAM_JOBS: Final = "MESH_JOBS"
 JOBS_PREFIX: Final = "mesh.jobs"
 # Clients report how a mirrored request compared with its primary; routers tally the reports.
 SHADOW_PREFIX: Final = "mesh.shadow"
+# Routers say which of the mesh's streams stopped storing writes (core NATS: it must get through
+# when JetStream does not), and answer requests for it.
+STORAGE_SUBJECT: Final = "mesh.storage"
 
 HDR_MSG_ID: Final = "Nats-Msg-Id"
 HDR_REPLY: Final = "Mesh-Reply"
@@ -205,6 +210,16 @@ _ROUTE_RE = re.compile(
 def is_route_subject(subject: str) -> bool:
     """Whether ``subject`` may be a pipeline stage: a request queue, ``mesh.infer.<model>.<version>.<priority>``."""
     return _ROUTE_RE.fullmatch(subject) is not None
+
+
+def probe_subject(stream: str) -> str:
+    """A subject of ``stream`` that no consumer reads and no reader lists (an empty KV value), where a
+    router writes and at once purges a probe: whether the stream still stores what it is sent."""
+    if stream.startswith("KV_"):
+        return f"$KV.{stream[3:]}._probe"
+    if stream.startswith("OBJ_"):
+        return f"$O.{stream[4:]}.C._probe"
+    return f"{INFER_PREFIX}._probe" if stream == STREAM_INFER else f"{JOBS_PREFIX}._probe"
 
 
 def shadow_subject(model: str) -> str:

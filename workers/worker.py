@@ -16,8 +16,10 @@ from typing import Any
 from broker.connection import Connection
 from broker.provision import wait_provisioned
 from broker.registry import Json, Registry
+from broker.storage import StorageNews, StorageReport
 from schemas.errors import MeshError
 from schemas.spec import ModelSpec
+from schemas.subjects import STREAM_INFER
 from workers.jobs import JobBook
 from workers.model_server import ModelServer
 from workers.repository import read_repository
@@ -58,6 +60,8 @@ class Worker:
         self.cached: set[Key] = set()  # versions loaded here before: their artifacts are on local disk
         self._loaded = False  # every model it should serve is loaded
         self.stalls: dict[str, str] = {}  # model:version → why it is not serving, as last checked
+        self._storage = StorageNews(conn, self._on_storage)  # the routers' word on which streams store writes
+        self._storage_told: set[str] = set()
         self._retry: dict[Key, tuple[float, float]] = {}  # key → (retry at, current backoff)
         self._registry: Registry | None = None
         self._job_book: JobBook | None = None
@@ -71,8 +75,19 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        """Serving: every model it should serve loaded, and none that stopped answering its queue."""
-        return self._loaded and not self.stalls
+        """Serving: every model it should serve loaded, none that stopped answering its queue, and the
+        inference stream storing writes (as the routers last said)."""
+        return self._loaded and not self.stalls and STREAM_INFER not in self.storage_problems()
+
+    def storage_problems(self) -> dict[str, str]:
+        """Streams that store no writes, by the routers' latest report (while it is fresh)."""
+        return self._storage.problems()
+
+    def _on_storage(self, report: StorageReport) -> None:
+        for stream, why in report.unwritable.items():
+            if stream not in self._storage_told:
+                log.error("stream %s %s: not ready while it lasts", stream, why)
+        self._storage_told = set(report.unwritable)
 
     def check_stalls(self) -> dict[str, str]:
         after = self.conn.settings.stall_after_s
@@ -91,6 +106,7 @@ class Worker:
 
     async def start(self) -> None:
         await wait_provisioned(self.conn, f"worker {self.id}")
+        await self._storage.start()
         self._registry = await Registry.open(self.conn)
         self._job_book = JobBook(self._registry)
         self._tenancy = Tenancy(self._registry)
@@ -211,7 +227,8 @@ class Worker:
             "memory_mb": self.memory_mb, "memory_used_mb": used,
             "models": {server.key: {**server.status(), **self._rates_of(key, server)}
                        for key, server in self.servers.items()},
-            "cached": sorted(f"{m}:{v}" for m, v in self.cached), "stalled": stalls, **self._failures(),
+            "cached": sorted(f"{m}:{v}" for m, v in self.cached), "stalled": stalls,
+            "storage": self.storage_problems(), **self._failures(),
         }  # fmt: skip
 
     def _failures(self) -> dict[str, dict[str, str]]:
