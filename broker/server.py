@@ -39,6 +39,7 @@ class NatsServer:
         host: str = "127.0.0.1",
         store_dir: str | Path | None = None,
         extra_args: list[str] | None = None,
+        log_path: Path | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -49,7 +50,7 @@ class NatsServer:
         self.store_dir = Path(store_dir)
         self.extra_args = extra_args or []
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = self.store_dir / "nats-server.log"
+        self.log_path = log_path or self.store_dir / "nats-server.log"
 
     @property
     def url(self) -> str:

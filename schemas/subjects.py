@@ -219,7 +219,9 @@ def probe_subject(stream: str) -> str:
         return f"$KV.{stream[3:]}._probe"
     if stream.startswith("OBJ_"):
         return f"$O.{stream[4:]}.C._probe"
-    return f"{INFER_PREFIX}._probe" if stream == STREAM_INFER else f"{JOBS_PREFIX}._probe"
+    if stream in (STREAM_INFER, STREAM_JOBS):
+        return f"{INFER_PREFIX if stream == STREAM_INFER else JOBS_PREFIX}._probe"
+    raise ValueError(f"not a stream of the mesh: {stream!r}")
 
 
 def shadow_subject(model: str) -> str:

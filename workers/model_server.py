@@ -133,7 +133,7 @@ class ModelServer:
         self._tenancy = tenancy or Tenancy(None)
         self._admitting: set[asyncio.Task[None]] = set()  # requests waiting on the server before they queue
         self._progress_at = time.monotonic()  # last seen with nothing waiting (see stalled)
-        self._remade_at = 0.0  # when the consumer was last made again (see _consumer_gone)
+        self._remade_at: dict[str, float] = {}  # per priority, when its consumer was last made again
         self._upkeep: set[asyncio.Task[None]] = set()
         # Requests per second this replica answers while it has a backlog (0: not measured yet), and
         # what it is measured from: requests and seconds between answers while work was waiting.
@@ -175,9 +175,9 @@ class ModelServer:
         """The server says the feed's consumer is missing (deleted, or its stream rebuilt): make it again,
         at most once a second; the feed goes on pulling meanwhile and finds it once it exists."""
         now = time.monotonic()
-        if self._draining or now - self._remade_at < 1.0:
+        if self._draining or now - self._remade_at.get(feed.priority, 0.0) < 1.0:
             return
-        self._remade_at = now
+        self._remade_at[feed.priority] = now
         task = asyncio.create_task(self._remake_consumer(feed.priority), name=f"consumer-{self.key}")
         self._upkeep.add(task)
         task.add_done_callback(self._upkeep.discard)
