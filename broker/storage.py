@@ -24,7 +24,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from broker.connection import Connection
 from schemas.subjects import STORAGE_SUBJECT, probe_subject
@@ -52,7 +52,7 @@ async def probe(js: JetStreamContext, stream: str, timeout: float = _PROBE_TIMEO
         await js.publish(subject, b"", timeout=timeout)
     except nats.errors.TimeoutError:
         return f"{NO_ACK} (is the server's disk full?)"
-    except nats.errors.NoRespondersError:
+    except (nats.errors.NoRespondersError, NoStreamResponseError):
         return None  # no such stream here (or no leader just now): provisioning's concern, not storage's
     except APIError as exc:
         return f"refuses writes: {exc.description}"
