@@ -29,6 +29,9 @@ class Settings(BaseModel):
     # A worker whose model has requests waiting (held, or queued in the stream) and has answered none
     # of them for this long reports itself not ready, saying why (``models show``, /health/ready).
     stall_after_s: float = Field(default=60.0, gt=0)
+    # A worker told to stop finishes what it holds for at most this long; what it has not answered by
+    # then is redelivered to another replica after its ack wait.
+    drain_timeout_s: float = Field(default=30.0, gt=0)
     # Port of a worker's or router's HTTP endpoint (/metrics, /health/live, /health/ready); 0: off.
     http_port: int = Field(default=0, ge=0, le=65535)
     # Log lines as JSON objects (with trace and request ids) instead of text.

@@ -50,7 +50,11 @@ async def run_worker(
             log.info("worker %s following its assignment (memory %d MiB, labels %s)", worker.id, memory_mb, labels)
         await stop.wait()
         log.info("worker %s draining", worker.id)
-        await worker.drain()
+        try:
+            await asyncio.wait_for(worker.drain(), settings.drain_timeout_s)
+        except TimeoutError:
+            log.error("worker %s did not finish draining in %.0fs; what it holds is redelivered elsewhere",
+                      worker.id, settings.drain_timeout_s)  # fmt: skip
     finally:
         if endpoint is not None:
             await endpoint.close()
