@@ -318,7 +318,13 @@ class ModelServer:
             return
         deadline = None
         if delivery.deadline_ms is not None:
-            deadline = time.monotonic() + (delivery.deadline_ms - time.time() * 1000) / 1000.0
+            remaining = (delivery.deadline_ms - time.time() * 1000) / 1000.0
+            # What waits here before it would be computed: served too late, its answer helps nobody
+            # and the compute is taken from requests that can still make it.
+            if self.rate and remaining < (len(self._queue) + self._computing + rows) / self.rate:
+                await self._expire(delivery, "would not be served before its deadline; not computed")
+                return
+            deadline = time.monotonic() + remaining
         # A redelivered request may be the one that crashed a worker: it is computed alone.
         suspect = delivery.num_delivered > 1
         self._queue.put(_Request(delivery, inputs, rows), rows, _RANK[delivery.priority], time.monotonic(), deadline,
@@ -476,9 +482,9 @@ class ModelServer:
             for request in batch:
                 await request.delivery.in_progress()
 
-    async def _expire(self, delivery: Delivery) -> None:
+    async def _expire(self, delivery: Delivery, why: str = "deadline passed while queued; not computed") -> None:
         self.stats.expired += 1
-        err = DeadlineExceeded(f"{self.key}: deadline passed while queued; not computed")
+        err = DeadlineExceeded(f"{self.key}: {why}")
         tracing.end(delivery.span, err)
         await self._answer_error(delivery, err, Timing(worker=self.worker_id))
 
