@@ -20,8 +20,7 @@ from tests.faults.conftest import identity_repo
 from tests.faults.fleet import Fleet
 from tests.faults.load import Load
 from tests.faults.report import record
-from tests.integration.secure_mesh import ConfigServer, Mesh, connected, deploy_copy
-from tests.integration.test_security import _free_ports
+from tests.integration.secure_mesh import ConfigServer, Mesh, connected, deploy_copy, free_ports
 from workers.repository import read_model
 
 NODES = (1, 2, 3)
@@ -30,7 +29,7 @@ NODES = (1, 2, 3)
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[tuple[list[ConfigServer], dict[str, str]]]:
     """cluster-1..3.conf from deploy/nats, route ports moved to free ones; stopped by PID."""
-    ports = _free_ports(3)
+    ports = free_ports(3)
     workdir = tmp_path / "nats"
     passwords = deploy_copy(workdir, route_ports=ports)
     for i, port in zip(NODES, ports, strict=True):

@@ -25,7 +25,7 @@ from tests.faults.conftest import identity_repo
 from tests.faults.fleet import Fleet
 from tests.faults.load import Load
 from tests.faults.report import record
-from tests.integration.test_security import _free_ports
+from tests.integration.secure_mesh import free_ports
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ async def test_a_full_disk_fails_requests_fast_and_the_mesh_recovers_by_itself(
 ) -> None:
     repo = tmp_path / "repo"
     model = identity_repo(repo, ack_wait_s=None)
-    (http_port,) = _free_ports(1)
+    (http_port,) = free_ports(1)
     conn = await Connection.open(Settings.from_url(server.url))
     fleet.router("r1")
     fleet.worker("w1", repo, env={"SERVEMESH_HTTP_PORT": str(http_port)})

@@ -8,6 +8,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -198,3 +199,15 @@ async def violation(caplog: pytest.LogCaptureFixture, what: str, subject: str) -
 
 def ones(n: int = 4) -> dict[str, np.ndarray[Any, Any]]:
     return {"input": np.arange(n, dtype=np.float32)[None]}
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` TCP ports free on loopback just now."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -12,7 +12,6 @@ import base64
 import json
 import re
 import secrets
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -56,6 +55,7 @@ from tests.integration.secure_mesh import (
     Mesh,
     connected,
     deploy_copy,
+    free_ports,
     ones,
     queued,
     register,
@@ -510,7 +510,7 @@ def _jwt(issuer: Any, subject: Any, nats_claims: dict[str, Any]) -> str:
 @pytest.fixture
 def nats_cluster(tmp_path: Path) -> Iterator[tuple[list[ConfigServer], dict[str, str]]]:
     """cluster-1..3.conf on loopback, their route ports moved to free ones."""
-    ports = _free_ports(3)
+    ports = free_ports(3)
     workdir = tmp_path / "nats"
     passwords = deploy_copy(workdir, route_ports=ports)
     for i, port in enumerate(ports, start=1):
@@ -579,14 +579,3 @@ async def _sync_always(settings: Settings, servers: int) -> list[bool]:
         await conn.nc.publish("$SYS.REQ.SERVER.PING.VARZ", b"{}", reply=inbox)
         await asyncio.wait_for(done.wait(), timeout=10)
     return found
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
