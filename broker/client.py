@@ -26,7 +26,7 @@ from broker.admission import Admission
 from broker.claims import Claims
 from broker.connection import Connection, pub_ack_error, translate_error
 from broker.inflight import InFlight
-from broker.jobs import Job, items_of, start_job
+from broker.jobs import Job, checked_items, start_job
 from broker.outbox import Outbox
 from broker.resolver import Resolver
 from broker.results import Results
@@ -243,7 +243,7 @@ class MeshClient:
             check_name(job_id)
         except ValueError as exc:
             raise BadInput(f"job id: {exc}", job=job_id) from None
-        items = items_of(inputs, spec, self._conn.settings)
+        items = await checked_items(inputs, spec, self._conn.settings)  # a BadInput here creates nothing
         return await start_job(self._conn, await self._resolver.registry(), spec, subject, items, job_id)
 
     async def job(self, job_id: str) -> Job:

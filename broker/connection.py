@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,10 +23,12 @@ from nats.js import JetStreamContext
 from broker.settings import Settings
 from schemas.errors import MeshError, MeshUnavailable, Overloaded
 
-__all__ = ["OUT_OF_STORAGE", "Connection", "pub_ack_error", "translate_error"]
+__all__ = ["OUT_OF_STORAGE", "Connection", "pub_ack_error", "translate_error", "unreachable"]
 
 log = logging.getLogger(__name__)
 
+# A process that waits for NATS to come up says so this often.
+_WAITING_SAID_EVERY_S = 10.0
 # JetStream API error codes that mean "the queue is full" rather than "something broke".
 _FULL_CODES = {10077, 10078, 10047, 10026}
 # "insufficient resources": the server's storage limit is reached; publishing again will not help soon.
@@ -45,6 +48,21 @@ def translate_error(exc: BaseException, what: str) -> MeshError:
     if isinstance(exc, (nats.errors.ConnectionClosedError, nats.errors.NoServersError, OSError)):
         return MeshUnavailable(f"{what}: not connected to NATS ({exc})")
     return MeshUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def unreachable(url: str, cause: BaseException | None) -> MeshUnavailable:
+    """The one line a caller gets when no NATS server answers at ``url``."""
+    if isinstance(cause, ConnectionRefusedError):
+        why = "connection refused"
+    elif isinstance(cause, OSError) and cause.strerror:
+        why = cause.strerror.lower()
+    elif cause is not None:
+        why = str(cause) or type(cause).__name__
+    else:
+        why = "no answer"
+    return MeshUnavailable(
+        f"cannot reach NATS at {url}: {why} (is `servemesh up` running? set --nats or SERVEMESH_NATS_URL)", url=url
+    )
 
 
 class _Client(NatsClient):
@@ -256,8 +274,14 @@ class Connection:
         await self._acks.publish(subject, payload, headers, timeout)
 
     @classmethod
-    async def open(cls, settings: Settings, name: str = "servemesh") -> Connection:
+    async def open(cls, settings: Settings, name: str = "servemesh", wait_s: float | None = -1.0) -> Connection:
+        """Connect, trying for ``wait_s`` seconds (default: ``settings.connect_wait_s``; None: until the
+        server answers, as long-running processes do) before raising MeshUnavailable. Once connected,
+        the connection reconnects by itself for as long as it lives."""
+        wait = settings.connect_wait_s if wait_s is not None and wait_s < 0 else wait_s
         holder: list[Connection] = []
+        last_error: list[BaseException] = []
+        told = [-_WAITING_SAID_EVERY_S]
 
         async def reconnected() -> None:
             log.info("reconnected to NATS at %s", nc.connected_url)
@@ -273,26 +297,38 @@ class Connection:
                 # forever: no retry fixes wrong credentials or an untrusted certificate.
                 refused = True
                 raise exc
-            if not refused:  # closing a refused connection reports nothing new
+            if not holder:  # still trying the first time: said when the wait is over (or now and then)
+                last_error[:] = [exc]
+                if wait is None and time.monotonic() - told[0] >= _WAITING_SAID_EVERY_S:
+                    told[0] = time.monotonic()
+                    log.warning("waiting for NATS at %s: %s", settings.nats_url, exc)
+            elif not refused:  # closing a refused connection reports nothing new
                 log.warning("NATS connection error: %s", exc)
             denied = _DENIED_RE.search(str(exc))
             if denied and holder:
                 for callback in list(holder[0].on_denied):
                     callback(denied.group(1).lower(), denied.group(2))
 
+        nc = _Client()
         try:
-            nc = _Client()
-            await nc.connect(
-                settings.nats_url,
-                name=name,
-                connect_timeout=settings.connect_timeout_s,  # type: ignore[arg-type]  # seconds, floats work
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,  # type: ignore[arg-type]
-                reconnected_cb=reconnected,
-                error_cb=error_cb,
-                pending_size=64 * 1024 * 1024,
-                **_auth_options(settings),
+            await asyncio.wait_for(
+                nc.connect(
+                    settings.nats_url,
+                    name=name,
+                    connect_timeout=settings.connect_timeout_s,  # type: ignore[arg-type]  # seconds, floats work
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,  # type: ignore[arg-type]
+                    reconnected_cb=reconnected,
+                    error_cb=error_cb,
+                    pending_size=64 * 1024 * 1024,
+                    **_auth_options(settings),
+                ),
+                wait,
             )
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), timeout=1.0)
+            raise unreachable(settings.nats_url, last_error[0] if last_error else None) from None
         except Exception as exc:
             if refused:  # free the refused attempt's socket (nats-py's close may hang after a failed handshake)
                 with contextlib.suppress(Exception):

@@ -16,7 +16,7 @@ _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Servic
 
 class HttpEndpoint:
     def __init__(
-        self, port: int, metrics: Callable[[], bytes], ready: Callable[[], bool], host: str = "0.0.0.0"
+        self, port: int, metrics: Callable[[], bytes], ready: Callable[[], bool], host: str = "127.0.0.1"
     ) -> None:
         self.port = port
         self.host = host

@@ -10,6 +10,8 @@ redelivery never duplicate a result, and readers de-duplicate by index besides.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
@@ -37,7 +39,9 @@ from schemas.subjects import (
     job_subject,
 )
 
-__all__ = ["Job", "JobResult", "JobStatus", "items_of", "start_job"]
+__all__ = ["Job", "JobResult", "JobStatus", "checked_items", "start_job"]
+
+log = logging.getLogger(__name__)
 
 Inputs = Mapping[str, Any]
 _IN_FLIGHT = 256  # publishes awaiting the stream's ack at once
@@ -48,13 +52,14 @@ _PROGRESS_EVERY_S = 1.0
 class JobStatus:
     id: str
     model: str
-    state: str  # submitting | running | done | cancelled
+    state: str  # submitting | running | done | cancelled | failed
     total: int | None  # known once every item is submitted
     submitted: int
     done: int
     failed: int
     rate: float  # items finished per second since the job started
     eta_s: float | None
+    error: str | None = None  # why its submission failed (state "failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,22 +69,39 @@ class JobResult:
     error: MeshError | None = None
 
 
-def items_of(inputs: Any, spec: ModelSpec, settings: Settings) -> AsyncIterator[Inputs]:
-    """The items of ``inputs``: dicts (sync or async iterable), or a .npy/.npz file (local or s3://)
-    whose first axis is the items."""
+async def checked_items(inputs: Any, spec: ModelSpec, settings: Settings) -> AsyncIterator[Inputs]:
+    """The items of ``inputs`` — dicts (sync or async iterable), or a .npy/.npz file, local or s3://,
+    whose first axis is the items — the file opened and the first item checked against the model
+    before anything is created: BadInput, with nothing left behind, for inputs that cannot be a job."""
     if is_s3(inputs):
-        return _from_s3(settings, str(inputs), spec)
+        path = await download(settings, str(inputs))
+        try:
+            arrays = _arrays(path, spec)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return _from_arrays(arrays, spec, cleanup=path)
     if isinstance(inputs, (str, Path)):
-        return _from_file(Path(inputs), spec)
+        return _from_arrays(_arrays(Path(inputs), spec), spec)
     if isinstance(inputs, AsyncIterable):
-        return _aiter(inputs)
-    if isinstance(inputs, Iterable):
-        return _aiter_sync(inputs)
-    raise BadInput("job inputs must be an iterable of input dicts or a .npy/.npz file")
+        items = aiter(inputs)
+    elif isinstance(inputs, Iterable) and not isinstance(inputs, (bytes, Mapping)):
+        items = _aiter_sync(inputs)
+    else:
+        raise BadInput("job inputs must be an iterable of input dicts or a .npy/.npz file")
+    try:
+        first = await anext(items)
+    except StopAsyncIteration:
+        raise BadInput("the job has no items") from None
+    if not isinstance(first, Mapping):
+        raise BadInput(f"each job item must be a mapping of input name to array, not {type(first).__name__}")
+    _check_names(spec, set(first))
+    return _chained(first, items)
 
 
-async def _aiter(items: AsyncIterable[Inputs]) -> AsyncIterator[Inputs]:
-    async for item in items:
+async def _chained(first: Inputs, rest: AsyncIterator[Inputs]) -> AsyncIterator[Inputs]:
+    yield first
+    async for item in rest:
         yield item
 
 
@@ -88,28 +110,58 @@ async def _aiter_sync(items: Iterable[Inputs]) -> AsyncIterator[Inputs]:
         yield item
 
 
-async def _from_s3(settings: Settings, uri: str, spec: ModelSpec) -> AsyncIterator[Inputs]:
-    path = await download(settings, uri)
-    try:
-        async for item in _from_file(path, spec):
-            yield item
-    finally:
-        path.unlink(missing_ok=True)
+def _check_names(spec: ModelSpec, names: set[str]) -> None:
+    declared = {t.name for t in spec.inputs}
+    if declared and names != declared:
+        raise BadInput(f"{spec.name} takes input(s) {', '.join(sorted(declared))}; the job gives "
+                       f"{', '.join(sorted(names)) or 'none'}", model=spec.name)  # fmt: skip
 
 
-async def _from_file(path: Path, spec: ModelSpec) -> AsyncIterator[Inputs]:
-    if path.suffix == ".npz":
-        arrays = dict(np.load(path, mmap_mode="r"))
-    elif path.suffix == ".npy":
-        if len(spec.inputs) != 1:
-            raise BadInput(f"{spec.name} takes {len(spec.inputs)} inputs; give an .npz with one array per input")
-        arrays = {spec.inputs[0].name: np.load(path, mmap_mode="r")}
-    else:
+def _arrays(path: Path, spec: ModelSpec) -> dict[str, np.ndarray[Any, Any]]:
+    """The arrays of a job's input file, checked against the model's declared inputs."""
+    if path.suffix not in (".npy", ".npz"):
         raise BadInput(f"{path}: job inputs come as .npy or .npz")
-    count = min(len(a) for a in arrays.values())
-    for i in range(count):
-        # Batched models take a leading batch axis: each item is one row of it.
-        yield {k: np.ascontiguousarray(a[i : i + 1] if spec.max_batch_size else a[i]) for k, a in arrays.items()}
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
+    try:
+        if path.suffix == ".npz":
+            arrays = dict(np.load(path, mmap_mode="r", allow_pickle=False))
+        else:
+            if len(spec.inputs) != 1:
+                raise BadInput(f"{spec.name} takes {len(spec.inputs)} inputs; give an .npz with one array per input")
+            arrays = {spec.inputs[0].name: np.load(path, mmap_mode="r", allow_pickle=False)}
+    except (ValueError, OSError) as exc:
+        raise BadInput(f"{path}: not readable as NumPy arrays ({exc})") from None
+    _check_names(spec, set(arrays))
+    by_name = {t.name: t for t in spec.inputs}
+    for name, array in arrays.items():
+        if array.ndim == 0 or len(array) == 0:
+            raise BadInput(f"{path}: {name!r} holds no items (its first axis is the items)")
+        declared = by_name.get(name)
+        if declared is None:
+            continue
+        wire = "str" if array.dtype.kind == "U" else "bytes" if array.dtype.kind == "S" else array.dtype.name
+        if wire != declared.dtype:
+            raise BadInput(f"{path}: {name!r} is {wire}; {spec.name} takes {declared.dtype}", model=spec.name)
+        item = array.shape[1:]
+        fits = len(item) == len(declared.shape) and all(d in (-1, n) for d, n in zip(declared.shape, item, strict=True))
+        if not fits:
+            raise BadInput(f"{path}: {name!r} items have shape {list(item)}; {spec.name} takes "
+                           f"{list(declared.shape)} (-1: any)", model=spec.name)  # fmt: skip
+    return arrays
+
+
+async def _from_arrays(
+    arrays: dict[str, np.ndarray[Any, Any]], spec: ModelSpec, cleanup: Path | None = None
+) -> AsyncIterator[Inputs]:
+    try:
+        count = min(len(a) for a in arrays.values())
+        for i in range(count):
+            # Batched models take a leading batch axis: each item is one row of it.
+            yield {k: np.ascontiguousarray(a[i : i + 1] if spec.max_batch_size else a[i]) for k, a in arrays.items()}
+    finally:
+        if cleanup is not None:
+            cleanup.unlink(missing_ok=True)
 
 
 async def start_job(
@@ -142,6 +194,18 @@ class Job:
         return int(record.get("total") or record.get("submitted") or 0)
 
     async def _submit(self, subject: str, items: AsyncIterator[Inputs], record: Json, bundle: int = 1) -> int:
+        """Queue every item; a submission that fails leaves the job ``failed``, with the reason."""
+        try:
+            return await self._queue_items(subject, items, record, bundle)
+        except Exception as exc:
+            err = translate_error(exc, f"job {self.id}")
+            log.warning("job %s failed while submitting its items: %s", self.id, err.message)
+            with contextlib.suppress(Exception):
+                current = await self._record()
+                await self._registry.put_job(self.id, {**current, "state": "failed", "error": err.message})
+            raise err from exc
+
+    async def _queue_items(self, subject: str, items: AsyncIterator[Inputs], record: Json, bundle: int) -> int:
         """Queue every item, ``bundle`` items to a stream message (see broker/outbox.py), a bounded
         number of messages in flight."""
         slots = asyncio.Semaphore(max(4, _IN_FLIGHT // bundle))
@@ -226,14 +290,18 @@ class Job:
             state = "done"
         elapsed = max(1e-9, time.time() - float(record["created"]))
         rate = (done + failed) / elapsed
-        eta = (total - done - failed) / rate if total is not None and rate > 0 else None
+        eta = (total - done - failed) / rate if total is not None and rate > 0 and state == "running" else None
         return JobStatus(self.id, record["model"], state, total, int(record.get("submitted", 0)), done, failed,
-                         rate, eta)  # fmt: skip
+                         rate, eta, record.get("error"))  # fmt: skip
 
     async def results(self, follow: bool = True) -> AsyncIterator[JobResult]:
         """Each item's result once, in the order they were stored; ``follow`` waits for the rest."""
         seen: set[int] = set()
         total: int | None = None
+        record = await self._record()
+        if record.get("state") == "failed":
+            raise MeshError(f"job {self.id} failed: {record.get('error', 'its submission did not complete')}",
+                            job=self.id)  # fmt: skip
         sub = await self._conn.js.subscribe(
             f"{JOBS_PREFIX}.{self.id}.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
         )
@@ -244,6 +312,8 @@ class Job:
                 except TimeoutError:
                     record = await self._record()
                     total = record.get("total")
+                    if record.get("state") == "failed":
+                        raise MeshError(f"job {self.id} failed: {record.get('error')}", job=self.id) from None
                     if not follow or record.get("state") == "cancelled":
                         return
                     continue
@@ -267,6 +337,6 @@ class Job:
     async def wait(self, poll_s: float = 0.5) -> JobStatus:
         while True:
             status = await self.status()
-            if status.state in ("done", "cancelled"):
+            if status.state in ("done", "cancelled", "failed"):
                 return status
             await asyncio.sleep(poll_s)

@@ -22,6 +22,9 @@ class Settings(BaseModel):
     storage: str = Field(default="file", pattern="^(file|memory)$")
     replicas: int = Field(default=1, ge=1, le=5)
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    # How long a client (and every CLI command) tries to reach NATS the first time before it gives up
+    # with "cannot reach NATS"; workers and routers keep trying until the server answers.
+    connect_wait_s: float = Field(default=5.0, gt=0)
     # Compute threads per model runtime (0: the runtime's default, usually one per core).
     runtime_threads: int = Field(default=0, ge=0)
     # Event loop of servemesh processes: uvloop when installed ("auto"), or force one.
@@ -34,6 +37,8 @@ class Settings(BaseModel):
     drain_timeout_s: float = Field(default=30.0, gt=0)
     # Port of a worker's or router's HTTP endpoint (/metrics, /health/live, /health/ready); 0: off.
     http_port: int = Field(default=0, ge=0, le=65535)
+    # Address it binds: loopback unless widened (0.0.0.0 in a container, for the scraper and probes).
+    http_host: str = "127.0.0.1"
     # Log lines as JSON objects (with trace and request ids) instead of text.
     log_json: bool = False
     # Credentials and TLS (docs/security.md); all optional. Secrets are SecretStr so that no

@@ -1,4 +1,6 @@
-"""The ``servemesh`` command: run the mesh's processes and send requests from a shell."""
+"""servemesh: a model-serving mesh on NATS JetStream. Run its processes, manage its models, routes,
+pipelines and batch jobs, and send it requests from a shell. Every command takes --nats URL (default
+$SERVEMESH_NATS_URL, else nats://127.0.0.1:4222) and --json where it prints results."""
 
 from __future__ import annotations
 
@@ -6,31 +8,26 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
+import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from broker import tracing
-from broker.client import MeshClient
 from broker.logs import configure_logging
 from broker.loop import run
-from broker.server import NatsServer
 from broker.settings import Settings
-from schemas.errors import MeshError
+from router.cli_support import CliError, Parser, UsageError, common_flags, guarded, kv_pairs
 
 __all__ = ["main"]
 
+# Commands that run until stopped log what they do; the others only what went wrong.
+_LONG_RUNNING = {"up", "nats", "worker", "router"}
 
-def _cmd_nats(args: argparse.Namespace) -> int:
-    with NatsServer(port=args.port, store_dir=args.store_dir) as server:
-        # Its own server: this is the admin step that provisions it (as `servemesh up` does).
-        asyncio.run(_provision(Settings.from_env(nats_url=server.url), []))
-        print(f"nats-server ready at {server.url} (JetStream data in {server.store_dir}), provisioned; "
-              "Ctrl-C stops it", flush=True)  # fmt: skip
-        _wait_for_signal()
-    return 0
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    return Settings.from_env(nats_url=args.nats, **overrides)
 
 
 async def _provision(settings: Settings, tenants: list[str]) -> list[str]:
@@ -44,10 +41,55 @@ async def _provision(settings: Settings, tenants: list[str]) -> list[str]:
         await conn.close()
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends the command as Ctrl-C does, so that what it started is stopped on the way out."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _wait_for_signal() -> None:
+    """Until SIGINT or SIGTERM (either raises KeyboardInterrupt: the caller's cleanup runs)."""
+    _stop_on_sigterm()
+    while True:
+        signal.pause()
+
+
+def _start_server(port: int, store_dir: Path | None) -> Any:
+    from broker.server import NatsServer
+
+    server = NatsServer(port=port, store_dir=store_dir)
+    try:
+        return server.start()
+    except RuntimeError as exc:
+        server.close()
+        if "address already in use" in str(exc):
+            raise CliError(f"port {port} is in use (another nats-server or `servemesh up`?): "
+                           "choose another with --port, or -1 for any free one") from None  # fmt: skip
+        raise CliError(f"nats-server did not start: {str(exc).splitlines()[0]}") from None
+
+
+def _cmd_nats(args: argparse.Namespace) -> int:
+    _stop_on_sigterm()
+    server = _start_server(args.port, Path(args.store_dir) if args.store_dir else None)
+    try:
+        # Its own server: this is the admin step that provisions it (as `servemesh up` does).
+        asyncio.run(_provision(_settings(args, nats_url=server.url), []))
+        print(f"nats-server ready at {server.url} (JetStream data in {server.store_dir}), provisioned; "
+              "Ctrl-C stops it", flush=True)  # fmt: skip
+        _wait_for_signal()
+    except KeyboardInterrupt:
+        print("stopping nats-server", flush=True)
+    finally:
+        server.close()
+    return 0
+
+
 def _cmd_provision(args: argparse.Namespace) -> int:
     """The admin step: the only command that creates or changes the mesh's streams and buckets."""
-    settings = Settings.from_env(nats_url=args.nats, replicas=args.replicas, max_queue=args.max_queue,
-                                 storage=args.storage)  # fmt: skip
+    settings = _settings(args, replicas=args.replicas, max_queue=args.max_queue, storage=args.storage)
     done = asyncio.run(_provision(settings, args.tenant))
     if args.json:
         print(json.dumps({"nats": settings.nats_url, "done": done}))
@@ -63,7 +105,7 @@ def _check(settings: Settings) -> int:
     from broker.endpoint import check_ready
 
     if not settings.http_port:
-        raise SystemExit("--check needs the HTTP endpoint: set SERVEMESH_HTTP_PORT or --http-port")
+        raise UsageError("--check needs the HTTP endpoint: set SERVEMESH_HTTP_PORT or --http-port")
     ready = check_ready(settings.http_port)
     print("ready" if ready else "not ready")
     return 0 if ready else 1
@@ -72,29 +114,25 @@ def _check(settings: Settings) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from workers.process import run_worker
 
-    settings = Settings.from_env(nats_url=args.nats, http_port=args.http_port)
+    settings = _settings(args, http_port=args.http_port, http_host=args.http_host)
     if args.check:
         return _check(settings)
     models = Path(args.models) if args.models else None
-    labels = _labels(args.labels)
-    run(run_worker(settings, models, args.id, memory_mb=args.memory_mb, labels=labels), settings.loop)
+    if models is not None and not models.is_dir():
+        raise CliError(f"--models {models}: no such model repository")
+    with contextlib.suppress(KeyboardInterrupt):
+        run(run_worker(settings, models, args.id, memory_mb=args.memory_mb, labels=args.labels), settings.loop)
     return 0
-
-
-def _labels(text: str | None) -> dict[str, str]:
-    pairs = [item.partition("=") for item in (text or "").split(",") if item]
-    if any(not sep for _, sep, _ in pairs):
-        raise SystemExit(f"--labels takes k=v,..., got {text!r}")
-    return {k.strip(): v.strip() for k, _, v in pairs}
 
 
 def _cmd_router(args: argparse.Namespace) -> int:
     from router.process import run_router
 
-    settings = Settings.from_env(nats_url=args.nats, http_port=args.http_port)
+    settings = _settings(args, http_port=args.http_port, http_host=args.http_host)
     if args.check:
         return _check(settings)
-    run(run_router(settings, args.id, args.tick), settings.loop)
+    with contextlib.suppress(KeyboardInterrupt):
+        run(run_router(settings, args.id, args.tick), settings.loop)
     return 0
 
 
@@ -126,45 +164,80 @@ def _cmd_top(args: argparse.Namespace) -> int:
     from router.top import run_top
 
     with contextlib.suppress(KeyboardInterrupt):
-        run(run_top(Settings.from_env(nats_url=args.nats), args.interval, args.once), "asyncio")
+        run(run_top(_settings(args), args.interval, args.once), "asyncio")
     return 0
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from router.local import LocalMesh
 
+    models = Path(args.models)
+    if not models.is_dir():
+        raise CliError(f"--models {models}: no such model repository")
     state = Path(args.state_dir) if args.state_dir else None
-    mesh = LocalMesh(Path(args.models), workers=args.workers, routers=args.routers, port=args.port, state_dir=state)
-    asyncio.run(mesh.start())
+    mesh = LocalMesh(models, workers=args.workers, routers=args.routers, port=args.port, state_dir=state)
+    _stop_on_sigterm()  # from here on, SIGTERM and Ctrl-C both stop whatever was started
     try:
-        print(f"servemesh up: nats at {mesh.url}, {args.workers} worker(s), {args.routers} router(s), "
-              f"models from {args.models}", flush=True)  # fmt: skip
-        print(f"logs in {mesh.log_dir}; try: servemesh infer MODEL --input NAME=FILE.npy --nats {mesh.url}", flush=True)
+        try:
+            asyncio.run(mesh.start(say=lambda line: print(line, flush=True)))
+        except RuntimeError as exc:
+            if "address already in use" in str(exc):
+                raise CliError(f"port {args.port} is in use (another nats-server or `servemesh up`?): choose "
+                               "another with --port, or -1 for any free one") from None  # fmt: skip
+            raise
+        failed = [label for label, outcome in mesh.outcome.items() if not outcome.startswith("ready")]
+        print(f"servemesh up: nats at {mesh.url}; {len(mesh.outcome) - len(failed)} of {len(mesh.outcome)} "
+              f"model version(s) ready; logs in {mesh.log_dir}; Ctrl-C stops everything", flush=True)  # fmt: skip
+        print(f"try: servemesh models list --nats {mesh.url}", flush=True)
         _wait_for_signal()
+    except KeyboardInterrupt:
+        print("stopping the mesh ...", flush=True)
     finally:
         mesh.stop()
     return 0
 
 
+def _load_inputs(items: list[str]) -> dict[str, Any]:
+    """``NAME=FILE.npy`` and ``FILE.npz`` (its arrays by name) → arrays, each file checked."""
+    import numpy as np
+
+    inputs: dict[str, Any] = {}
+    for item in items:
+        name, sep, path = item.rpartition("=") if "=" in item else ("", "", item)
+        if not sep and not path.endswith(".npz"):
+            raise UsageError(f"--input takes NAME=FILE.npy or FILE.npz, got {item!r}")
+        file = Path(path)
+        if not file.is_file():
+            raise CliError(f"--input {item}: no such file")
+        try:
+            loaded = np.load(file, allow_pickle=False)
+        except ValueError as exc:
+            if "allow_pickle" in str(exc):
+                raise CliError(f"{file} holds Python objects (a pickle); save plain arrays with numpy.save") from None
+            raise CliError(f"{file} is not a NumPy .npy or .npz file: {exc}") from None
+        except OSError as exc:
+            raise CliError(f"{file} cannot be read as NumPy data: {exc}") from None
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            if sep:
+                raise UsageError(f"--input {item}: an .npz holds arrays by name; give it as --input {path}")
+            inputs.update({key: loaded[key] for key in loaded.files})
+        else:
+            inputs[name] = loaded
+    return inputs
+
+
 def _cmd_infer(args: argparse.Namespace) -> int:
-    inputs = {}
-    for item in args.input:
-        name, _, path = item.partition("=")
-        if not path:
-            raise SystemExit(f"--input takes NAME=FILE.npy, got {item!r}")
-        inputs[name] = np.load(path, allow_pickle=False)
-    try:
-        reply = asyncio.run(_infer(args, inputs))
-    except MeshError as err:
-        print(json.dumps(err.to_wire()) if args.json else f"error {err.status} ({err.code}): {err.message}")
-        return 1
+    inputs = _load_inputs(args.input)
+    reply = asyncio.run(_infer(args, inputs))
+    timing = _timing(reply)
     if args.json:
         outputs = {name: value.tolist() for name, value in reply.outputs.items()}
-        print(json.dumps({"outputs": outputs, "timing": _timing(reply)}))
+        print(json.dumps({"outputs": outputs, "version": reply.timing.version, "timing": timing}))
     else:
         for name, value in reply.outputs.items():
             print(f"{name} {value.dtype}{list(value.shape)}:\n{value}")
-        print("timing:", ", ".join(f"{k}={v}" for k, v in _timing(reply).items()))
+        print(f"answered by {args.model}:{reply.timing.version or '?'} on {reply.timing.worker}; "
+              + ", ".join(f"{k}={v}" for k, v in timing.items() if k != "worker"))  # fmt: skip
     return 0
 
 
@@ -174,100 +247,134 @@ def _timing(reply: Any) -> dict[str, Any]:
             "worker": t.worker, "attempt": t.attempt}  # fmt: skip
 
 
-async def _infer(args: argparse.Namespace, inputs: dict[str, np.ndarray[Any, Any]]) -> Any:
+async def _infer(args: argparse.Namespace, inputs: dict[str, Any]) -> Any:
+    from broker import tracing
+    from broker.client import MeshClient
+
     tracing.configure_from_env("servemesh-cli")
-    settings = Settings.from_env(nats_url=args.nats)
-    async with await MeshClient.connect(settings=settings) as client:
+    async with await MeshClient.connect(settings=_settings(args)) as client:
         return await client.infer_reply(
             args.model, inputs, version=args.version, priority=args.priority, timeout=args.timeout
         )
 
 
-def _wait_for_signal() -> None:
-    received: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: received.append(signum))
-    while not received:
-        signal.pause()
+def _positive(kind: type[int] | type[float]) -> Any:
+    def check(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        return value
+
+    check.__name__ = kind.__name__
+    return check
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not (value == -1 or 0 < value < 65536):
+        raise argparse.ArgumentTypeError(f"{text}: a port is 1..65535 (-1: any free one)")
+    return value
+
+
+def _version() -> str:
+    try:
+        return version("servemesh")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="servemesh", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--log-json", action="store_true", help="JSON log lines with trace and request ids")
-    sub = parser.add_subparsers(dest="command", required=True)
+    common = common_flags()
+    parser = Parser(prog="servemesh", description=__doc__, parents=[common])
+    parser.set_defaults(nats=None, log_level=None, log_json=False, debug=False)
+    parser.add_argument("--version", action="version", version=f"servemesh {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
-    up = sub.add_parser("up", help="embedded nats-server + workers on this machine, until Ctrl-C")
-    up.add_argument("--models", required=True, help="model repository directory")
-    up.add_argument("--workers", type=int, default=1)
-    up.add_argument("--routers", type=int, default=1)
-    up.add_argument("--port", type=int, default=4222, help="nats port (-1: any free port)")
-    up.add_argument("--state-dir", help="keep JetStream data and logs here (default: a temp dir)")
+    def command(name: str, about: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=about, description=about, parents=[common])
+
+    up = command("up", "the whole mesh on this machine (embedded nats-server, routers, workers) until Ctrl-C")
+    up.add_argument("--models", required=True, help="model repository directory (<model>/<version>/model.onnx)")
+    up.add_argument("--workers", type=_positive(int), default=1, help="worker processes")
+    up.add_argument("--routers", type=_positive(int), default=1, help="router processes")
+    up.add_argument("--port", type=_port, default=4222, help="nats-server port (-1: any free port)")
+    up.add_argument("--state-dir", help="keep JetStream data and logs here (default: a temporary directory)")
     up.set_defaults(run=_cmd_up)
 
-    nats_cmd = sub.add_parser("nats", help="run the embedded nats-server alone")
-    nats_cmd.add_argument("--port", type=int, default=4222)
-    nats_cmd.add_argument("--store-dir")
+    nats_cmd = command("nats", "the embedded nats-server alone, provisioned, until Ctrl-C")
+    nats_cmd.add_argument("--port", type=_port, default=4222, help="port (-1: any free port)")
+    nats_cmd.add_argument("--store-dir", help="JetStream data directory (default: a temporary directory)")
     nats_cmd.set_defaults(run=_cmd_nats)
 
-    prov = sub.add_parser("provision", help="create (or bring in line) the mesh's streams and buckets: the admin step")
+    prov = command("provision", "create (or bring in line) the mesh's streams and buckets: the admin step")
     prov.add_argument("--tenant", action="append", default=[], metavar="NAME",
                       help="also make this tenant's claims bucket (owners of registered models get theirs anyway)")
-    prov.add_argument("--replicas", type=int, help="stream and bucket replicas ($SERVEMESH_REPLICAS; 3 in a cluster)")
-    prov.add_argument("--max-queue", type=int, help="messages one subject may hold ($SERVEMESH_MAX_QUEUE)")
-    prov.add_argument("--storage", choices=["file", "memory"], help="$SERVEMESH_STORAGE")
+    prov.add_argument("--replicas", type=_positive(int), help="stream and bucket replicas (3 in a cluster; "
+                      "default $SERVEMESH_REPLICAS, else 1)")  # fmt: skip
+    prov.add_argument("--max-queue", type=_positive(int), help="messages one subject may hold "
+                      "(default $SERVEMESH_MAX_QUEUE, else 10000)")  # fmt: skip
+    prov.add_argument("--storage", choices=["file", "memory"], help="default $SERVEMESH_STORAGE, else file")
     prov.add_argument("--json", action="store_true", help="machine-readable output")
-    prov.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
     prov.set_defaults(run=_cmd_provision)
 
-    worker = sub.add_parser("worker", help="serve what the router assigns (or, with --models, a repository)")
+    worker = command("worker", "serve what the router assigns (or, with --models, a repository as it is)")
     worker.add_argument("--models", help="serve every model of this repository instead of following the router")
     worker.add_argument("--id", help="stable worker id (default: host-pid)")
-    worker.add_argument("--memory-mb", type=int, default=4096, help="memory budget for loaded models")
-    worker.add_argument("--labels", help="k=v,... (e.g. tier=fast,zone=a) for placement rules")
-    worker.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
+    worker.add_argument("--memory-mb", type=_positive(int), default=4096, help="memory budget for loaded models")
+    worker.add_argument("--labels", type=kv_pairs, default={}, help="k=v,... (e.g. tier=fast,zone=a) for placement")
     worker.set_defaults(run=_cmd_worker)
 
-    router = sub.add_parser("router", help="placement and autoscaling (run 2+ for HA; one leads)")
-    router.add_argument("--id", help="router id (default: host-pid)")
-    router.add_argument("--tick", type=float, default=0.5, help="seconds between placement rounds")
-    router.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
+    router = command("router", "placement and autoscaling (run 2 or more for high availability: one leads)")
+    router.add_argument("--id", help="router id (default: router-host-pid)")
+    router.add_argument("--tick", type=_positive(float), default=0.5, help="seconds between placement rounds")
     router.set_defaults(run=_cmd_router)
     for process in (worker, router):
-        process.add_argument("--http-port", type=int, help="serve /metrics and /health/* here ($SERVEMESH_HTTP_PORT)")
+        process.add_argument("--http-port", type=_port, help="serve /metrics and /health/* on this port "
+                             "(default $SERVEMESH_HTTP_PORT, else off)")  # fmt: skip
+        process.add_argument("--http-host", help="address the HTTP endpoint binds (default "
+                             "$SERVEMESH_HTTP_HOST, else 127.0.0.1; 0.0.0.0 for every interface)")  # fmt: skip
         process.add_argument("--check", action="store_true", help="probe the running process: exit 0 when ready")
 
-    top = sub.add_parser("top", help="live view of models and workers")
-    top.add_argument("--interval", type=float, default=1.0)
+    top = command("top", "live view of models, workers, lag and storage")
+    top.add_argument("--interval", type=_positive(float), default=1.0, help="seconds between frames")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
-    top.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
     top.set_defaults(run=_cmd_top)
 
     from router import job_commands, model_commands, pipeline_commands, route_commands
 
-    model_commands.add_parsers(sub)
-    sub.choices["models"].set_defaults(run=_cmd_models)
-    pipeline_commands.add_parsers(sub)
-    sub.choices["pipelines"].set_defaults(run=_cmd_pipelines)
-    job_commands.add_parsers(sub)
-    sub.choices["jobs"].set_defaults(run=_cmd_jobs)
-    route_commands.add_parsers(sub)
-    sub.choices["routes"].set_defaults(run=_cmd_routes)
+    for module, name, runner in ((model_commands, "models", _cmd_models), (pipeline_commands, "pipelines",
+                                 _cmd_pipelines), (job_commands, "jobs", _cmd_jobs),
+                                 (route_commands, "routes", _cmd_routes)):  # fmt: skip
+        module.add_parsers(sub, common)
+        sub.choices[name].set_defaults(run=runner)
 
-    infer = sub.add_parser("infer", help="send one request and print the outputs")
-    infer.add_argument("model")
-    infer.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", required=True)
-    infer.add_argument("--version")
-    infer.add_argument("--priority", default="normal", choices=["high", "normal", "low"])
-    infer.add_argument("--timeout", type=float, default=5.0)
+    infer = command("infer", "send one request and print the outputs, and which version answered")
+    infer.add_argument("model", help="model, or model:version, or a registered pipeline")
+    infer.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy|FILE.npz", required=True,
+                       help="an input from a .npy file, or all of them from an .npz (repeat for several)")
+    infer.add_argument("--version", help="this version, not the model's route")
+    infer.add_argument("--priority", default="normal", choices=["high", "normal", "low"], help="its queue")
+    infer.add_argument("--timeout", type=_positive(float), default=5.0, help="seconds")
     infer.add_argument("--json", action="store_true", help="machine-readable output")
-    infer.add_argument("--nats", help="NATS URL (default: $SERVEMESH_NATS_URL)")
     infer.set_defaults(run=_cmd_infer)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    configure_logging(args.log_level, as_json=args.log_json or Settings.from_env().log_json)
-    result: int = args.run(args)
-    return result
+    level = args.log_level or ("INFO" if args.command in _LONG_RUNNING else "WARNING")
+    as_json = args.log_json or os.environ.get("SERVEMESH_LOG_JSON", "").lower() in ("1", "true", "yes")
+    try:
+        configure_logging(level, as_json=as_json)
+    except ValueError:
+        print(f"servemesh: error: --log-level {level!r}: give DEBUG, INFO, WARNING or ERROR", file=sys.stderr)
+        return 2
+    action = getattr(args, f"{args.command}_command", None)
+    prog = f"servemesh {args.command}" + (f" {action}" if action else "")
+    return guarded(lambda: int(args.run(args)), prog, args.debug, as_json=bool(getattr(args, "json", False)))

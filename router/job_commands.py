@@ -16,7 +16,7 @@ from broker.client import MeshClient
 from broker.jobs import Job, JobStatus
 from broker.objects import is_s3, upload
 from broker.settings import Settings
-from router.cli_support import add_common_flags
+from router.cli_support import CliError, Parser, command_group
 
 __all__ = ["add_parsers", "run"]
 
@@ -25,7 +25,7 @@ def _status_json(status: JobStatus) -> dict[str, Any]:
     eta = None if status.eta_s is None else round(status.eta_s, 1)
     return {"id": status.id, "model": status.model, "state": status.state, "total": status.total,
             "submitted": status.submitted, "done": status.done, "failed": status.failed,
-            "rate": round(status.rate, 2), "eta_s": eta}  # fmt: skip
+            "rate": round(status.rate, 2), "eta_s": eta, "error": status.error}  # fmt: skip
 
 
 async def _follow(job: Job, quiet: bool) -> JobStatus:
@@ -40,7 +40,7 @@ async def _follow(job: Job, quiet: bool) -> JobStatus:
             status = await job.status()
             progress.update(bar, total=status.total, completed=status.done + status.failed,
                             rate=f"{status.rate:,.0f}/s, {status.failed} failed")  # fmt: skip
-            if status.state in ("done", "cancelled"):
+            if status.state in ("done", "cancelled", "failed"):
                 return status
             await asyncio.sleep(0.5)
 
@@ -76,12 +76,16 @@ async def write_results(job: Job, path: Path) -> int:
 
 async def _submit(client: MeshClient, args: argparse.Namespace) -> Any:
     source = args.input if is_s3(args.input) else Path(args.input)
+    if not is_s3(args.input) and not Path(args.input).is_file():
+        raise CliError(f"--input {args.input}: no such file")
     job = await client.submit_job(args.model, source, priority=args.priority, job_id=args.job_id)
     if args.detach:
         submitted = await job.submitted()
         return {"id": job.id, "submitted": submitted}
     status = await _follow(job, args.json)
     result = _status_json(status)
+    if status.state == "failed":
+        raise CliError(f"job {job.id} failed: {status.error}")
     if args.output:
         result["written"] = await write_results_to(job, args.output, client.settings)
         result["output"] = args.output
@@ -111,33 +115,61 @@ async def _cancel(client: MeshClient, args: argparse.Namespace) -> Any:
 
 
 async def _list(client: MeshClient, args: argparse.Namespace) -> Any:
-    return [{"id": job_id, "model": record["model"], "state": record["state"], "total": record.get("total")}
-            for job_id, record in sorted((await client.jobs()).items())]  # fmt: skip
+    """Every job with its state as it is now (done is found from the stored results, not the record)."""
+    listed = []
+    for job_id in sorted(await client.jobs()):
+        status = await (await client.job(job_id)).status()
+        listed.append({"id": job_id, "model": status.model, "state": status.state, "total": status.total,
+                       "done": status.done, "failed": status.failed})  # fmt: skip
+    return listed
 
 
 _COMMANDS = {"submit": _submit, "status": _status, "results": _results, "cancel": _cancel, "list": _list}
 
 
+def _print_human(command: str, result: Any) -> None:
+    if command == "list":
+        print(f"{'JOB':<34} {'MODEL':<20} {'STATE':<11} {'DONE':>8} {'FAILED':>7} {'TOTAL':>8}")
+        for job in result:
+            total = "?" if job["total"] is None else job["total"]
+            print(f"{job['id']:<34} {job['model']:<20} {job['state']:<11} {job['done']:>8} {job['failed']:>7} "
+                  f"{total:>8}")  # fmt: skip
+    elif command == "results" and isinstance(result, list):
+        for line in result:
+            what = f"error {line['error']['status']}: {line['error']['message']}" if line["error"] else line["outputs"]
+            print(f"{line['index']}: {what}")
+    elif "state" in result:
+        eta = f", ETA {result['eta_s']:.0f} s" if result.get("eta_s") is not None else ""
+        total = "?" if result["total"] is None else result["total"]
+        print(f"{result['id']} ({result['model']}): {result['state']}, {result['done']} done, {result['failed']} "
+              f"failed of {total}, {result['rate']:g}/s{eta}" + (f"; wrote {result['output']}" if "output" in result
+                                                                else ""))  # fmt: skip
+    else:
+        print(", ".join(f"{k} {v}" for k, v in result.items()))
+
+
 async def run(args: argparse.Namespace) -> int:
     async with await MeshClient.connect(settings=Settings.from_env(nats_url=args.nats)) as client:
         result = await _COMMANDS[args.jobs_command](client, args)
-    print(json.dumps(result, indent=2 if args.json else None))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_human(args.jobs_command, result)
     return 0
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    jobs = sub.add_parser("jobs", help="batch jobs: submit, status, results, cancel, list")
-    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
-    submit = jsub.add_parser("submit", help="submit a job and follow it with a progress bar")
+def add_parsers(sub: argparse._SubParsersAction, common: Parser) -> None:  # type: ignore[type-arg]
+    action = command_group(sub, "jobs", "batch jobs: submit, status, results, cancel, list", common, "jobs_command")
+    submit = action("submit", "submit a job and follow it with a progress bar (--json: no bar)")
     submit.add_argument("model")
     submit.add_argument("--input", required=True, help=".npy or .npz file or s3:// URI; its first axis is the items")
     submit.add_argument("--output", help="write the results here (.npz, local or s3://) when the job is done")
-    submit.add_argument("--priority", default="low", choices=["high", "normal", "low"])
+    submit.add_argument("--priority", default="low", choices=["high", "normal", "low"], help="the items' queue")
     submit.add_argument("--job-id", help="an id of your own (resubmitting it never duplicates items)")
     submit.add_argument("--detach", action="store_true", help="return once the items are queued")
-    for verb in ("status", "results", "cancel"):
-        parser = jsub.add_parser(verb)
-        parser.add_argument("id")
-    jsub.choices["results"].add_argument("--output", help="write them to an .npz instead of printing")
-    jsub.add_parser("list")
-    add_common_flags(jsub.choices.values())  # --json also turns the progress bar off
+    action("status", "a job's progress").add_argument("id", help="the job's id")
+    results = action("results", "a job's results so far, by item index")
+    results.add_argument("id", help="the job's id")
+    results.add_argument("--output", help="write them to an .npz (local or s3://) instead of printing")
+    action("cancel", "stop a job: its items still queued are dropped").add_argument("id", help="the job's id")
+    action("list", "every job and its state")

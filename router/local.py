@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -19,9 +20,12 @@ from broker.provision import provision
 from broker.registry import Registry
 from broker.server import NatsServer
 from broker.settings import Settings
+from schemas.spec import ModelSpec
 from workers.repository import read_repository
 
-__all__ = ["LocalMesh", "spawn_router", "spawn_worker", "wait_models_ready", "wait_workers_ready"]
+__all__ = [
+    "LocalMesh", "spawn_router", "spawn_worker", "wait_models_ready", "wait_models_settled", "wait_workers_ready",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,46 @@ async def wait_models_ready(registry: Registry, models: list[str], timeout: floa
     raise TimeoutError(f"models {models} not ready after {timeout}s")
 
 
+async def wait_models_settled(
+    registry: Registry,
+    specs: list[ModelSpec],
+    timeout: float,
+    say: Callable[[str], None] = lambda line: None,
+    children: dict[str, subprocess.Popen[bytes]] | None = None,
+) -> dict[str, str]:
+    """Until every version of ``specs`` is loaded on a worker or has failed to load on one (or
+    ``timeout``); returns "model:version" → "ready on w" / "failed: why" / "still loading", telling
+    ``say`` each as it happens. A child process that exits meanwhile is said, not waited for."""
+    wanted = [f"{s.name}:{v}" for s in specs for v in s.versions]
+    outcome: dict[str, str] = {}
+    started = time.monotonic()
+    deadline = started + timeout
+    while time.monotonic() < deadline and len(outcome) < len(wanted):
+        beats = await registry.heartbeats()
+        for label in wanted:
+            if label in outcome:
+                continue
+            ready = sorted(w for w, beat in beats.items() if label in beat.get("models", {}))
+            failed = {w: why for w, beat in beats.items()
+                      for lbl, why in {**beat.get("failed", {}), **beat.get("retrying", {})}.items() if lbl == label}
+            if ready:
+                outcome[label] = f"ready on {', '.join(ready)}"
+                say(f"{label} ready on {', '.join(ready)} ({time.monotonic() - started:.1f} s)")
+            elif failed:
+                outcome[label] = f"failed: {next(iter(failed.values()))}"
+                say(f"{label} failed to load — {next(iter(failed.values()))}")
+        for name, proc in (children or {}).items():
+            if proc.poll() is not None and f"exited:{name}" not in outcome:
+                outcome[f"exited:{name}"] = str(proc.returncode)
+                say(f"{name} exited with code {proc.returncode}; see its log")
+        await asyncio.sleep(0.2)
+    for label in wanted:
+        if label not in outcome:
+            outcome[label] = "still loading"
+            say(f"{label} still loading after {timeout:.0f} s; it will be served once it is")
+    return {k: v for k, v in outcome.items() if not k.startswith("exited:")}
+
+
 class LocalMesh:
     def __init__(
         self,
@@ -105,6 +149,7 @@ class LocalMesh:
         self.storage = storage
         self.server = NatsServer(port=port, store_dir=state_dir / "nats" if state_dir else None)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.outcome: dict[str, str] = {}  # model:version → ready on / failed / still loading
 
     @property
     def url(self) -> str:
@@ -114,25 +159,34 @@ class LocalMesh:
     def log_dir(self) -> Path:
         return self.server.store_dir
 
-    async def start(self, timeout: float = 120.0) -> LocalMesh:
+    async def start(self, timeout: float = 120.0, say: Callable[[str], None] = lambda line: None) -> LocalMesh:
+        """Start everything and wait until each model is ready or has failed to load (``timeout``: then
+        the ones still loading are named and left to finish). ``say`` is told each step as it happens."""
+        if not self.models.is_dir():
+            raise FileNotFoundError(2, "no such model repository", str(self.models))
+        specs, errors = await asyncio.get_running_loop().run_in_executor(None, read_repository, self.models)
         self.server.start()
+        say(f"nats-server ready at {self.url}")
         env = {"SERVEMESH_STORAGE": self.storage}
         conn = await Connection.open(Settings.from_url(self.url, storage=self.storage))
         try:
             await provision(conn)
             registry = await Registry.open(conn)
-            specs, errors = await asyncio.get_running_loop().run_in_executor(None, read_repository, self.models)
             for error in errors:
-                log.error("not registering %s: %s", error.model, error.reason)
+                say(f"not registered: {error.model} — {error.reason}")
             for spec in specs:
                 await registry.put_spec(spec)
+            say(f"registered {len(specs)} model(s) from {self.models}: {', '.join(s.name for s in specs) or 'none'}")
             for i in range(self.n_routers):
                 name = f"router-{i + 1}"
                 self.children[name] = spawn_router(self.url, name, self.log_dir / f"{name}.log", env)
             for i in range(self.n_workers):
                 name = f"worker-{i + 1}"
                 self.children[name] = spawn_worker(self.url, None, name, self.log_dir / f"{name}.log", env)
-            await wait_models_ready(registry, [s.name for s in specs if s.min_replicas > 0], timeout)
+            say(f"started {self.n_routers} router(s) and {self.n_workers} worker(s); loading models ...")
+            self.outcome = await wait_models_settled(
+                registry, [s for s in specs if s.min_replicas > 0], timeout, say, self.children
+            )
         except BaseException:
             await conn.close()
             self.stop()

@@ -44,12 +44,14 @@ async def run_router(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tracing.configure_from_env("servemesh-router")
-    conn = await Connection.open(settings, name=f"servemesh-router-{router_id or ''}")
+    conn = await Connection.open(settings, name=f"servemesh-router-{router_id or ''}", wait_s=None)
     router = Router(conn, router_id, config=config or RouterSettings().policy(), tick_s=tick_s)
     endpoint = None
     if settings.http_port:
         # Ready = connected: a standby is as ready as the leader, it waits for the lease.
-        endpoint = HttpEndpoint(settings.http_port, lambda: router_metrics(router), lambda: conn.nc.is_connected)
+        endpoint = HttpEndpoint(
+            settings.http_port, lambda: router_metrics(router), lambda: conn.nc.is_connected, host=settings.http_host
+        )
         await endpoint.start()
     try:
         await router.run(stop)

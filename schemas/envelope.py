@@ -39,6 +39,7 @@ class Timing:
     # subject, and the requests per second this replica serves when it has work (0: not known yet).
     ahead: int = 0
     rate: float = 0.0
+    version: str = ""  # the model version that answered (a canary's or the main one)
 
 
 @dataclass(slots=True)
@@ -59,7 +60,8 @@ class Claim:
 def _timing_map(t: Timing) -> dict[str, Any]:
     # By hand: dataclasses.asdict deep-copies and costs more than the rest of the reply.
     return {"queue_ms": t.queue_ms, "compute_ms": t.compute_ms, "batch_size": t.batch_size,
-            "worker": t.worker, "attempt": t.attempt, "ahead": t.ahead, "rate": t.rate}  # fmt: skip
+            "worker": t.worker, "attempt": t.attempt, "ahead": t.ahead, "rate": t.rate,
+            "version": t.version}  # fmt: skip
 
 
 _TIMING_FIELDS = frozenset(Timing.__dataclass_fields__)

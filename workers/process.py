@@ -34,11 +34,14 @@ async def run_worker(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    conn = await Connection.open(settings, name=f"servemesh-worker-{worker_id or ''}")
+    # Until the server answers: a worker may well start before NATS does (a pod, a supervisor).
+    conn = await Connection.open(settings, name=f"servemesh-worker-{worker_id or ''}", wait_s=None)
     worker = Worker(conn, worker_id, memory_mb=memory_mb, labels=labels, store=ArtifactStore(StoreSettings.from_env()))
     endpoint = None
     if settings.http_port:
-        endpoint = HttpEndpoint(settings.http_port, lambda: worker_metrics(worker), lambda: worker.ready)
+        endpoint = HttpEndpoint(
+            settings.http_port, lambda: worker_metrics(worker), lambda: worker.ready, host=settings.http_host
+        )
         await endpoint.start()
     try:
         await worker.start()

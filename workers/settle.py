@@ -67,6 +67,7 @@ class Settler:
         self._conn = conn
         self._claims = claims
         self._claims_bucket = claims_bucket  # where a large reply goes: the model's owner's bucket
+        self._version = key.rpartition(":")[2]
         self._key = key
         self._worker_id = worker_id
         self._stats = stats
@@ -107,7 +108,8 @@ class Settler:
             load = loads.get(delivery.priority)
             if load is None:
                 load = loads[delivery.priority] = self._load(delivery.priority)
-            timing = Timing(queue_ms, done.compute_ms, len(batch), self._worker_id, delivery.num_delivered, *load)
+            timing = Timing(queue_ms, done.compute_ms, len(batch), self._worker_id, delivery.num_delivered, *load,
+                            version=self._version)  # fmt: skip
             stats.queue_s.observe(queue_ms / 1000)
             if isinstance(result, MeshError):
                 stats.errors[result.status] += 1

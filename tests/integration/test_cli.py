@@ -90,9 +90,13 @@ async def test_up_runs_a_mesh_and_stops_everything_it_started(tmp_path: Path) ->
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 90)).decode()
-        assert line.startswith("servemesh up: nats at nats://"), line
-        url = line.split()[4].rstrip(",")
+        progress = []  # startup progress, as it happens, then the summary line
+        while not (line := (await asyncio.wait_for(proc.stdout.readline(), 90)).decode()).startswith("servemesh up:"):
+            assert line, progress
+            progress.append(line)
+        assert progress[0].startswith("nats-server ready at") and any(f"{name}:1 ready on" in p for p in progress)
+        assert "1 of 1 model version(s) ready" in line, line
+        url = line.split()[4].rstrip(";")
         from broker import MeshClient, Registry
 
         async with await MeshClient.connect(url) as client:
