@@ -8,12 +8,13 @@ import asyncio
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker import MeshClient
+from broker import MeshClient, Registry
 from examples.build_models import build_digits_torchscript, build_iris_onnx
 from router.local import LocalMesh
 from schemas.errors import MeshError
@@ -61,15 +62,26 @@ async def _digits(client: MeshClient) -> None:
     print(f"  {_timing(reply.timing)}")
 
 
+async def _placed(registry: Registry, name: str, timeout_s: float = 10.0) -> dict[str, Any]:
+    """The router's status of ``name`` once it has heard every version is ready (it writes it each tick)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = await registry.get_status(name) or {}
+        versions = status.get("versions") or {}
+        if (versions and all(st.get("ready") for st in versions.values())) or time.monotonic() > deadline:
+            return status
+        await asyncio.sleep(0.1)
+
+
 async def _placement(url: str) -> None:
-    from broker import Connection, Registry, Settings
+    from broker import Connection, Settings
 
     conn = await Connection.open(Settings.from_url(url))
     try:
         registry = await Registry.open(conn)
         print("\nplacement (decided by the router from the registry, heartbeats and queue lag):")
         for name in ("iris", "digits"):
-            status = await registry.get_status(name) or {}
+            status = await _placed(registry, name)
             for version, st in status.get("versions", {}).items():
                 decision = st.get("last_decision") or {}
                 print(f"  {name}:{version} ready on {', '.join(st.get('ready', [])) or '-'}"

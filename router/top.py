@@ -4,6 +4,7 @@ shadow traffic (how often each candidate version agrees with its primary)."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from typing import Any
 
@@ -53,8 +54,9 @@ def _workers_table(beats: dict[str, Any]) -> Table:
     return table
 
 
-def _shadow_table(statuses: dict[str, Any]) -> Table | None:
-    rows = [(model, pair, results) for model, st in sorted(statuses.items())
+def _shadow_table(statuses: dict[str, Any], shadowing: set[str]) -> Table | None:
+    """Shadow results of the models that mirror now (``shadowing``): turned off, a model's go."""
+    rows = [(model, pair, results) for model, st in sorted(statuses.items()) if model in shadowing
             for pair, results in sorted(((st or {}).get("shadow") or {}).items())]  # fmt: skip
     if not rows:
         return None
@@ -79,7 +81,8 @@ async def render(registry: Registry) -> Group:
     statuses = {spec.name: await registry.get_status(spec.name) for spec in specs}
     beats = await registry.heartbeats()
     stamp = time.strftime("%H:%M:%S")
-    shadow = _shadow_table(statuses)
+    routes = {spec.name: await registry.get_route(spec.name) for spec in specs}
+    shadow = _shadow_table(statuses, {name for name, route in routes.items() if route and route.get("shadow")})
     tables = [_models_table(specs, statuses, beats), _workers_table(beats), *([shadow] if shadow else [])]
     report = await latest_report(registry.conn) if registry.conn is not None else None
     unwritable = report.unwritable if report is not None else {}
@@ -95,7 +98,8 @@ async def run_top(settings: Settings, interval_s: float = 1.0, once: bool = Fals
         if once:
             from rich.console import Console
 
-            Console().print(await render(registry))
+            # Piped, a frame is as wide as it needs (a terminal's width would cut its headers).
+            Console(width=None if sys.stdout.isatty() else 200).print(await render(registry))
             return
         with Live(await render(registry), refresh_per_second=4, screen=False) as live:
             while True:

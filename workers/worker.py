@@ -125,9 +125,14 @@ class Worker:
         await self.beat_now()
 
     async def serve(self, spec: ModelSpec, register: bool = True) -> None:
-        """Serve every version of ``spec`` (registering it first, so clients can resolve it)."""
+        """Serve every version of ``spec`` (registering it first, so clients can resolve it). Versions
+        others registered for the same model stay registered: a repository only adds its own."""
         if register:
-            await self.registry.put_spec(spec)
+            existing = await self.registry.get_spec(spec.name)
+            registered = spec
+            if existing is not None:
+                registered = spec.model_copy(update={"versions": {**existing.versions, **spec.versions}})
+            await self.registry.put_spec(registered)
         for version in spec.versions:
             await self.load(spec, version, spec.priorities)
 
