@@ -211,10 +211,9 @@ def _load_inputs(items: list[str]) -> dict[str, Any]:
             raise CliError(f"--input {item}: no such file")
         try:
             loaded = np.load(file, allow_pickle=False)
-        except ValueError as exc:
-            if "allow_pickle" in str(exc):
-                raise CliError(f"{file} holds Python objects (a pickle); save plain arrays with numpy.save") from None
-            raise CliError(f"{file} is not a NumPy .npy or .npz file: {exc}") from None
+        except ValueError:
+            raise CliError(f"{file} is not a NumPy .npy/.npz array file (pickled Python objects are not read); "
+                           "save arrays with numpy.save or numpy.savez") from None
         except OSError as exc:
             raise CliError(f"{file} cannot be read as NumPy data: {exc}") from None
         if isinstance(loaded, np.lib.npyio.NpzFile):
@@ -291,8 +290,7 @@ def _version() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     common = common_flags()
-    parser = Parser(prog="servemesh", description=__doc__, parents=[common])
-    parser.set_defaults(nats=None, log_level=None, log_json=False, debug=False)
+    parser = Parser(prog="servemesh", description=__doc__, parents=[common_flags(top=True)])
     parser.add_argument("--version", action="version", version=f"servemesh {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 

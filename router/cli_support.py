@@ -59,13 +59,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def common_flags() -> Parser:
-    """Flags every subcommand takes, before or after its name (defaults live on the top parser)."""
+def common_flags(top: bool = False) -> Parser:
+    """Flags every command takes, before or after its name. The top parser's copy carries the
+    defaults; the subcommands' copies (their own action objects) leave unset what was not given,
+    so that a flag given before the subcommand is not reset by it."""
+    unset: Any = None if top else argparse.SUPPRESS
+    flag: Any = False if top else argparse.SUPPRESS
     common = Parser(add_help=False)
-    common.add_argument("--nats", default=argparse.SUPPRESS, help="NATS URL (default: $SERVEMESH_NATS_URL)")
-    common.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING or ERROR")
-    common.add_argument("--log-json", action="store_true", default=argparse.SUPPRESS, help="logs as JSON lines")
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+    common.add_argument("--nats", default=unset, help="NATS URL (default: $SERVEMESH_NATS_URL)")
+    common.add_argument("--log-level", default=unset, help="DEBUG, INFO, WARNING or ERROR")
+    common.add_argument("--log-json", action="store_true", default=flag, help="logs as JSON lines")
+    common.add_argument("--debug", action="store_true", default=flag,
                         help="show the traceback of an error (also SERVEMESH_DEBUG=1)")  # fmt: skip
     return common
 
