@@ -23,6 +23,7 @@ __all__ = [
     "build_digits_torchscript",
     "build_fixed_shape_onnx",
     "build_identity_onnx",
+    "build_iris_mm_onnx",
     "build_iris_onnx",
     "build_mlp_onnx",
     "build_repository",
@@ -377,10 +378,27 @@ def build_torch_double(repo: Path, name: str = "double_ts", version: str = "1") 
     return model_dir
 
 
-# name -> (builder, artifact file); the demo repository is the first two.
+def build_iris_mm_onnx(repo: Path, name: str = "iris_mm", version: str = "1") -> Path:
+    """A preprocessing stage for iris: flower measurements in millimetres (``mm``) to the
+    centimetres iris takes (``input``), so that ``["iris_mm", "iris"]`` is a pipeline."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["mm", "to_cm"], ["input"])],
+        name,
+        [_value_info("mm", TensorProto.FLOAT, ["batch", 4])],
+        [_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[_init("to_cm", np.array(0.1, np.float32))],
+    )
+    _save_onnx(graph, repo, name, version)
+    model_dir = Path(repo) / name
+    _write_config(model_dir, "onnx", 64, 2, [_spec("mm", "float32", [4])], [_spec("input", "float32", [4])])
+    return model_dir
+
+
+# name -> (builder, artifact file); the demo repository is the first three.
 _DEMO: dict[str, tuple[Callable[[Path], Path], str]] = {
     "iris": (build_iris_onnx, "model.onnx"),
     "digits": (build_digits_torchscript, "model.pt"),
+    "iris_mm": (build_iris_mm_onnx, "model.onnx"),
 }
 _EXTRA: dict[str, tuple[Callable[[Path], Path], str]] = {
     "mlp": (build_mlp_onnx, "model.onnx"),
@@ -392,7 +410,7 @@ _EXTRA: dict[str, tuple[Callable[[Path], Path], str]] = {
 
 
 def build_repository(repo: Path) -> list[str]:
-    """Build the demo repository (iris and digits) and return the model names."""
+    """Build the demo repository (iris, digits and iris_mm) and return the model names."""
     for build, _artifact in _DEMO.values():
         build(Path(repo))
     return list(_DEMO)

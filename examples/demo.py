@@ -15,7 +15,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker import MeshClient, Registry
-from examples.build_models import build_digits_torchscript, build_iris_onnx
+from examples.build_models import build_digits_torchscript, build_iris_mm_onnx, build_iris_onnx
 from router.local import LocalMesh
 from schemas.errors import MeshError
 
@@ -109,7 +109,8 @@ async def main() -> None:
     args = parser.parse_args()
     repo = Path(args.state) / "models"
     print(f"building example models in {repo} (first run trains them) ...")
-    for build, artifact in ((build_iris_onnx, "iris/1/model.onnx"), (build_digits_torchscript, "digits/1/model.pt")):
+    for build, artifact in ((build_iris_onnx, "iris/1/model.onnx"), (build_digits_torchscript, "digits/1/model.pt"),
+                            (build_iris_mm_onnx, "iris_mm/1/model.onnx")):  # fmt: skip
         if not (repo / artifact).exists():
             build(repo)
     print("starting the embedded mesh: nats-server (JetStream) + router + 1 worker ...")

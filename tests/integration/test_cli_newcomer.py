@@ -412,3 +412,19 @@ async def test_flags_after_the_subcommand_and_help_text(nats_server: NatsServer)
     assert code == 2
     one_line(err, "servemesh models: error", "ACTION")
     assert "models_command" not in err
+
+
+async def test_metrics_and_health_bind_loopback_unless_widened() -> None:
+    from broker.endpoint import HttpEndpoint
+    from router.cli import _parser
+
+    default = await HttpEndpoint(0, lambda: b"", lambda: True).start()
+    wide = await HttpEndpoint(0, lambda: b"", lambda: True, host="0.0.0.0").start()
+    try:
+        assert default._server is not None and default._server.sockets[0].getsockname()[0] == "127.0.0.1"
+        assert wide._server is not None and wide._server.sockets[0].getsockname()[0] == "0.0.0.0"
+    finally:
+        await default.close()
+        await wide.close()
+    args = _parser().parse_args(["worker", "--http-port", "9102", "--http-host", "0.0.0.0"])
+    assert (args.http_port, args.http_host) == (9102, "0.0.0.0")
