@@ -58,16 +58,19 @@ def ident(tmp_path: Path) -> tuple[Path, str]:
 # -- hangs ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "command", [["infer", "m", "--input", "FILE"], ["models", "list"], ["top", "--once"], ["jobs", "list"]]
-)
-async def test_an_unreachable_nats_is_one_line_in_seconds(closed_port: int, tmp_path: Path, command: list[str]) -> None:
+async def test_an_unreachable_nats_is_one_line_in_seconds(closed_port: int, tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.zeros((1, 4), np.float32))
-    args = [c.replace("FILE", f"input={tmp_path / 'x.npy'}") for c in command]
+    commands = [["infer", "m", "--input", f"input={tmp_path / 'x.npy'}"], ["models", "list"], ["top", "--once"],
+                ["jobs", "list"]]  # fmt: skip
+    url = f"nats://127.0.0.1:{closed_port}"
     started = time.monotonic()
-    code, _out, err = await servemesh(*args, "--nats", f"nats://127.0.0.1:{closed_port}", timeout=30)
-    assert code == 1 and time.monotonic() - started < 20
-    one_line(err, f"cannot reach NATS at nats://127.0.0.1:{closed_port}", "connection refused", "SERVEMESH_NATS_URL")
+    # The wait is settable; the commands run side by side (each on its own would wait as long).
+    results = await asyncio.gather(*(servemesh(*command, "--nats", url, timeout=30,
+                                               env={"SERVEMESH_CONNECT_WAIT_S": "2"}) for command in commands))
+    assert time.monotonic() - started < 15
+    for command, (code, _, err) in zip(commands, results, strict=True):
+        assert code == 1, command
+        one_line(err, f"cannot reach NATS at {url}", "connection refused", "SERVEMESH_NATS_URL")
 
 
 async def test_a_job_whose_input_cannot_be_read_is_refused_before_it_exists(
@@ -428,3 +431,18 @@ async def test_metrics_and_health_bind_loopback_unless_widened() -> None:
         await wide.close()
     args = _parser().parse_args(["worker", "--http-port", "9102", "--http-host", "0.0.0.0"])
     assert (args.http_port, args.http_host) == (9102, "0.0.0.0")
+
+
+async def test_top_once_piped_keeps_its_headers_and_drops_a_stopped_shadow(
+    nats_server: NatsServer, ident: tuple[Path, str]
+) -> None:
+    from router.top import _shadow_table
+
+    repo, name = ident
+    async with serving(nats_server.url, repo, [name]):
+        code, out, err = await servemesh("top", "--once", "--nats", nats_server.url)  # stdout is a pipe here
+    assert code == 0, err
+    assert "lag high/normal/low (msgs, oldest s)" in out and "memory used/budget MiB" in out and "…" not in out
+    results = {name: {"shadow": {"1->2": {"mirrored": 5, "outcomes": {}}}}}
+    assert _shadow_table(results, {name}) is not None
+    assert _shadow_table(results, set()) is None  # `routes shadow --off`: its old tally is not shown
