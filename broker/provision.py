@@ -163,7 +163,7 @@ async def provision(conn: Connection, tenants: Iterable[str] = ()) -> list[str]:
         if await ensure_claims_bucket(js, settings, bucket):
             done.append(f"created bucket {bucket}")
     for line in done:
-        log.info("%s", line)
+        log.debug("%s", line)
     return done
 
 

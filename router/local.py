@@ -170,7 +170,8 @@ class LocalMesh:
         env = {"SERVEMESH_STORAGE": self.storage}
         conn = await Connection.open(Settings.from_url(self.url, storage=self.storage))
         try:
-            await provision(conn)
+            made = await provision(conn)
+            say(f"provisioned the mesh ({len(made)} streams and buckets made)" if made else "the mesh is provisioned")
             registry = await Registry.open(conn)
             for error in errors:
                 say(f"not registered: {error.model} — {error.reason}")
