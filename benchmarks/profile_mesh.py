@@ -60,7 +60,7 @@ def summarize(path: Path, top: int) -> str:
 
 def _trace_to_sink() -> Sink:
     """Trace every request (the mesh's own recorder) into a local OTLP/HTTP sink, workers started later too."""
-    from broker import tracing
+    from telemetry import tracing
 
     sink = Sink()
     os.environ.update({"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url, "OTEL_TRACES_SAMPLER": "always_on"})

@@ -21,7 +21,6 @@ import numpy as np
 from nats.aio.msg import Msg
 from nats.nuid import NUID
 
-from broker import tracing
 from broker.admission import Admission
 from broker.claims import Claims
 from broker.connection import Connection, pub_ack_error, translate_error
@@ -49,6 +48,7 @@ from schemas.subjects import (
     check_name,
     parse_infer_subject,
 )
+from telemetry import tracing
 
 __all__ = ["MeshClient"]
 
@@ -146,7 +146,7 @@ class MeshClient:
         staged = HDR_ROUTE in headers  # a pipeline: its reply tells of the last stage's queue, not this one's
         headers[HDR_REPLY_INBOX] = self._inbox
         pending = self._pending.open(request_id, subject, payload, headers, timeout, timeout - (loop.time() - started))
-        span = tracing.start_producer(subject, request_id, headers)
+        span = tracing.start_send(subject, request_id, headers)
         mirror_id = None
         if version is None and isinstance(model, str):  # a pinned version or a pipeline is never mirrored
             mirror_id = self._shadowing.pick(model, subject, self._new_id)

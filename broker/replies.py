@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from typing import Any
 
-from broker import tracing
 from broker.connection import Connection, translate_error
 from broker.delivery import Delivery
 from schemas.envelope import encode_bundle
@@ -30,6 +30,7 @@ from schemas.subjects import (
     bundle_subject,
     job_result_subject,
 )
+from telemetry import tracing
 
 __all__ = ["ReplySender"]
 
@@ -48,11 +49,14 @@ class ReplySender:
         self._bundles: defaultdict[str, list[tuple[str, bytes]]] = defaultdict(list)
         self._forwards: list[tuple[Delivery, bytes]] = []
         self._job_results: list[tuple[Delivery, bytes, bool]] = []
-        self.unsaved: list[Delivery] = []  # job items whose result could not be stored: not to be acked
+        self.unsaved: list[Delivery] = []
+        self._parent: Any = None  # job items whose result could not be stored: not to be acked
 
-    def forward(self, delivery: Delivery, request: bytes) -> None:
-        """Queue ``request`` (this stage's outputs as inputs) for the next stage on the route."""
+    def forward(self, delivery: Delivery, request: bytes, parent: Any = None) -> None:
+        """Queue ``request`` (this stage's outputs as inputs) for the next stage on the route; ``parent``:
+        the trace span of the batch that computed it (its send span goes under it)."""
         self._forwards.append((delivery, request))
+        self._parent = parent
 
     def add(self, delivery: Delivery, payload: bytes, ok: bool = True) -> None:
         if delivery.job:
@@ -104,12 +108,17 @@ class ReplySender:
                 headers[name] = value
         if rest:
             headers[HDR_ROUTE] = ",".join(rest)
-        tracing.inject(delivery.span, headers, delivery.headers)  # the next stage joins the same trace
+        # The next stage joins the same trace: a send span under this batch's, or (not sampled) its context.
+        span = tracing.start_send(subject, headers[HDR_MSG_ID], headers, self._parent) if self._parent else None
+        if span is None:
+            tracing.inject(delivery.headers, headers)
         try:
             await self._conn.publish_acked(subject, request, headers, timeout=5.0)
         except Exception as exc:
             err = translate_error(exc, f"forward to {subject}")
+            tracing.end(span, err)
             return err
+        tracing.end(span)
         return None
 
     async def _send_bundle(self, inbox: str, replies: list[tuple[str, bytes]]) -> None:

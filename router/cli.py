@@ -15,10 +15,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from broker.logs import configure_logging
 from broker.loop import run
 from broker.settings import Settings
 from router.cli_support import CliError, Parser, UsageError, common_flags, guarded, kv_pairs
+from telemetry.logs import configure_logging
 
 __all__ = ["main"]
 
@@ -247,8 +247,8 @@ def _timing(reply: Any) -> dict[str, Any]:
 
 
 async def _infer(args: argparse.Namespace, inputs: dict[str, Any]) -> Any:
-    from broker import tracing
     from broker.client import MeshClient
+    from telemetry import tracing
 
     tracing.configure_from_env("servemesh-cli")
     async with await MeshClient.connect(settings=_settings(args)) as client:

@@ -10,13 +10,13 @@ import signal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from broker import tracing
 from broker.connection import Connection
 from broker.endpoint import HttpEndpoint
 from broker.settings import Settings
 from router.metrics import router_metrics
 from router.policy import PolicyConfig
 from router.service import Router
+from telemetry import tracing
 
 __all__ = ["RouterSettings", "run_router"]
 

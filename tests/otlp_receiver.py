@@ -1,6 +1,6 @@
 """An OTLP/HTTP trace receiver for tests: decodes each export with the official protobuf classes and
-gives the spans back as the SDK's ``ReadableSpan``, so the same assertions hold for spans recorded by the
-SDK and by the mesh's own recorder. It can be told to answer with errors first."""
+gives the spans back as the SDK's ``ReadableSpan``, so that spans exported by other processes are
+checked as spans recorded in-process are. It can be told to answer with errors first."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from broker import tracing
+from telemetry import tracing
 
 __all__ = ["Receiver", "receiving", "to_readable"]
 
@@ -45,7 +45,8 @@ def to_readable(span: PbSpan, resource: Resource) -> ReadableSpan:
         parent=parent,
         resource=resource,
         attributes={kv.key: _value(kv.value) for kv in span.attributes},
-        links=[Link(_context(link.trace_id, link.span_id)) for link in span.links],
+        links=[Link(_context(link.trace_id, link.span_id), {kv.key: _value(kv.value) for kv in link.attributes})
+               for link in span.links],
         kind=SpanKind(span.kind - 1),
         status=status,
         start_time=span.start_time_unix_nano,

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from broker import tracing
+from telemetry import tracing
 from workers.histogram import Histogram
 from workers.worker import Worker
 
@@ -75,7 +75,7 @@ class _WorkerCollector(Collector):
         yield ready
         spans = tracing.export_counts()
         if spans is not None:
-            family = CounterMetricFamily("servemesh_trace_spans", "Spans by export outcome (dropped: queue full).",
+            family = CounterMetricFamily("servemesh_trace_spans", "Spans by export outcome.",
                                          labels=["outcome"])  # fmt: skip
             for outcome, count in spans.items():
                 family.add_metric([outcome], count)

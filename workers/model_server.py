@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from broker import tracing
 from broker.attempts import Attempts
 from broker.claims import Claims
 from broker.connection import Connection
@@ -32,6 +31,7 @@ from schemas.envelope import Timing, claim_of, decode_request, encode_error
 from schemas.errors import DeadlineExceeded, Forbidden, MeshError, MeshUnavailable, ModelFailure
 from schemas.spec import ModelSpec
 from schemas.subjects import PRIORITIES, STREAM_INFER, bundle_limit, claims_bucket_of, is_claims_bucket
+from telemetry import tracing
 from workers.batcher import BatchQueue
 from workers.histogram import BATCH_BUCKETS, SECONDS_BUCKETS, Histogram
 from workers.jobs import JobBook
@@ -238,9 +238,7 @@ class ModelServer:
         answered at once if it cannot be served; one that needs the server first (a claimed payload,
         a pipeline's owner, a job's state) is admitted in a task of its own; the rest join the batch."""
         if tracing.enabled():
-            delivery.span = tracing.start_consumer(
-                delivery.headers, delivery.subject, delivery.request_id, self.worker_id, bool(delivery.route)
-            )
+            delivery.span = tracing.remote(delivery.headers)  # linked from its batch's process span
         self._upstream[delivery.priority] = delivery.num_pending
         self.last_used = time.time()
         refusal = self._refusal(delivery)
@@ -405,10 +403,11 @@ class ModelServer:
         self.stats.peak_computing = max(self.stats.peak_computing, self._computing_batches)
         batch_span = inference_span = None
         if tracing.enabled():
-            batch_span = tracing.start_batch(
-                self.spec.name, self.version, (r.delivery.span for r in batch), self.worker_id
-            )
-            inference_span = tracing.start_inference(batch_span, self.spec.name, rows)
+            requests = [(r.delivery.span or tracing.NO_CONTEXT, r.delivery.request_id,
+                         max(0.0, (started_ns - r.delivery.stored_ns) / 1e6) if r.delivery.stored_ns else 0.0)
+                        for r in batch]  # fmt: skip
+            batch_span = tracing.start_process(self.spec.name, self.version, self.worker_id, requests)
+            inference_span = tracing.start_infer(batch_span, self.spec.name, rows)
         try:
             if self._row_cost_s is not None and self._row_cost_s * rows < INLINE_BUDGET_S:
                 results = self._compute(batch)
@@ -485,7 +484,7 @@ class ModelServer:
     async def _expire(self, delivery: Delivery, why: str = "deadline passed while queued; not computed") -> None:
         self.stats.expired += 1
         err = DeadlineExceeded(f"{self.key}: {why}")
-        tracing.end(delivery.span, err)
+        tracing.request_failed(None, delivery.request_id, err, delivery.span, delivery.subject, self.worker_id)
         await self._answer_error(delivery, err, Timing(worker=self.worker_id))
 
     async def _fail(self, delivery: Delivery, err: MeshError) -> None:
@@ -493,7 +492,7 @@ class ModelServer:
         err.data.setdefault("stage", self.key)
         log.debug("%s: request failed with %d: %s", self.key, err.status, err.message,
                   extra={"request_id": delivery.request_id, "status": err.status})  # fmt: skip
-        tracing.end(delivery.span, err)
+        tracing.request_failed(None, delivery.request_id, err, delivery.span, delivery.subject, self.worker_id)
         await self._answer_error(delivery, err, Timing(worker=self.worker_id, attempt=delivery.num_delivered))
 
     async def _answer_error(self, delivery: Delivery, err: MeshError, timing: Timing) -> None:

@@ -8,10 +8,10 @@ import logging
 import signal
 from pathlib import Path
 
-from broker import tracing
 from broker.connection import Connection
 from broker.endpoint import HttpEndpoint
 from broker.settings import Settings
+from telemetry import tracing
 from workers.metrics import worker_metrics
 from workers.store import ArtifactStore, StoreSettings
 from workers.worker import Worker

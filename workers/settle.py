@@ -15,13 +15,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from broker import tracing
 from broker.claims import Claims
 from broker.connection import Connection
 from broker.delivery import Delivery, settle_all
 from broker.replies import ReplySender
 from schemas.envelope import Timing, encode_error, encode_outputs, encode_request
 from schemas.errors import MeshError, ModelFailure
+from telemetry import tracing
 from workers.runtimes.base import Tensors
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ class Settler:
                 sender.add(delivery, encode_error(result, timing), ok=False)
             elif delivery.route:
                 stats.succeeded += 1
-                sender.forward(delivery, encode_request(result))  # a pipeline: on to the next stage
+                sender.forward(delivery, encode_request(result), done.span)  # a pipeline: on to the next stage
             else:
                 stats.succeeded += 1
                 payload = encode_outputs(result, timing)
@@ -134,16 +134,7 @@ class Settler:
         await settle_all((request.delivery for request in batch), nak=sender.unsaved)  # gives the credit back
         done.settled = True
         self._settled(len(batch))
+        for request, result in zip(batch, done.results, strict=True):
+            if isinstance(result, MeshError):  # an event on the batch's span, which ends once all are out
+                tracing.request_failed(done.span, request.delivery.request_id, result)
         tracing.end(done.span)
-        if done.span is not None:  # the requests' spans end once their answers are out, off the reply path
-            self._end_spans(done)
-
-    @staticmethod
-    def _end_spans(done: Computed) -> None:
-        started_ns, deliveries = done.started_ns, [request.delivery for request in done.batch]
-        tracing.end_requests(
-            done.span,
-            [delivery.span for delivery in deliveries],
-            [max(0.0, (started_ns - d.stored_ns) / 1e6) if d.stored_ns else 0.0 for d in deliveries],
-            {i: result for i, result in enumerate(done.results) if isinstance(result, MeshError)},
-        )

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from broker import MeshClient
-from broker.logs import JsonFormatter
 from examples.build_models import build_identity_onnx
 from schemas.errors import BadInput
+from telemetry.logs import JsonFormatter
 from tests.conftest import unique
 from tests.integration.cluster import Cluster, eventually
 from workers.repository import read_model

@@ -1,101 +1,79 @@
-"""Traces across the mesh: client send → worker process (its child), one batch span linked to every
-request it carried, and the model's inference span under the batch. Each test runs twice: spans recorded
-by the SDK into its in-memory exporter, and spans recorded by the mesh's own recorder and exported as
-OTLP/HTTP to a receiver that decodes them."""
+"""Traces across the mesh, recorded by the OpenTelemetry SDK: the client's send span per request,
+one process span per batch linked to every sampled request it carried, the model's infer span under
+it, pipeline stages as their own send/process pairs in one trace, and sampling decided once where
+the trace begins."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind
 
-from broker import MeshClient, NatsServer, tracing
-from broker.span_export import ExportSettings
-from broker.spans import Sampler
+from broker import MeshClient, NatsServer
 from examples.build_models import build_identity_onnx
 from schemas.errors import BadInput
+from telemetry import tracing
 from tests.conftest import serving, unique
 from tests.otlp_receiver import receiving
 
-RECORDERS = ("sdk", "direct")
-
-
-class Spans(Protocol):
-    def get_finished_spans(self) -> Sequence[ReadableSpan]: ...
-
 
 @contextmanager
-def recording(recorder: str, sampler: str = "parentbased_always_on", ratio: float = 1.0) -> Iterator[Spans]:
-    """Trace this process (client and in-process workers) with ``recorder`` and the named sampler."""
-    if recorder == "sdk":
-        from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
-
-        exporter = InMemorySpanExporter()
-        root = TraceIdRatioBased(ratio) if sampler.endswith("traceidratio") else ALWAYS_ON
-        provider = TracerProvider(sampler=ParentBased(root) if sampler.startswith("parentbased_") else root)
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-        tracing.enable(provider)
-        try:
-            yield exporter
-        finally:
-            tracing.disable()
-        return
-    with receiving() as receiver:
-        tracing.enable_direct(ExportSettings(url=receiver.url, delay_s=0.2), Sampler(sampler, ratio), "tests")
-        assert tracing._recorder is not None
-        receiver.flush = tracing._recorder.exporter.force_flush  # also once tracing is turned off
-        try:
-            yield receiver
-        finally:
-            tracing.shutdown()
-            tracing.disable()
+def recording(ratio: float | None = None) -> Iterator[InMemorySpanExporter]:
+    """Trace this process (client and in-process workers); ``ratio``: parentbased_traceidratio."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio) if ratio is not None else ALWAYS_ON))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.enable(provider)
+    try:
+        yield exporter
+    finally:
+        tracing.disable()
 
 
-@pytest.fixture(params=RECORDERS)
-def spans(request: pytest.FixtureRequest) -> Iterator[Spans]:
-    with recording(request.param) as recorded:
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    with recording() as recorded:
         yield recorded
 
 
-def _by_name(exporter: Spans, prefix: str) -> list[ReadableSpan]:
+def named(exporter: InMemorySpanExporter, prefix: str) -> list[ReadableSpan]:
     return [s for s in exporter.get_finished_spans() if s.name.startswith(prefix)]
 
 
-async def test_single_request_trace(nats_server: NatsServer, tmp_path: Path, spans: Spans) -> None:
+async def test_single_request_trace(nats_server: NatsServer, tmp_path: Path, spans: InMemorySpanExporter) -> None:
     name = unique("ident")
     build_identity_onnx(tmp_path, name, "float32", shape=(2,))
     async with serving(nats_server.url, tmp_path, [name]) as worker, await MeshClient.connect(nats_server.url) as c:
         await c.infer(name, {"input": np.ones((1, 2), np.float32)})
-    (send,) = _by_name(spans, "send ")
-    (process,) = _by_name(spans, "process ")
-    (batch,) = _by_name(spans, "batch ")
-    (infer,) = _by_name(spans, "infer ")
+    (send,) = named(spans, "send ")
+    (process,) = named(spans, "process ")
+    (infer,) = named(spans, "infer ")
     assert send.kind == SpanKind.PRODUCER and process.kind == SpanKind.CONSUMER
-    assert process.context.trace_id == send.context.trace_id
+    assert process.context.trace_id == send.context.trace_id == infer.context.trace_id
     assert process.parent is not None and process.parent.span_id == send.context.span_id
-    assert [link.context.span_id for link in batch.links] == [process.context.span_id]
-    assert infer.parent is not None and infer.parent.span_id == batch.context.span_id
+    (link,) = process.links
+    assert link.context.span_id == send.context.span_id
+    assert (link.attributes or {})["messaging.message.id"] == (send.attributes or {})["messaging.message.id"]
+    assert float((link.attributes or {})["mesh.queue_wait_ms"]) >= 0
+    assert infer.parent is not None and infer.parent.span_id == process.context.span_id
     attrs = process.attributes or {}
     assert attrs["messaging.system"] == "nats" and attrs["mesh.model"] == name and attrs["mesh.version"] == "1"
-    assert attrs["mesh.priority"] == "normal" and attrs["mesh.worker"] == worker.id
-    assert attrs["messaging.destination.name"] == f"mesh.infer.{name}.1.normal"
-    assert attrs["messaging.message.id"] == (send.attributes or {})["messaging.message.id"]
-    assert float(attrs["mesh.queue_wait_ms"]) >= 0
-    assert (batch.attributes or {})["messaging.batch.message_count"] == 1
+    assert attrs["mesh.worker"] == worker.id and attrs["messaging.batch.message_count"] == 1
+    assert (send.attributes or {})["messaging.destination.name"] == f"mesh.infer.{name}.1.normal"
 
 
-async def test_batch_span_links_every_request_and_errors_are_marked(
-    nats_server: NatsServer, tmp_path: Path, spans: Spans
+async def test_one_process_span_per_batch_links_every_request_and_errors_are_marked(
+    nats_server: NatsServer, tmp_path: Path, spans: InMemorySpanExporter
 ) -> None:
     name = unique("ident")
     build_identity_onnx(tmp_path, name, "float32", max_batch_size=16, max_delay_ms=50, shape=(2,))
@@ -104,23 +82,23 @@ async def test_batch_span_links_every_request_and_errors_are_marked(
         bad = c.infer(name, {"input": np.zeros((1, 3), np.float32)})
         results = await asyncio.gather(*good, bad, return_exceptions=True)
     assert isinstance(results[-1], BadInput)
-    sends = _by_name(spans, "send ")
-    processes = _by_name(spans, "process ")
-    assert len(sends) == len(processes) == 7
-    parent_of = {p.parent.span_id: p for p in processes if p.parent is not None}
-    assert set(parent_of) == {s.context.span_id for s in sends}  # every request: client span → worker span
-    linked = {link.context.span_id for b in _by_name(spans, "batch ") for link in b.links}
-    ok_processes = {p.context.span_id for p in processes if p.status.status_code != StatusCode.ERROR}
-    assert linked == ok_processes and len(ok_processes) == 6
-    assert max(len(b.links) for b in _by_name(spans, "batch ")) > 1  # batched together
-    failed = [p for p in processes if p.status.status_code == StatusCode.ERROR]
-    assert len(failed) == 1 and (failed[0].attributes or {})["mesh.status"] == 400
-    failed_send = [s for s in sends if s.status.status_code == StatusCode.ERROR]
-    assert len(failed_send) == 1
+    sends = named(spans, "send ")
+    processes = named(spans, "process ")
+    assert len(sends) == 7
+    linked = {link.context.span_id for p in processes for link in p.links}
+    ok_sends = {s.context.span_id for s in sends if s.status.is_ok}
+    assert ok_sends <= linked and len(ok_sends) == 6
+    assert len(processes) < 7 and max(len(p.links) for p in processes) > 1  # batched: fewer spans than requests
+    failed_send = [s for s in sends if not s.status.is_ok]
+    assert len(failed_send) == 1 and (failed_send[0].attributes or {})["mesh.status"] == 400
+    # The refused request (refused on arrival, before any batch) has a failed process span of its own.
+    refused = [p for p in processes if not p.status.is_ok]
+    assert len(refused) == 1 and refused[0].parent is not None
+    assert refused[0].parent.span_id == failed_send[0].context.span_id
 
 
 async def test_trace_context_travels_only_when_tracing_is_on(
-    nats_server: NatsServer, tmp_path: Path, spans: Spans
+    nats_server: NatsServer, tmp_path: Path, spans: InMemorySpanExporter
 ) -> None:
     import nats
 
@@ -137,12 +115,14 @@ async def test_trace_context_travels_only_when_tracing_is_on(
             untraced = (await wire.next_msg(timeout=5)).headers or {}
     finally:
         await nc.close()
-    (send,) = _by_name(spans, "send ")  # the second request made no span
+    (send,) = named(spans, "send ")  # the second request made no span
     assert traced["traceparent"].split("-")[1] == format(send.context.trace_id, "032x")
     assert "traceparent" not in untraced
 
 
-async def test_pipeline_stages_appear_in_one_trace(nats_server: NatsServer, tmp_path: Path, spans: Spans) -> None:
+async def test_pipeline_stages_are_send_process_pairs_in_one_trace(
+    nats_server: NatsServer, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
     from examples.build_models import build_iris_onnx
     from tests.integration.test_pipelines import build_scale
 
@@ -151,34 +131,32 @@ async def test_pipeline_stages_appear_in_one_trace(nats_server: NatsServer, tmp_
     build_iris_onnx(tmp_path, name=clf)
     async with serving(nats_server.url, tmp_path, [prep, clf]), await MeshClient.connect(nats_server.url) as c:
         await c.infer([prep, clf], {"raw": np.ones((1, 4), np.float32)})
-    (send,) = _by_name(spans, "send ")
-    (first,) = _by_name(spans, f"process {prep}")
-    (second,) = _by_name(spans, f"process {clf}")
-    assert first.context.trace_id == second.context.trace_id == send.context.trace_id
-    assert first.parent is not None and first.parent.span_id == send.context.span_id
-    assert second.parent is not None and second.parent.span_id == first.context.span_id
+    (first_send,) = named(spans, f"send {prep}")
+    (first,) = named(spans, f"process {prep}")
+    (second_send,) = named(spans, f"send {clf}")
+    (second,) = named(spans, f"process {clf}")
+    assert len({s.context.trace_id for s in (first_send, first, second_send, second)}) == 1
+    assert first.parent is not None and first.parent.span_id == first_send.context.span_id
+    assert second_send.parent is not None and second_send.parent.span_id == first.context.span_id
+    assert second.parent is not None and second.parent.span_id == second_send.context.span_id
 
 
-@pytest.mark.parametrize("recorder", RECORDERS)
-async def test_sampling_decided_once_per_trace(nats_server: NatsServer, tmp_path: Path, recorder: str) -> None:
-    """With a parent-based ratio sampler, the worker records exactly the requests the client sampled, and
-    every recorded request reaches a recorded batch span; dropped traces still carry their context."""
+async def test_sampling_is_decided_once_per_trace(nats_server: NatsServer, tmp_path: Path) -> None:
+    """With a parent-based ratio sampler, the worker's spans are those of the requests the client
+    sampled: each recorded request is linked from a recorded process span, no other is."""
     name = unique("ident")
     build_identity_onnx(tmp_path, name, "float32", max_batch_size=8, max_delay_ms=20, shape=(2,))
-    with recording(recorder, "parentbased_traceidratio", 0.5) as exporter:
+    with recording(0.5) as exporter:
         async with serving(nats_server.url, tmp_path, [name]), await MeshClient.connect(nats_server.url) as c:
             await asyncio.gather(*(c.infer(name, {"input": np.full((1, 2), i, np.float32)}) for i in range(40)))
-    sends = _by_name(exporter, "send ")
-    processes = _by_name(exporter, "process ")
+    sends = named(exporter, "send ")
     assert 0 < len(sends) < 40  # some traces were dropped, some kept
-    assert {p.parent.span_id for p in processes if p.parent} == {s.context.span_id for s in sends}
-    linked = {link.context.span_id for b in _by_name(exporter, "batch ") for link in b.links}
-    assert linked == {p.context.span_id for p in processes}
+    linked = {link.context.span_id for p in named(exporter, "process ") for link in p.links}
+    assert linked == {s.context.span_id for s in sends}
 
 
-@pytest.mark.parametrize("recorder", RECORDERS)
 async def test_a_dropped_trace_makes_no_worker_spans_and_keeps_its_context(
-    nats_server: NatsServer, tmp_path: Path, recorder: str
+    nats_server: NatsServer, tmp_path: Path
 ) -> None:
     import nats
 
@@ -186,7 +164,7 @@ async def test_a_dropped_trace_makes_no_worker_spans_and_keeps_its_context(
     build_identity_onnx(tmp_path, name, "float32", shape=(2,))
     nc = await nats.connect(nats_server.url)
     try:
-        with recording(recorder, "parentbased_traceidratio", 0.0) as exporter:
+        with recording(0.0) as exporter:
             wire = await nc.subscribe(f"mesh.infer.{name}.>")
             async with serving(nats_server.url, tmp_path, [name]), await MeshClient.connect(nats_server.url) as c:
                 await c.infer(name, {"input": np.ones((1, 2), np.float32)})
@@ -206,7 +184,7 @@ async def test_processes_configured_by_the_otel_variables_export_one_trace(
     import subprocess
     import sys
 
-    from broker import Connection, Registry, Settings, provision
+    from broker import Connection, Registry, Settings
     from router.local import spawn_worker, wait_workers_ready
     from tests.integration.cluster import eventually
     from tests.integration.test_observability import _free_port, _get, _sample
@@ -215,6 +193,7 @@ async def test_processes_configured_by_the_otel_variables_export_one_trace(
     build_identity_onnx(tmp_path / "repo", name, "float32", shape=(2,))
     np.save(tmp_path / "x.npy", np.ones((1, 2), np.float32))
     with receiving() as receiver:
+        receiver.flush = lambda: None  # the spans come from other processes
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url.removesuffix("/v1/traces"), "OTEL_BSP_SCHEDULE_DELAY": "100"}
         port = _free_port()
         worker_env = {**env, "SERVEMESH_HTTP_PORT": str(port)}
@@ -222,7 +201,6 @@ async def test_processes_configured_by_the_otel_variables_export_one_trace(
         try:
             conn = await Connection.open(Settings.from_url(nats_server.url))
             try:
-                await provision(conn)
                 await wait_workers_ready(await Registry.open(conn), [worker_id], 60)
             finally:
                 await conn.close()
@@ -234,15 +212,14 @@ async def test_processes_configured_by_the_otel_variables_export_one_trace(
 
             async def traced() -> bool:
                 names = {s.name for s in receiver.get_finished_spans()}
-                return {f"send {name}", f"process {name}", f"batch {name}", f"infer {name}"} <= names
+                return {f"send {name}", f"process {name}", f"infer {name}"} <= names
 
             await eventually(traced, 30, "spans from both processes")
 
-            async def counted() -> bool:  # the worker's /metrics counts what it exported: process, batch, infer
-                return _sample(_get(port, "/metrics")[1], "servemesh_trace_spans_total", outcome="exported") == 3
+            async def counted() -> bool:  # the worker's /metrics counts what it exported: process, infer
+                return _sample(_get(port, "/metrics")[1], "servemesh_trace_spans_total", outcome="exported") == 2
 
             await eventually(counted, 10, "the worker's export counted")
-            assert _sample(_get(port, "/metrics")[1], "servemesh_trace_spans_total", outcome="dropped") == 0
         finally:
             worker.send_signal(signal.SIGTERM)
             worker.wait(30)

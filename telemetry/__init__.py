@@ -1,0 +1,2 @@
+"""What servemesh tells operators about itself: traces (OpenTelemetry SDK), structured logs, and the
+HTTP endpoint with /metrics and health."""
