@@ -155,7 +155,7 @@ class MeshClient:
             # Published at the end of this turn of the loop, with any others for the same subject. The
             # stream's PubAck comes to our own inbox too: no round trip is awaited on its own, yet a
             # rejection (full queue, no stream) still fails the call at once.
-            self._outbox.put(subject, request_id, payload, headers)
+            await self._outbox.put(subject, request_id, payload, headers)
             self._admission.queued(subject)
             if mirror_id is not None:
                 await self._shadowing.send(mirror_id, subject, payload, headers[HDR_DEADLINE], timeout)

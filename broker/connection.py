@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import re
@@ -39,9 +38,16 @@ def translate_error(exc: BaseException, what: str) -> MeshError:
     """Map a nats-py exception onto the servemesh error tree (the one place that knows both)."""
     if isinstance(exc, MeshError):
         return exc
+    if isinstance(exc, nats.js.errors.NoStreamResponseError):
+        # No responders: no stream, or (in a cluster) none of its replicas leading at the moment.
+        return MeshUnavailable(f"{what}: no stream accepts it (is the mesh provisioned?)")
+    if isinstance(exc, nats.js.errors.TooManyStalledMsgsError):
+        return Overloaded(f"{what}: too many publishes await the stream's acknowledgement")
     if isinstance(exc, nats.js.errors.APIError):
         if exc.err_code in _FULL_CODES:
             return Overloaded(f"{what}: queue is full ({exc.description})", err_code=exc.err_code)
+        if exc.err_code == OUT_OF_STORAGE:
+            return MeshUnavailable(f"{what}: the stream is out of storage ({exc.description})", err_code=exc.err_code)
         return MeshUnavailable(f"{what}: JetStream error {exc.code}/{exc.err_code}: {exc.description}")
     if isinstance(exc, (nats.errors.TimeoutError, TimeoutError)):
         return MeshUnavailable(f"{what}: NATS did not answer in time")
@@ -63,84 +69,6 @@ def unreachable(url: str, cause: BaseException | None) -> MeshUnavailable:
     return MeshUnavailable(
         f"cannot reach NATS at {url}: {why} (is `servemesh up` running? set --nats or SERVEMESH_NATS_URL)", url=url
     )
-
-
-class _Client(NatsClient):
-    """nats-py's client with cheaper header parsing and encoding: every request carries headers,
-    and the stock code handles each character of each name or value in Python. Same results:
-    names holding whitespace are skipped, values are stripped and decoded leniently."""
-
-    @staticmethod
-    def _parse_header_lines(raw: bytes) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for line in raw.split(b"\r\n"):
-            name, sep, value = line.partition(b":")
-            if not sep:
-                continue
-            name = name.strip()
-            if not name.isascii() or len(name.split()) > 1:
-                continue
-            out[name.decode("ascii")] = value.strip().decode("utf-8", "replace")
-        return out
-
-    async def _send_publish(
-        self, subject: str, reply: str, payload: bytes, payload_size: int, headers: dict[str, Any] | None
-    ) -> None:
-        """nats-py's, with the header block built without ``str.translate``, which costs ~3 µs per
-        value and so ~13 µs per request. Same bytes on the wire, same checks: keys must be tokens,
-        values are stripped and CR/LF become spaces."""
-        if headers is None:
-            return await super()._send_publish(subject, reply, payload, payload_size, headers)
-        await self._send_command(self._hpub(subject, reply, payload, headers))
-        if self._flush_queue is not None and self._flush_queue.empty():
-            await self._flush_pending()
-
-    def _hpub(self, subject: str, reply: str, payload: bytes, headers: dict[str, Any]) -> bytes:
-        if subject == "":
-            raise nats.errors.BadSubjectError
-        lines = ["NATS/1.0\r\n"]
-        for k, v in headers.items():
-            key = k.strip()
-            if not key:
-                continue
-            if key not in _GOOD_KEYS:
-                if not _HEADER_KEY.fullmatch(key):
-                    raise nats.errors.BadHeaderError(key)
-                if len(_GOOD_KEYS) < 256:
-                    _GOOD_KEYS.add(key)
-            value = v.strip()
-            if "\r" in value or "\n" in value:
-                value = value.replace("\r", " ").replace("\n", " ")
-            lines.append(f"{key}: {value}\r\n")
-        lines.append("\r\n")
-        hdr = "".join(lines).encode()
-        self.stats["out_msgs"] += 1
-        self.stats["out_bytes"] += len(payload)
-        return f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + len(payload)}\r\n".encode() + hdr + payload + b"\r\n"
-
-    def publish_now(self, subject: str, reply: str, payload: bytes, headers: dict[str, str]) -> None:
-        """Publish and write to the socket at once, not at the loop's next turn: the server starts on
-        it while this turn goes on (``broker/outbox.py``). Same checks as ``publish``."""
-        if self.is_closed:
-            raise nats.errors.ConnectionClosedError
-        if self.is_draining_pubs:
-            raise nats.errors.ConnectionDrainingError
-        if len(payload) > self._max_payload:
-            raise nats.errors.MaxPayloadError
-        cmd = self._hpub(subject, reply, payload, headers)
-        if not self.is_connected and self._pending_data_size + len(cmd) > self._max_pending_size:
-            raise nats.errors.OutboundBufferLimitError  # reconnecting, and the buffer is full
-        self._pending.append(cmd)
-        self._pending_data_size += len(cmd)
-        if self.is_connected and self._transport is not None:
-            self._transport.writelines(self._pending)
-            self._pending = []
-            self._pending_data_size = 0
-
-
-# Header names already checked against the token grammar (a mesh uses a handful, over and over).
-_GOOD_KEYS: set[str] = set()
-_HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def _auth_options(settings: Settings) -> dict[str, Any]:
@@ -216,37 +144,6 @@ def pub_ack_error(msg: Msg, subject: str | None = None) -> MeshError | None:
     return MeshUnavailable(f"JetStream refused the request: {description}", err_code=err_code)
 
 
-class _Acks:
-    """Publishes waiting for their stream acknowledgement, by key, on one inbox subscription."""
-
-    def __init__(self, nc: NatsClient) -> None:
-        self._nc = nc
-        self._inbox = nc.new_inbox()
-        self._keys = itertools.count()
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
-        self._subscribed: asyncio.Task[Any] | None = None
-
-    async def publish(self, subject: str, payload: bytes, headers: dict[str, str], timeout: float) -> None:
-        if self._subscribed is None:
-            self._subscribed = asyncio.ensure_future(self._nc.subscribe(f"{self._inbox}.*", cb=self._on_ack))
-        await asyncio.shield(self._subscribed)
-        key = str(next(self._keys))
-        answer = self._waiting[key] = asyncio.get_running_loop().create_future()
-        try:
-            await self._nc.publish(subject, payload, reply=f"{self._inbox}.{key}", headers=headers)
-            ack = await asyncio.wait_for(answer, timeout)
-        finally:
-            del self._waiting[key]
-        error = pub_ack_error(ack, subject)
-        if error is not None:
-            raise error
-
-    async def _on_ack(self, msg: Msg) -> None:
-        answer = self._waiting.get(msg.subject[len(self._inbox) + 1 :])
-        if answer is not None and not answer.done():
-            answer.set_result(msg)
-
-
 @dataclass
 class Connection:
     """A NATS connection; callbacks registered in ``on_reconnect`` run after every reconnect."""
@@ -258,20 +155,12 @@ class Connection:
     # Told (action, subject) when the server refuses a publish or subscription on permissions.
     on_denied: list[Callable[[str, str], None]] = field(default_factory=list)
 
-    _acks: _Acks | None = field(default=None, repr=False)
-
-    def publish_now(self, subject: str, reply: str, payload: bytes, headers: dict[str, str]) -> None:
-        """Publish, written to the socket before this call returns (see ``_Client.publish_now``)."""
-        assert isinstance(self.nc, _Client)
-        self.nc.publish_now(subject, reply, payload, headers)
-
     async def publish_acked(self, subject: str, payload: bytes, headers: dict[str, str], timeout: float) -> None:
-        """A JetStream publish that returns once the stream stored it, or raises its MeshError
-        (``TimeoutError`` without an answer). Like nats-py's ``js.publish``, lighter: the
-        acknowledgements share one subscription and are read without a PubAck object each."""
-        if self._acks is None:
-            self._acks = _Acks(self.nc)
-        await self._acks.publish(subject, payload, headers, timeout)
+        """A JetStream publish that returns once the stream stored it, or raises (nats-py's errors;
+        ``translate_error`` maps them). nats-py's ``publish_async`` shares one reply subscription
+        among every publish awaiting its acknowledgement."""
+        ack = await self.js.publish_async(subject, payload, wait_stall=timeout, headers=headers)
+        await asyncio.wait_for(ack, timeout)
 
     @classmethod
     async def open(cls, settings: Settings, name: str = "servemesh", wait_s: float | None = -1.0) -> Connection:
@@ -309,7 +198,7 @@ class Connection:
                 for callback in list(holder[0].on_denied):
                     callback(denied.group(1).lower(), denied.group(2))
 
-        nc = _Client()
+        nc = NatsClient()
         try:
             await asyncio.wait_for(
                 nc.connect(

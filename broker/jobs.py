@@ -10,6 +10,7 @@ redelivery never duplicate a result, and readers de-duplicate by index besides.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from nats.js.api import DeliverPolicy
+from nats.js.api import DeliverPolicy, PubAck
 
 from broker.connection import Connection, translate_error
 from broker.objects import download, is_s3
@@ -164,6 +165,13 @@ async def _from_arrays(
             cleanup.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class _Message:
+    headers: dict[str, str]
+    payload: bytes
+    what: str  # for errors: which items
+
+
 async def start_job(
     conn: Connection, registry: Registry, spec: ModelSpec, subject: str, items: AsyncIterator[Inputs], job_id: str
 ) -> Job:
@@ -207,36 +215,41 @@ class Job:
 
     async def _queue_items(self, subject: str, items: AsyncIterator[Inputs], record: Json, bundle: int) -> int:
         """Queue every item, ``bundle`` items to a stream message (see broker/outbox.py), a bounded
-        number of messages in flight."""
-        slots = asyncio.Semaphore(max(4, _IN_FLIGHT // bundle))
-        pending: set[asyncio.Task[None]] = set()
+        number of messages awaiting the stream's acknowledgement."""
+        window: collections.deque[tuple[asyncio.Future[PubAck], _Message]] = collections.deque()
+        most = max(4, _IN_FLIGHT // bundle)
         count, last_progress = 0, time.monotonic()
         chunk: list[tuple[int, bytes]] = []
         limit = self._conn.nc.max_payload // 2
 
         async def send() -> None:
-            await slots.acquire()
-            task = asyncio.create_task(self._publish(subject, list(chunk), slots))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
+            message = self._message(list(chunk))
+            window.append((await self._publish(subject, message), message))
             chunk.clear()
+            while len(window) >= most:
+                await self._confirm(subject, *window.popleft())
 
-        async for item in items:
-            if count % 1000 == 0 and (await self._record()).get("state") == "cancelled":
-                break
-            payload = encode_request(dict(item))
-            if chunk and sum(len(p) for _, p in chunk) + len(payload) > limit:
-                await send()  # a bundle stays well under the server's max payload
-            chunk.append((count, payload))
-            if len(chunk) >= bundle:
+        try:
+            async for item in items:
+                if count % 1000 == 0 and (await self._record()).get("state") == "cancelled":
+                    break
+                payload = encode_request(dict(item))
+                if chunk and sum(len(p) for _, p in chunk) + len(payload) > limit:
+                    await send()  # a bundle stays well under the server's max payload
+                chunk.append((count, payload))
+                if len(chunk) >= bundle:
+                    await send()
+                count += 1
+                if time.monotonic() - last_progress > _PROGRESS_EVERY_S:
+                    last_progress = time.monotonic()
+                    await self._registry.put_job(self.id, {**record, "submitted": count})
+            if chunk:
                 await send()
-            count += 1
-            if time.monotonic() - last_progress > _PROGRESS_EVERY_S:
-                last_progress = time.monotonic()
-                await self._registry.put_job(self.id, {**record, "submitted": count})
-        if chunk:
-            await send()
-        await asyncio.gather(*pending)
+            while window:
+                await self._confirm(subject, *window.popleft())
+        finally:
+            for ack, _ in window:  # the submission failed: nats-py would wait for these forever
+                ack.cancel()
         state = (await self._record()).get("state")
         final = {
             **record,
@@ -247,30 +260,37 @@ class Job:
         await self._registry.put_job(self.id, final)
         return count
 
-    async def _publish(self, subject: str, chunk: list[tuple[int, bytes]], slots: asyncio.Semaphore) -> None:
+    def _message(self, chunk: list[tuple[int, bytes]]) -> _Message:
         """One item, or several as a bundle; its message id makes a publish that went again store once."""
         members = [({HDR_MSG_ID: f"{self.id}:{i}", HDR_JOB: self.id, HDR_JOB_ITEM: str(i)}, p) for i, p in chunk]
         if len(members) == 1:
             (headers, payload), what = members[0], f"job {self.id} item {chunk[0][0]}"
-        else:
-            first, last = chunk[0][0], chunk[-1][0]
-            headers = {HDR_MSG_ID: f"{self.id}:{first}-{last}", HDR_BUNDLE: str(len(members))}
-            payload, what = encode_request_bundle(members), f"job {self.id} items {first}–{last}"
-        backoff = 0.05
+            return _Message(headers, payload, what)
+        first, last = chunk[0][0], chunk[-1][0]
+        headers = {HDR_MSG_ID: f"{self.id}:{first}-{last}", HDR_BUNDLE: str(len(members))}
+        return _Message(headers, encode_request_bundle(members), f"job {self.id} items {first}–{last}")
+
+    async def _publish(self, subject: str, message: _Message) -> asyncio.Future[PubAck]:
         try:
-            while True:
-                try:
-                    await self._conn.publish_acked(subject, payload, headers, timeout=10.0)
-                    return
-                except Exception as exc:
-                    err = translate_error(exc, what)
-                    if not isinstance(err, Overloaded):
-                        raise err from exc
-                # The queue is full: it drains as workers compute; the same items go again.
-                await asyncio.sleep(backoff)
-                backoff = min(1.0, backoff * 2)
-        finally:
-            slots.release()
+            return await self._conn.js.publish_async(subject, message.payload, wait_stall=10.0, headers=message.headers)
+        except Exception as exc:
+            raise translate_error(exc, message.what) from exc
+
+    async def _confirm(self, subject: str, ack: asyncio.Future[PubAck], message: _Message) -> None:
+        """Wait for a message's acknowledgement; while the queue is full, the message goes again."""
+        backoff = 0.05
+        while True:
+            try:
+                await asyncio.wait_for(ack, 10.0)
+                return
+            except Exception as exc:
+                err = translate_error(exc, message.what)
+                if not isinstance(err, Overloaded):
+                    raise err from exc
+            # The queue is full: it drains as workers compute; the same items go again.
+            await asyncio.sleep(backoff)
+            backoff = min(1.0, backoff * 2)
+            ack = await self._publish(subject, message)
 
     async def _record(self) -> Json:
         record = await self._registry.get_job(self.id)

@@ -46,10 +46,10 @@ class Outbox:
         self._waiting: dict[str, list[Waiting]] = {}
         self._sizes: dict[str, int] = {}  # per subject waiting: the largest bundle it may have
         self._bytes: dict[str, int] = {}  # per subject waiting: the bytes its requests take in a bundle
-        self._flush: asyncio.Handle | None = None
+        self._flush: asyncio.Task[None] | None = None
         self.send_at = SEND_AT
 
-    def put(self, subject: str, request_id: str, payload: bytes, headers: dict[str, str]) -> None:
+    async def put(self, subject: str, request_id: str, payload: bytes, headers: dict[str, str]) -> None:
         """Queue a request (tracked in ``pending``) to be published at the end of this turn."""
         one = (request_id, payload, headers)
         group = self._waiting.get(subject)
@@ -67,10 +67,11 @@ class Outbox:
             # Enough for a bundle: it leaves now, so the stream and a worker start on it while
             # this turn goes on, instead of all of the turn's requests arriving at once at its end.
             del self._waiting[subject], self._sizes[subject], self._bytes[subject]
-            self._publish_bundle(subject, group)
+            await self._publish_bundle(subject, group)
             return
         if self._flush is None:
-            self._flush = asyncio.get_running_loop().call_soon(self._send)
+            # A task's first step runs after the callbacks ready now: the rest of this turn's requests.
+            self._flush = asyncio.create_task(self._send())
 
     def _bundle_size(self, subject: str) -> int:
         try:
@@ -79,8 +80,8 @@ class Outbox:
             return MAX_BUNDLE
         return bundle_limit(self._max_batch(model) or 0)
 
-    def _send(self) -> None:
-        """End of the turn: what waits leaves, written to the socket at once."""
+    async def _send(self) -> None:
+        """End of the turn: what waits leaves."""
         waiting, self._waiting = self._waiting, {}
         sizes, self._sizes, self._bytes = self._sizes, {}, {}
         self._flush = None
@@ -88,9 +89,9 @@ class Outbox:
             group = [one for one in everyone if self._pending.is_open(one[0])]  # not given up meanwhile
             for chunk in self._chunks(group, sizes[subject] if self.coalesce else 1):
                 if len(chunk) == 1:
-                    self._publish_one(subject, chunk[0])
+                    await self._publish_one(subject, chunk[0])
                 else:
-                    self._publish_bundle(subject, chunk)
+                    await self._publish_bundle(subject, chunk)
 
     def _chunks(self, group: list[Waiting], most: int) -> list[list[Waiting]]:
         chunks: list[list[Waiting]] = [[]]
@@ -106,20 +107,21 @@ class Outbox:
             size += cost
         return chunks
 
-    def _publish_one(self, subject: str, one: Waiting) -> None:
+    async def _publish_one(self, subject: str, one: Waiting) -> None:
         request_id, payload, headers = one
         try:
-            self._conn.publish_now(subject, f"{self._inbox}.a.{request_id}", payload, headers)
+            await self._conn.nc.publish(subject, payload, reply=f"{self._inbox}.a.{request_id}", headers=headers)
         except Exception as exc:
             self._pending.reject(request_id, translate_error(exc, f"queue request on {subject}"))
 
-    def _publish_bundle(self, subject: str, chunk: list[Waiting]) -> None:
+    async def _publish_bundle(self, subject: str, chunk: list[Waiting]) -> None:
         ids = [request_id for request_id, _, _ in chunk]
         key = f"{ids[0]}+"  # request ids are letters and digits: no request has this id
         self._pending.bundle(key, ids)
         payload = encode_request_bundle([(headers, payload) for _, payload, headers in chunk])
         try:
-            self._conn.publish_now(subject, f"{self._inbox}.a.{key}", payload, {HDR_BUNDLE: str(len(chunk))})
+            reply = f"{self._inbox}.a.{key}"
+            await self._conn.nc.publish(subject, payload, reply=reply, headers={HDR_BUNDLE: str(len(chunk))})
         except Exception as exc:
             error = translate_error(exc, f"queue request on {subject}")
             for request_id in ids:
