@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(PY) -m ruff check schemas broker workers router telemetry tests examples benchmarks
+	$(PY) -m ruff check schemas broker workers router telemetry servemesh tests examples benchmarks
 	$(PY) -m mypy
 
 bench: $(STAMP)

@@ -37,7 +37,10 @@ WIDTHS = {"identity": 16, "mlp": 512}
 _CALLERS = r"""
 import asyncio, json, sys, time
 import numpy as np
-from broker import MeshClient
+try:
+    from servemesh import MeshClient
+except ImportError:  # a checkout from before servemesh/ existed
+    from broker import MeshClient
 
 async def main(url, model, width, seconds, concurrency):
     async with await MeshClient.connect(url) as client:

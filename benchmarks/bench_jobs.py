@@ -39,12 +39,13 @@ from benchmarks.job_watch import JobRun, RssWatch, follow_job, verify_results
 from benchmarks.loadgen import LoadResult, closed_loop, percentile_ms
 from benchmarks.mesh_watch import wait_serving
 from benchmarks.report import Check, Row, publish
-from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision
-from broker.jobs import Job
+from broker import Connection, NatsServer, Registry, Settings, provision
 from broker.loop import run as run_on_loop
 from broker.server import find_nats_server
 from examples.build_models import IR_VERSION, OPSET, build_identity_onnx
-from router.local import spawn_worker
+from servemesh import MeshClient
+from servemesh.jobs import Job
+from servemesh.local import spawn_worker
 from workers.repository import read_model
 
 Json = dict[str, Any]

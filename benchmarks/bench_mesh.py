@@ -37,11 +37,12 @@ from benchmarks.cpu import CpuMeter
 from benchmarks.loadgen import LoadResult, closed_loop, percentile_ms
 from benchmarks.mesh_watch import wait_serving
 from benchmarks.report import Check, Report, Row, render, write_json
-from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision
+from broker import Connection, NatsServer, Registry, Settings, provision
 from broker.server import find_nats_server
 from examples.build_models import build_identity_onnx, build_mlp_onnx
-from router.local import spawn_worker
 from schemas.envelope import encode_request
+from servemesh import MeshClient
+from servemesh.local import spawn_worker
 
 ECHO_MODEL, MLP_MODEL, VERSION = "echo_id", "mlp", "1"
 ECHO_WIDTH, MLP_WIDTH = 16, 512

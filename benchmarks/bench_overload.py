@@ -36,10 +36,11 @@ import numpy as np
 
 from benchmarks.loadgen import closed_loop, percentile_ms
 from benchmarks.mesh_watch import wait_serving
-from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision
+from broker import Connection, NatsServer, Registry, Settings, provision
 from examples.build_models import build_slow_onnx
-from router.local import spawn_worker
 from schemas.errors import MeshError
+from servemesh import MeshClient
+from servemesh.local import spawn_worker
 
 MODEL, WORKER_ID, WIDTH = "heavy", "overload-1", 256
 HIGH_RATE = 20.0  # high-priority requests per second during every cell

@@ -36,11 +36,12 @@ from benchmarks import bench_policy
 from benchmarks.bench_mesh import Children
 from benchmarks.mesh_watch import POLL_S, Failed, Json, Mesh, until
 from benchmarks.report import publish
-from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision
+from broker import Connection, NatsServer, Registry, Settings, provision
 from broker.server import find_nats_server
 from examples.build_models import build_identity_onnx, build_slow_onnx
-from router.local import spawn_router, spawn_worker
 from router.policy import DEFAULT_CONFIG
+from servemesh import MeshClient
+from servemesh.local import spawn_router, spawn_worker
 
 VERSION = "1"
 WORKERS = ("w1", "w2")

@@ -27,12 +27,13 @@ import numpy as np
 
 from benchmarks.bench_mesh import Children
 from benchmarks.loadgen import closed_loop, percentile_ms
-from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision
+from broker import Connection, NatsServer, Registry, Settings, provision
 from broker.loop import run
-from broker.shadow import shadow_events
 from examples.build_models import build_identity_onnx
-from router.local import wait_workers_ready
+from router.shadow import shadow_events
 from schemas.shadow import ShadowEvent
+from servemesh import MeshClient
+from servemesh.local import wait_workers_ready
 
 MODEL, CONCURRENCY = "shadowed", 16
 # "split": no shadow, 10% of the traffic served by version 2 instead: what a second busy version on
@@ -88,7 +89,8 @@ async def main(rounds: int, seconds: float) -> dict[str, Cell]:
             await provision(conn)
             registry = await Registry.open(conn)
             env = {**os.environ, "SERVEMESH_LOOP": "uvloop"}
-            args = [sys.executable, "-m", "router", "worker", "--models", str(repo), "--id", "w1", "--nats", server.url]
+            args = [sys.executable, "-m", "servemesh", "worker", "--models", str(repo), "--id", "w1"]
+            args += ["--nats", server.url]
             with open(Path(tmp) / "worker.log", "ab") as log:
                 children.add("w1", subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT))
             await wait_workers_ready(registry, ["w1"], 60)

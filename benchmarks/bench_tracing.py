@@ -26,10 +26,11 @@ from benchmarks.bench_mesh import Children
 from benchmarks.cpu import CpuMeter, main_thread
 from benchmarks.loadgen import closed_loop
 from benchmarks.otlp_sink import Sink
-from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision
+from broker import Connection, NatsServer, Registry, Settings, provision
 from broker.loop import run
 from examples.build_models import build_identity_onnx, build_mlp_onnx
-from router.local import wait_workers_ready
+from servemesh import MeshClient
+from servemesh.local import wait_workers_ready
 from telemetry import tracing
 
 CONCURRENCY = 64
@@ -47,7 +48,7 @@ def _otel_env(sink_url: str, mode: str) -> dict[str, str]:
 def _spawn_worker(mode: str, url: str, repo: Path, log: Path, sink_url: str) -> subprocess.Popen[bytes]:
     untraced_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env = {**untraced_env, "SERVEMESH_LOOP": "uvloop", **(_otel_env(sink_url, mode) if mode in RATIOS else {})}
-    args = [sys.executable, "-m", "router", "worker", "--models", str(repo), "--id", f"w-{mode}", "--nats", url]
+    args = [sys.executable, "-m", "servemesh", "worker", "--models", str(repo), "--id", f"w-{mode}", "--nats", url]
     with open(log, "ab") as out:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
 

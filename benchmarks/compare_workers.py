@@ -29,9 +29,10 @@ from benchmarks.bench_mesh import Children, build_models
 from benchmarks.cpu import CpuMeter
 from benchmarks.loadgen import closed_loop
 from benchmarks.mesh_watch import wait_serving
-from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision
+from broker import Connection, NatsServer, Registry, Settings, provision
 from broker.loop import run
-from router.local import spawn_worker
+from servemesh import MeshClient
+from servemesh.local import spawn_worker
 
 
 def _io(pid: int) -> dict[str, int]:

@@ -14,8 +14,8 @@ import numpy as np
 
 from benchmarks.bench_mesh import Incorrect, rss_mib
 from broker import Connection
-from broker.jobs import Job
-from broker.lag import read_lag
+from router.lag import read_lag
+from servemesh.jobs import Job
 
 __all__ = ["JobRun", "Progress", "RssWatch", "follow_job", "verify_results"]
 

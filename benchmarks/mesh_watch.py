@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 
 from broker import Registry
-from router.local import wait_workers_ready
 from router.observe import STALE_AFTER_S
+from servemesh.local import wait_workers_ready
 from workers.repository import read_model
 
 __all__ = ["POLL_S", "Failed", "Json", "Mesh", "until", "wait_serving"]

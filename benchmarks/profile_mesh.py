@@ -29,9 +29,10 @@ from benchmarks.bench_mesh import Children, build_models
 from benchmarks.loadgen import closed_loop
 from benchmarks.mesh_watch import wait_serving
 from benchmarks.otlp_sink import Sink
-from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision
+from broker import Connection, NatsServer, Registry, Settings, provision
 from broker.loop import run
-from router.local import spawn_worker
+from servemesh import MeshClient
+from servemesh.local import spawn_worker
 
 MODELS = {"echo": ("echo_id", 16), "mlp": ("mlp", 512)}
 

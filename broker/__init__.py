@@ -1,16 +1,13 @@
-"""Everything that speaks NATS: settings, connection, provisioning, the embedded server, the client."""
+"""The mesh's NATS side, shared by every process: settings, the connection, provisioning, the
+embedded nats-server, the registry, the claims and storage buckets. Imports only schemas/ and telemetry/."""
 
-from broker.client import MeshClient
 from broker.connection import Connection
-from broker.delivery import Delivery
-from broker.feed import PullFeed
 from broker.provision import check_provisioned, ensure_consumer, provision, wait_provisioned
 from broker.registry import Registry
 from broker.server import NatsServer
 from broker.settings import Settings
-from broker.sync_client import SyncMeshClient
 
 __all__ = [
-    "Connection", "Delivery", "MeshClient", "NatsServer", "PullFeed", "Registry", "Settings", "SyncMeshClient",
+    "Connection", "NatsServer", "Registry", "Settings",
     "check_provisioned", "ensure_consumer", "provision", "wait_provisioned",
 ]  # fmt: skip

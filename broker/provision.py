@@ -236,7 +236,7 @@ async def ensure_consumer(
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
         # A request held (not computed) by a worker that crashed is delivered again without being
-        # charged an attempt (broker/attempts.py), so deliveries may exceed attempts; the last one
+        # charged an attempt (workers/attempts.py), so deliveries may exceed attempts; the last one
         # lets a worker answer "gave up" instead of the message sitting undeliverable forever.
         max_deliver=max_deliveries(max_attempts) + 1,
         max_waiting=1024,

@@ -13,10 +13,10 @@ __all__ = ["Settings"]
 class Settings(BaseModel):
     nats_url: str = "nats://127.0.0.1:4222"
     # Messages one model/version/priority subject may hold before publishes get 429 (a message is a
-    # request, or a client's bundle of concurrent requests: broker/outbox.py).
+    # request, or a client's bundle of concurrent requests: servemesh/outbox.py).
     max_queue: int = Field(default=10_000, ge=1)
     # A client's requests for the same subject published in one turn of its event loop go out as
-    # one stream message (broker/outbox.py). A bundle counts as one message against max_queue.
+    # one stream message (servemesh/outbox.py). A bundle counts as one message against max_queue.
     coalesce: bool = True
     # "file" survives a nats-server restart; "memory" is for throwaway meshes.
     storage: str = Field(default="file", pattern="^(file|memory)$")

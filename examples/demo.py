@@ -14,10 +14,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker import MeshClient, Registry
+from broker import Registry
 from examples.build_models import build_digits_torchscript, build_iris_mm_onnx, build_iris_onnx
-from router.local import LocalMesh
 from schemas.errors import MeshError
+from servemesh import MeshClient
+from servemesh.local import LocalMesh
 
 
 def _timing(t: object) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -69,7 +69,8 @@ def _shadow_metrics(router: Router) -> Iterator[Metric]:
     yield from (outcomes, agreement, latency)
 
 
-def router_metrics(router: Router) -> bytes:
+def router_metrics(router: Router) -> CollectorRegistry:
+    """A registry whose every collection reads ``router`` as it is then (served by telemetry/endpoint.py)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_RouterCollector(router))
-    return generate_latest(registry)
+    return registry

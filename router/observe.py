@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from broker.connection import Connection
-from broker.lag import read_lag
 from broker.registry import Json, Registry
+from router.lag import read_lag
 from router.snapshot import Lag, LoadedUnit, ModelVersion, Snapshot, Unit, WorkerState
 from schemas.spec import ModelSpec
 

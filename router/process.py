@@ -11,12 +11,12 @@ import signal
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.connection import Connection
-from broker.endpoint import HttpEndpoint
 from broker.settings import Settings
 from router.metrics import router_metrics
 from router.policy import PolicyConfig
 from router.service import Router
 from telemetry import tracing
+from telemetry.endpoint import HttpEndpoint
 
 __all__ = ["RouterSettings", "run_router"]
 
@@ -50,7 +50,7 @@ async def run_router(
     if settings.http_port:
         # Ready = connected: a standby is as ready as the leader, it waits for the lease.
         endpoint = HttpEndpoint(
-            settings.http_port, lambda: router_metrics(router), lambda: conn.nc.is_connected, host=settings.http_host
+            settings.http_port, router_metrics(router), lambda: conn.nc.is_connected, host=settings.http_host
         )
         await endpoint.start()
     try:

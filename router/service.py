@@ -17,13 +17,12 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from broker.connection import Connection
-from broker.lease import Lease
 from broker.provision import wait_provisioned
 from broker.registry import Json, Registry
-from broker.shadow import shadow_events
+from router.lease import Lease
 from router.observe import Failures, observe, unit_to_json
 from router.policy import PolicyConfig, PolicyState, plan
-from router.shadow import ShadowTally
+from router.shadow import ShadowTally, shadow_events
 from router.snapshot import Assignments, Decision, Snapshot
 from router.storage_watch import StorageWatch
 

@@ -3,14 +3,21 @@ requests agreed, disagreed or failed, and both sides' latency. Fed by clients' r
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
-from schemas.shadow import Outcome, ShadowEvent
-from workers.histogram import SECONDS_BUCKETS, Histogram
+from broker.connection import Connection
+from schemas.errors import MeshError
+from schemas.shadow import Outcome, ShadowEvent, decode_event
+from schemas.subjects import SHADOW_PREFIX
+from telemetry.histogram import SECONDS_BUCKETS, Histogram
 
-__all__ = ["OUTCOMES", "ShadowTally", "Tally"]
+__all__ = ["OUTCOMES", "ShadowTally", "Tally", "shadow_events"]
+
+log = logging.getLogger(__name__)
 
 OUTCOMES: tuple[str, ...] = get_args(Outcome)
 _RECENT = 2048  # latencies kept per side for the percentiles shown in status
@@ -80,3 +87,16 @@ def _percentiles(values: deque[float]) -> dict[str, float] | None:
         return None
     ordered = sorted(values)
     return {f"p{round(q * 100)}": round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) for q in (0.5, 0.99)}
+
+
+async def shadow_events(conn: Connection) -> AsyncIterator[ShadowEvent]:
+    """Every shadow verdict any client reports, as it arrives; malformed reports are skipped."""
+    sub = await conn.nc.subscribe(f"{SHADOW_PREFIX}.*", pending_msgs_limit=-1, pending_bytes_limit=-1)
+    try:
+        async for msg in sub.messages:
+            try:
+                yield decode_event(msg.data)
+            except MeshError as err:
+                log.warning("skipping a shadow report on %s: %s", msg.subject, err.message)
+    finally:
+        await sub.unsubscribe()

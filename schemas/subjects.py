@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from typing import Final, Literal
 
 __all__ = [
@@ -38,12 +39,14 @@ __all__ = [
     "STREAM_INFER",
     "STREAM_JOBS",
     "Priority",
+    "ReplyKind",
     "SubjectKind",
     "bundle_limit",
     "bundle_subject",
     "check_name",
     "claims_bucket_of",
     "consumer_name",
+    "inbox_subject",
     "infer_subject",
     "is_claims_bucket",
     "is_reply_subject",
@@ -154,9 +157,23 @@ def is_reply_subject(subject: str) -> bool:
     return len(subject) <= 1024 and _PUBLISH_RE.fullmatch(subject) is not None  # match's $ allows a final \n
 
 
+class ReplyKind(StrEnum):
+    """What arrives on a client's inbox, by the token after the inbox: ``<inbox>.<kind>.<id>``."""
+
+    ACK = "a"  # the stream's acknowledgement of a request (or of a bundle: id ``<first id>+``)
+    REPLY = "r"  # a worker's reply to one request
+    BUNDLE = "m"  # a worker's replies to several of this client's requests, in one message
+    SHADOW_REPLY = "s"  # the candidate version's reply to a mirrored request
+    SHADOW_ACK = "t"  # the stream's acknowledgement of a mirrored request
+
+
+def inbox_subject(inbox: str, kind: ReplyKind, request_id: str) -> str:
+    return f"{inbox}.{kind.value}.{request_id}"
+
+
 def bundle_subject(inbox: str) -> str:
     """Where a worker sends a bundle of replies for one client (see HDR_REPLY_INBOX)."""
-    return f"{inbox}.m.bundle"
+    return inbox_subject(inbox, ReplyKind.BUNDLE, "bundle")
 
 
 def job_result_subject(job: str, ok: bool) -> str:

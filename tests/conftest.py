@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from broker import Connection, MeshClient, NatsServer, Settings, provision
+from broker import Connection, NatsServer, Settings, provision
 from examples import build_models
+from servemesh import MeshClient
 from workers.repository import read_model
 from workers.worker import Worker
 

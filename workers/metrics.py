@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from telemetry import tracing
-from workers.histogram import Histogram
+from telemetry.histogram import Histogram
 from workers.worker import Worker
 
 __all__ = ["worker_metrics"]
@@ -82,8 +82,8 @@ class _WorkerCollector(Collector):
             yield family
 
 
-def worker_metrics(worker: Worker) -> bytes:
-    """The Prometheus text of ``worker`` right now."""
+def worker_metrics(worker: Worker) -> CollectorRegistry:
+    """A registry whose every collection reads ``worker`` as it is then (served by telemetry/endpoint.py)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_WorkerCollector(worker))
-    return generate_latest(registry)
+    return registry

@@ -12,36 +12,35 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter, deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from broker.attempts import Attempts
 from broker.claims import Claims
 from broker.connection import Connection
-from broker.delivery import Delivery, settle_failed
-from broker.feed import PullFeed
-from broker.provision import ensure_consumer, max_deliveries
-from broker.replies import ReplySender
+from broker.loop import TaskSet
+from broker.provision import max_deliveries
 from schemas.envelope import Timing, claim_of, decode_request, encode_error
 from schemas.errors import DeadlineExceeded, Forbidden, MeshError, MeshUnavailable, ModelFailure
 from schemas.spec import ModelSpec
-from schemas.subjects import PRIORITIES, STREAM_INFER, bundle_limit, claims_bucket_of, is_claims_bucket
+from schemas.subjects import PRIORITIES, claims_bucket_of, is_claims_bucket
 from telemetry import tracing
+from workers.attempts import Attempts
 from workers.batcher import BatchQueue
-from workers.histogram import BATCH_BUCKETS, SECONDS_BUCKETS, Histogram
+from workers.delivery import Delivery, settle_failed
+from workers.feed import Feed, FeedSource, JetStreamFeeds, feed_handlers
 from workers.jobs import JobBook
+from workers.replies import ReplySender
 from workers.runtimes.base import Runtime, Tensors
 from workers.settle import Computed, Settler
 from workers.settle import Request as _Request
 from workers.signature import Signature
+from workers.stats import ServingStats
 from workers.tenancy import Tenancy
 
-__all__ = ["ModelServer", "ServingStats"]
+__all__ = ["ModelServer"]
 
 log = logging.getLogger(__name__)
 
@@ -57,38 +56,6 @@ _ADMIT_TIMEOUT_S = 10.0
 _RATE_WINDOW_S = 0.25
 
 
-@dataclass
-class ServingStats:
-    """Counters a heartbeat carries, so operators and tests can see what a replica did."""
-
-    succeeded: int = 0
-    batches: int = 0
-    rows: int = 0
-    max_batch: int = 0
-    peak_computing: int = 0  # most batches computed at once (up to the model's instances)
-    errors: Counter[int] = field(default_factory=Counter)
-    expired: int = 0
-    busy_s: float = 0.0  # time spent computing (with several instances: instance-seconds / instances)
-    queue_s: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
-    compute_s: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
-    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
-    # Recent latencies inside the mesh (stored in the stream → reply sent), for p50/p99.
-    recent_ms: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
-
-    def as_dict(self) -> dict[str, Any]:
-        ordered = sorted(self.recent_ms)
-        return {
-            "succeeded": self.succeeded, "batches": self.batches, "rows": self.rows, "max_batch": self.max_batch,
-            "peak_computing": self.peak_computing,
-            "errors": {str(k): v for k, v in self.errors.items()}, "expired": self.expired,
-            "busy_s": round(self.busy_s, 4), "p50_ms": _quantile(ordered, 0.5), "p99_ms": _quantile(ordered, 0.99),
-        }  # fmt: skip
-
-
-def _quantile(ordered: list[float], q: float) -> float | None:
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) if ordered else None
-
-
 class ModelServer:
     def __init__(
         self,
@@ -100,8 +67,11 @@ class ModelServer:
         priorities: Iterable[str] | None = None,
         jobs: JobBook | None = None,
         tenancy: Tenancy | None = None,
+        feeds: FeedSource | None = None,
     ) -> None:
+        """``feeds``: where requests come from (default: the inference stream's consumers)."""
         self._conn = conn
+        self._source = feeds or JetStreamFeeds(conn)
         self._claims = Claims(conn)
         self._jobs = jobs
         self.priorities = [p for p in PRIORITIES if p in set(priorities or spec.priorities)]
@@ -113,11 +83,11 @@ class ModelServer:
         self.stats = ServingStats()
         max_rows = spec.max_batch_size if self.signature.batched else 1
         self._queue: BatchQueue[_Request] = BatchQueue(max_rows, spec.max_delay_ms / 1000.0, levels=len(PRIORITIES))
-        self._feeds: dict[str, PullFeed] = {}
-        self._retired: dict[str, PullFeed] = {}  # stopped feeds whose requests may still be in flight
+        self._feeds: dict[str, Feed] = {}
+        self._retired: dict[str, Feed] = {}  # stopped feeds whose requests may still be in flight
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=spec.instances, thread_name_prefix=f"model-{spec.name}")
-        self._batches: set[asyncio.Task[None]] = set()  # batches computing, beside the serving loop's own
+        self._batches = TaskSet()  # batches computing, beside the serving loop's own
         self._loop_task: asyncio.Task[None] | None = None
         self._draining = False
         # Seconds per row, smoothed: tells whether a batch is cheap enough to run on the loop.
@@ -131,10 +101,10 @@ class ModelServer:
         self._attempts = Attempts(None)  # opened in start()
         self._claims_bucket = claims_bucket_of(spec.tenant)
         self._tenancy = tenancy or Tenancy(None)
-        self._admitting: set[asyncio.Task[None]] = set()  # requests waiting on the server before they queue
+        self._admitting = TaskSet()  # requests waiting on the server before they queue
         self._progress_at = time.monotonic()  # last seen with nothing waiting (see stalled)
         self._remade_at: dict[str, float] = {}  # per priority, when its consumer was last made again
-        self._upkeep: set[asyncio.Task[None]] = set()
+        self._upkeep = TaskSet()
         # Requests per second this replica answers while it has a backlog (0: not measured yet), and
         # what it is measured from: requests and seconds between answers while work was waiting.
         self.rate = 0.0
@@ -157,37 +127,22 @@ class ModelServer:
         log.info("serving %s (batch ≤ %d, priorities %s)", self.key, self._queue.max_rows, ",".join(self._feeds))
 
     async def _open_feed(self, priority: str) -> None:
-        name = await ensure_consumer(
-            self._conn.js, self.spec.name, self.version, priority,
-            ack_wait_s=self.spec.ack_wait_s, max_attempts=self.spec.max_attempts,
-        )  # fmt: skip
-        # Room for the batch being computed and the next one forming, and no more.
-        window = 2 * max(1, self.spec.max_batch_size)
-        feed = PullFeed(
-            self._conn, STREAM_INFER, name, priority, self._on_delivery, window,
-            on_error=self._fail, bundle_limit=bundle_limit(self.spec.max_batch_size), on_gone=self._consumer_gone,
-        )  # fmt: skip
-        self._feeds[priority] = feed
+        handlers = feed_handlers(self.spec, self._on_delivery, self._fail, self._consumer_gone)
+        self._feeds[priority] = await self._source.open(self.spec, self.version, priority, handlers)
         self._retired.pop(priority, None)
-        await feed.start()
 
-    def _consumer_gone(self, feed: PullFeed) -> None:
+    def _consumer_gone(self, feed: Feed) -> None:
         """The server says the feed's consumer is missing (deleted, or its stream rebuilt): make it again,
         at most once a second; the feed goes on pulling meanwhile and finds it once it exists."""
         now = time.monotonic()
         if self._draining or now - self._remade_at.get(feed.priority, 0.0) < 1.0:
             return
         self._remade_at[feed.priority] = now
-        task = asyncio.create_task(self._remake_consumer(feed.priority), name=f"consumer-{self.key}")
-        self._upkeep.add(task)
-        task.add_done_callback(self._upkeep.discard)
+        self._upkeep.spawn(self._remake_consumer(feed.priority), name=f"consumer-{self.key}")
 
     async def _remake_consumer(self, priority: str) -> None:
         try:
-            await asyncio.wait_for(
-                ensure_consumer(self._conn.js, self.spec.name, self.version, priority,
-                                ack_wait_s=self.spec.ack_wait_s, max_attempts=self.spec.max_attempts), 5.0,
-            )  # fmt: skip
+            await self._source.remake(self.spec, self.version, priority)
             log.info("%s: made the consumer of priority %s again", self.key, priority)
         except Exception as exc:  # the stream may be missing too: asked again on the next refusal
             log.warning("%s: cannot make the consumer of priority %s yet: %s", self.key, priority, exc)
@@ -204,7 +159,7 @@ class ModelServer:
         self.priorities = wanted
         log.info("%s now serves priorities %s", self.key, ",".join(wanted))
 
-    def _feed(self, priority: str) -> PullFeed:
+    def _feed(self, priority: str) -> Feed:
         return self._feeds.get(priority) or self._retired[priority]
 
     @property
@@ -249,9 +204,7 @@ class ModelServer:
             await self._expire(delivery)
             return
         if delivery.route or delivery.job or claim_of(delivery.data) is not None:
-            task = asyncio.create_task(self._admit(delivery), name=f"admit-{self.key}")
-            self._admitting.add(task)
-            task.add_done_callback(self._admitting.discard)
+            self._admitting.spawn(self._admit(delivery), name=f"admit-{self.key}")
             return
         await self._enqueue(delivery, delivery.data)
 
@@ -350,13 +303,12 @@ class ModelServer:
         instances = self.spec.instances
         while True:
             if len(self._batches) >= instances:
-                await asyncio.wait(self._batches, return_when=asyncio.FIRST_COMPLETED)
+                await self._batches.first_done()
                 continue
             due = self._queue.due_at(more_coming=any(self._upstream.values()))
             if due is None:
                 if self._draining:
-                    if self._batches:
-                        await asyncio.wait(self._batches)
+                    await self._batches.join()
                     return
                 self._wake.clear()
                 await self._wake.wait()
@@ -375,13 +327,10 @@ class ModelServer:
             if instances == 1 or (len(batch) == 1 and batch[0].delivery.num_delivered > 1):
                 # A redelivered request may be the one that crashed a worker: nothing computes beside it,
                 # so that if it crashes this one too, no other request's attempt is spent on it.
-                if self._batches:
-                    await asyncio.wait(self._batches)
+                await self._batches.join()
                 await self._attempt(batch)
             else:
-                task = asyncio.create_task(self._attempt(batch), name=f"batch-{self.key}")
-                self._batches.add(task)
-                task.add_done_callback(self._batches.discard)
+                self._batches.spawn(self._attempt(batch), name=f"batch-{self.key}")
 
     async def _attempt(self, batch: list[_Request]) -> None:
         try:
@@ -508,8 +457,7 @@ class ModelServer:
         await asyncio.gather(*(feed.stop() for feed in self._feeds.values()))
         self._retired.update(self._feeds)
         self._feeds.clear()
-        if self._admitting:  # each bounded by _ADMIT_TIMEOUT_S
-            await asyncio.gather(*self._admitting, return_exceptions=True)
+        await self._admitting.join()  # each bounded by _ADMIT_TIMEOUT_S
         self._wake.set()
         if self._loop_task is not None:
             await self._loop_task

@@ -9,9 +9,9 @@ import signal
 from pathlib import Path
 
 from broker.connection import Connection
-from broker.endpoint import HttpEndpoint
 from broker.settings import Settings
 from telemetry import tracing
+from telemetry.endpoint import HttpEndpoint
 from workers.metrics import worker_metrics
 from workers.store import ArtifactStore, StoreSettings
 from workers.worker import Worker
@@ -40,7 +40,7 @@ async def run_worker(
     endpoint = None
     if settings.http_port:
         endpoint = HttpEndpoint(
-            settings.http_port, lambda: worker_metrics(worker), lambda: worker.ready, host=settings.http_host
+            settings.http_port, worker_metrics(worker), lambda: worker.ready, host=settings.http_host
         )
         await endpoint.start()
     try:

@@ -8,24 +8,22 @@ back, so a replica never holds more than its window.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from broker.claims import Claims
 from broker.connection import Connection
-from broker.delivery import Delivery, settle_all
-from broker.replies import ReplySender
+from broker.loop import TaskSet
 from schemas.envelope import Timing, encode_error, encode_outputs, encode_request
 from schemas.errors import MeshError, ModelFailure
 from telemetry import tracing
+from workers.delivery import Delivery, settle_all
+from workers.replies import ReplySender
 from workers.runtimes.base import Tensors
-
-if TYPE_CHECKING:
-    from workers.model_server import ServingStats
+from workers.stats import ServingStats
 
 __all__ = ["Computed", "Request", "Settler"]
 
@@ -74,19 +72,16 @@ class Settler:
         self._fail = fail
         self._load = load  # priority → (requests waiting ahead, requests/s served when busy): told in replies
         self._settled = settled  # told how many requests each batch answered
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self.settling = 0  # requests whose answers are still on their way
 
     def submit(self, done: Computed) -> None:
         self.settling += len(done.batch)
-        task = asyncio.create_task(self._guarded(done), name=f"settle-{self._key}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._guarded(done), name=f"settle-{self._key}")
 
     async def wait(self) -> None:
         """Until every batch submitted so far is answered and acked (drain)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks))
+        await self._tasks.join()
 
     async def _guarded(self, done: Computed) -> None:
         try:

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision
+from broker import Connection, NatsServer, Registry, Settings, provision
 from examples.build_models import build_identity_onnx
-from router.local import wait_workers_ready
 from schemas.spec import ModelSpec, TensorSpec, VersionSpec
+from servemesh import MeshClient
+from servemesh.local import wait_workers_ready
 from tests.conftest import provisioned, set_config, unique, wait_for
 from tests.faults import faulty_runtime
 from tests.faults.fleet import Fleet

@@ -6,7 +6,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from router.local import spawn_router, spawn_worker
+from servemesh.local import spawn_router, spawn_worker
 from tests.integration.cluster import ROUTER_ENV
 
 

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from broker import MeshClient
+from servemesh import MeshClient
 
 
 async def main(url: str, model: str, count: int) -> None:

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from broker import MeshClient
 from schemas.errors import MeshError
+from servemesh import MeshClient
 
 _NONCES = itertools.count(1)
 

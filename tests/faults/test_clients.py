@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from broker import Connection, MeshClient, NatsServer
+from broker import Connection, NatsServer
 from schemas.subjects import STREAM_INFER, consumer_name
+from servemesh import MeshClient
 from tests.conftest import wait_for
 from tests.faults.conftest import REPO_ROOT, identity_repo, start_workers
 from tests.faults.fleet import Fleet

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from broker import Connection, MeshClient, Registry, Settings, provision
-from router.local import wait_workers_ready
+from broker import Connection, Registry, Settings, provision
 from schemas.subjects import STREAM_INFER, consumer_name
+from servemesh import MeshClient
+from servemesh.local import wait_workers_ready
 from tests.conftest import wait_for
 from tests.faults.conftest import identity_repo
 from tests.faults.fleet import Fleet

@@ -12,7 +12,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from broker import Connection, MeshClient, Registry
+from broker import Connection, Registry
+from servemesh import MeshClient
 from tests.conftest import unique, wait_for
 from tests.faults.conftest import holders, identity_repo
 from tests.faults.fleet import Fleet

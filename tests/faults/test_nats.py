@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from broker import Connection, MeshClient, NatsServer
+from broker import Connection, NatsServer
 from examples.build_models import build_identity_onnx
+from servemesh import MeshClient
 from tests.conftest import set_config, unique
 from tests.faults.conftest import ACK_WAIT_S, identity_repo, start_workers
 from tests.faults.fleet import Fleet

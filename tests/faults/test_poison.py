@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker import Connection, MeshClient
+from broker import Connection
 from schemas.errors import ModelFailure
+from servemesh import MeshClient
 from tests.faults import faulty_runtime
 from tests.faults.conftest import faulty_model
 from tests.faults.fleet import Fleet

@@ -7,7 +7,8 @@ import signal
 import time
 from pathlib import Path
 
-from broker import Connection, MeshClient, Registry
+from broker import Connection, Registry
+from servemesh import MeshClient
 from tests.conftest import wait_for
 from tests.faults.conftest import holders, identity_repo
 from tests.faults.fleet import Fleet

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker import Connection, MeshClient, NatsServer, Registry, Settings
-from router.local import wait_workers_ready
+from broker import Connection, NatsServer, Registry, Settings
 from schemas.errors import MeshError, MeshUnavailable
 from schemas.subjects import STREAM_INFER
+from servemesh import MeshClient
+from servemesh.local import wait_workers_ready
 from tests.conftest import provisioned, wait_for
 from tests.faults.conftest import identity_repo
 from tests.faults.fleet import Fleet
@@ -77,7 +78,7 @@ def ready_code(port: int) -> int:
 
 async def _models_show(url: str, model: str) -> str:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "models", "show", model, "--nats", url, stdout=asyncio.subprocess.PIPE
+        sys.executable, "-m", "servemesh", "models", "show", model, "--nats", url, stdout=asyncio.subprocess.PIPE
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     return out.decode()

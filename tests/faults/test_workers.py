@@ -8,7 +8,8 @@ import signal
 import time
 from pathlib import Path
 
-from broker import Connection, MeshClient
+from broker import Connection
+from servemesh import MeshClient
 from tests.faults.conftest import ACK_WAIT_S, faulty_model, identity_repo, start_workers
 from tests.faults.fleet import Fleet
 from tests.faults.load import Load

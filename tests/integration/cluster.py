@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from broker import Connection, NatsServer, Registry, Settings, provision
-from router.local import spawn_router, spawn_worker
 from router.observe import STALE_AFTER_S
+from servemesh.local import spawn_router, spawn_worker
 
 # Fast control loops so that tests see scaling within seconds.
 ROUTER_ENV = {

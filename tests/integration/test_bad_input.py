@@ -10,11 +10,12 @@ import nats
 import numpy as np
 import pytest
 
-from broker import MeshClient, NatsServer
+from broker import NatsServer
 from examples.build_models import build_identity_onnx
 from schemas.envelope import decode_reply
 from schemas.errors import BadInput, MeshError, UnknownModel
 from schemas.subjects import HDR_DEADLINE, HDR_MSG_ID, HDR_REPLY, infer_subject
+from servemesh import MeshClient
 from tests.conftest import serving, unique
 
 

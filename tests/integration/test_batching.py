@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker import MeshClient, NatsServer
+from broker import NatsServer
 from examples.build_models import build_identity_onnx
+from servemesh import MeshClient
 from tests.conftest import serving, set_config, unique
 
 

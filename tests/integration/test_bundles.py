@@ -10,7 +10,7 @@ import nats
 import numpy as np
 import pytest
 
-from broker import Connection, MeshClient, NatsServer, Registry, Settings, ensure_consumer, provision
+from broker import Connection, NatsServer, Registry, Settings, ensure_consumer, provision
 from examples.build_models import build_identity_onnx
 from schemas.envelope import decode_reply, encode_request, encode_request_bundle
 from schemas.errors import BadInput
@@ -24,6 +24,7 @@ from schemas.subjects import (
     consumer_name,
     infer_subject,
 )
+from servemesh import MeshClient
 from tests.conftest import serving, set_config, unique
 from workers.repository import read_model
 

@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker import NatsServer, SyncMeshClient
+from broker import NatsServer
 from examples.build_models import build_identity_onnx
 from schemas.errors import BadInput
+from servemesh import SyncMeshClient
 from tests.conftest import serving, unique, wait_for
 
 
 async def _servemesh(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        sys.executable, "-m", "servemesh", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
@@ -84,7 +85,7 @@ async def test_up_runs_a_mesh_and_stops_everything_it_started(tmp_path: Path) ->
     name = unique("ident")
     build_identity_onnx(tmp_path / "repo", name, "float32", shape=(2,))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "up", "--models", str(tmp_path / "repo"), "--workers", "2", "--port", "-1",
+        sys.executable, "-m", "servemesh", "up", "--models", str(tmp_path / "repo"), "--workers", "2", "--port", "-1",
         "--state-dir", str(tmp_path / "state"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
@@ -97,7 +98,8 @@ async def test_up_runs_a_mesh_and_stops_everything_it_started(tmp_path: Path) ->
         assert progress[0].startswith("nats-server ready at") and any(f"{name}:1 ready on" in p for p in progress)
         assert "1 of 1 model version(s) ready" in line, line
         url = line.split()[4].rstrip(";")
-        from broker import MeshClient, Registry
+        from broker import Registry
+        from servemesh import MeshClient
 
         async with await MeshClient.connect(url) as client:
             x = np.array([[3.0, 4.0]], np.float32)

@@ -13,19 +13,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 
-from broker import MeshClient, NatsServer
+from broker import NatsServer
 from examples.build_models import build_identity_onnx
 from schemas.errors import BadInput, MeshError
+from servemesh import MeshClient
 from tests.conftest import serving, set_config, unique, wait_for
 from tests.integration.secure_mesh import free_ports
 
 
 async def servemesh(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "servemesh", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -135,7 +137,7 @@ async def test_up_stopped_while_starting_leaves_nothing_behind(ident: tuple[Path
     (port,) = free_ports(1)
     temps_before = set(Path("/tmp").glob("servemesh-nats-*"))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "up", "--models", str(repo), "--port", str(port),
+        sys.executable, "-m", "servemesh", "up", "--models", str(repo), "--port", str(port),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -156,7 +158,7 @@ async def test_up_serves_what_loads_and_names_what_does_not(ident: tuple[Path, s
     (repo / "corrupt" / "1" / "model.onnx").write_bytes(b"not a model at all")
     (port,) = free_ports(1)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "up", "--models", str(repo), "--port", str(port),
+        sys.executable, "-m", "servemesh", "up", "--models", str(repo), "--port", str(port),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -296,7 +298,7 @@ async def test_results_into_a_closed_pipe(nats_server: NatsServer, ident: tuple[
     async with serving(nats_server.url, repo, [name]):
         job = await client.submit_job(name, [{"input": np.full((1, 4), i, np.float32)} for i in range(300)])
         await job.wait()
-        reader = f"{sys.executable} -m router jobs results {job.id} --nats {nats_server.url} | head -n 2"
+        reader = f"{sys.executable} -m servemesh jobs results {job.id} --nats {nats_server.url} | head -n 2"
         proc = await asyncio.create_subprocess_shell(reader, stdout=asyncio.subprocess.PIPE,
                                                      stderr=asyncio.subprocess.PIPE)  # fmt: skip
         out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -417,15 +419,29 @@ async def test_flags_after_the_subcommand_and_help_text(nats_server: NatsServer)
     assert "models_command" not in err
 
 
-async def test_metrics_and_health_bind_loopback_unless_widened() -> None:
-    from broker.endpoint import HttpEndpoint
-    from router.cli import _parser
-
-    default = await HttpEndpoint(0, lambda: b"", lambda: True).start()
-    wide = await HttpEndpoint(0, lambda: b"", lambda: True, host="0.0.0.0").start()
+def _answers(host: str, port: int) -> bool:
     try:
-        assert default._server is not None and default._server.sockets[0].getsockname()[0] == "127.0.0.1"
-        assert wide._server is not None and wide._server.sockets[0].getsockname()[0] == "0.0.0.0"
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+async def test_metrics_and_health_bind_loopback_unless_widened() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from servemesh.cli import _parser
+    from telemetry.endpoint import HttpEndpoint
+
+    default = await HttpEndpoint(0, CollectorRegistry(), lambda: True).start()
+    wide = await HttpEndpoint(0, CollectorRegistry(), lambda: True, host="0.0.0.0").start()
+    try:
+        assert default.host == "127.0.0.1" and default.port > 0
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{default.port}/health/live") as answer:
+            assert answer.status == 200
+        # 127.0.0.2 is another address of the loopback interface: it reaches what is bound to every
+        # address, not what is bound to 127.0.0.1 alone.
+        assert _answers("127.0.0.2", wide.port) and not _answers("127.0.0.2", default.port)
     finally:
         await default.close()
         await wide.close()
@@ -436,7 +452,7 @@ async def test_metrics_and_health_bind_loopback_unless_widened() -> None:
 async def test_top_once_piped_keeps_its_headers_and_drops_a_stopped_shadow(
     nats_server: NatsServer, ident: tuple[Path, str]
 ) -> None:
-    from router.top import _shadow_table
+    from servemesh.commands.top import _shadow_table
 
     repo, name = ident
     async with serving(nats_server.url, repo, [name]):

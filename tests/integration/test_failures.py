@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision
+from broker import Connection, NatsServer, Registry, Settings, provision
 from examples.build_models import build_identity_onnx, build_slow_onnx
-from router.local import spawn_worker, wait_workers_ready
 from schemas.errors import DeadlineExceeded, Overloaded
 from schemas.subjects import STREAM_INFER
+from servemesh import MeshClient
+from servemesh.local import spawn_worker, wait_workers_ready
 from tests.conftest import set_config, unique
 from workers.repository import read_model
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from nats.aio.msg import Msg
 
-from broker import Connection, MeshClient, NatsServer, Settings
+from broker import Connection, NatsServer, Settings
 from examples.build_models import build_identity_onnx
 from schemas.envelope import decode_reply, encode_request, encode_request_bundle
 from schemas.errors import BadInput, Forbidden, MeshError
@@ -29,6 +29,7 @@ from schemas.subjects import (
     infer_subject,
     job_subject,
 )
+from servemesh import MeshClient
 from tests.conftest import serving, unique, wait_for
 from tests.hostile import RawPublisher, header_block
 from workers.worker import Worker

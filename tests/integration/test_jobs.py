@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from broker import Connection, MeshClient, NatsServer, Registry, Settings, provision
+from broker import Connection, NatsServer, Registry, Settings, provision
 from examples.build_models import build_identity_onnx, build_slow_onnx
-from router.local import spawn_worker, wait_workers_ready
 from schemas.errors import BadInput
+from servemesh import MeshClient
+from servemesh.local import spawn_worker, wait_workers_ready
 from tests.conftest import serving, set_config, unique
 
 
@@ -154,7 +155,7 @@ async def test_jobs_command_line_submit_follow_and_write_results(nats_server: Na
 
     async def servemesh(*args: str) -> dict:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "router", "jobs", *args, "--json", "--nats", nats_server.url,
+            sys.executable, "-m", "servemesh", "jobs", *args, "--json", "--nats", nats_server.url,
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, _ = await asyncio.wait_for(proc.communicate(), 60)

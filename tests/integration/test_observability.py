@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker import MeshClient
 from examples.build_models import build_identity_onnx
 from schemas.errors import BadInput
+from servemesh import MeshClient
 from telemetry.logs import JsonFormatter
 from tests.conftest import unique
 from tests.integration.cluster import Cluster, eventually
@@ -49,7 +49,7 @@ def _sample(text: str, name: str, **labels: str) -> float | None:
 
 async def _check(kind: str, port: int) -> int:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", kind, "--check", "--http-port", str(port), stdout=asyncio.subprocess.DEVNULL
+        sys.executable, "-m", "servemesh", kind, "--check", "--http-port", str(port), stdout=asyncio.subprocess.DEVNULL
     )
     return await asyncio.wait_for(proc.wait(), 30)
 
@@ -110,7 +110,7 @@ async def _ready_code(port: int, code: int) -> bool:
 
 def test_check_fails_when_nothing_answers() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "router", "worker", "--check", "--http-port", str(_free_port())], capture_output=True
+        [sys.executable, "-m", "servemesh", "worker", "--check", "--http-port", str(_free_port())], capture_output=True
     )
     assert result.returncode == 1
 

@@ -9,7 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from broker import MeshClient, NatsServer
+from broker import NatsServer
+from servemesh import MeshClient
 from tests.conftest import serving
 
 

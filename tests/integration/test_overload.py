@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from broker import MeshClient, NatsServer
+from broker import NatsServer
 from examples.build_models import build_identity_onnx
 from schemas.errors import DeadlineExceeded, MeshError, Overloaded
+from servemesh import MeshClient
 from tests.conftest import serving, set_config, unique
 
 BATCH, BATCH_S = 4, 0.02  # 200 requests/s

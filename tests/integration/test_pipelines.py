@@ -14,10 +14,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from broker import MeshClient, NatsServer
+from broker import NatsServer
 from examples.build_models import build_iris_onnx
 from schemas.errors import BadInput, DeadlineExceeded
 from schemas.subjects import STREAM_INFER, consumer_name
+from servemesh import MeshClient
 from tests.conftest import serving, unique
 
 
@@ -91,7 +92,7 @@ async def test_named_pipeline_is_called_like_a_model(
     name = unique("pipe")
     async with serving(nats_server.url, repo, [prep, clf]):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "router", "pipelines", "add", name, prep, clf, "--json", "--nats", nats_server.url,
+            sys.executable, "-m", "servemesh", "pipelines", "add", name, prep, clf, "--json", "--nats", nats_server.url,
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, _ = await proc.communicate()

@@ -11,16 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from broker import Connection, MeshClient, NatsServer, Settings
+from broker import Connection, NatsServer, Settings
 from examples.build_models import build_identity_onnx
 from schemas.subjects import STREAM_INFER
+from servemesh import MeshClient
 from tests.conftest import unique
 from workers.worker import Worker
 
 
 async def _servemesh(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "servemesh", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -12,16 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from broker import Connection, MeshClient, NatsServer, Settings
+from broker import Connection, NatsServer, Settings
 from examples.build_models import build_identity_onnx
 from router.service import Router
+from servemesh import MeshClient
 from tests.conftest import unique, wait_for
 from workers.worker import Worker
 
 
 async def _models_show(url: str, name: str) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "models", "show", name, "--json", "--nats", url,
+        sys.executable, "-m", "servemesh", "models", "show", name, "--json", "--nats", url,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from examples.build_models import build_repository
-from router.local import LocalMesh
+from servemesh.local import LocalMesh
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"

@@ -10,12 +10,13 @@ import nats
 import numpy as np
 import pytest
 
-from broker import Connection, MeshClient, NatsServer, Settings, ensure_consumer, provision
+from broker import Connection, NatsServer, Settings, ensure_consumer, provision
 from broker.provision import max_deliveries
 from examples.build_models import build_identity_onnx
 from schemas.envelope import decode_reply, encode_request
 from schemas.errors import ModelFailure
 from schemas.subjects import HDR_DEADLINE, HDR_MSG_ID, HDR_REPLY, STREAM_INFER, consumer_name, infer_subject
+from servemesh import MeshClient
 from tests.conftest import serving, set_config, unique
 
 

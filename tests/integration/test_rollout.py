@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from broker import MeshClient, NatsServer
+from broker import NatsServer
+from servemesh import MeshClient
 from tests.conftest import serving, unique
 from tests.integration.cluster import Cluster, eventually
 from tests.integration.test_pipelines import build_scale
@@ -31,7 +32,7 @@ def build_versions(repo: Path, name: str, factors: dict[str, float]) -> Path:
 
 async def _routes(url: str, *args: str) -> dict:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "routes", *args, "--json", "--nats", url, stdout=asyncio.subprocess.PIPE
+        sys.executable, "-m", "servemesh", "routes", *args, "--json", "--nats", url, stdout=asyncio.subprocess.PIPE
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from broker import MeshClient
 from examples.build_models import build_identity_onnx, build_slow_onnx
+from servemesh import MeshClient
 from tests.conftest import set_config, unique
 from tests.integration.cluster import Cluster, eventually
 from workers.repository import read_model
@@ -21,7 +21,8 @@ from workers.repository import read_model
 
 async def _cli(*args: str) -> dict:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", *args, "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        sys.executable, "-m", "servemesh", *args, "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
@@ -86,7 +87,7 @@ async def test_registered_model_is_placed_served_and_shown(cluster: Cluster, tmp
     listed = await _cli("models", "list", "--nats", cluster.server.url)
     assert any(m["name"] == name and m["ready"] == {"1": 2} for m in listed)
     top = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "top", "--once", "--nats", cluster.server.url,
+        sys.executable, "-m", "servemesh", "top", "--once", "--nats", cluster.server.url,
         stdout=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
     frame = (await asyncio.wait_for(top.communicate(), 60))[0].decode()

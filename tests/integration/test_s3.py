@@ -14,10 +14,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from broker import MeshClient, NatsServer
+from broker import NatsServer
 from examples.build_models import build_identity_onnx, build_iris_onnx
 from schemas.errors import ModelFailure, NoCapacity
 from schemas.spec import VersionSpec
+from servemesh import MeshClient
 from tests.conftest import serving, unique
 from tests.integration.cluster import Cluster, eventually
 from tests.integration.s3server import WeedServer
@@ -57,7 +58,7 @@ async def test_model_from_s3_is_registered_placed_and_served(s3: WeedServer, clu
     _upload(s3, bucket, tmp_path / "repo", prefix)
     env = {"SERVEMESH_S3_ENDPOINT_URL": s3.endpoint, "SERVEMESH_CACHE_DIR": str(tmp_path / "cache")}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "models", "add-repo", f"s3://{bucket}/{prefix}", "--json",
+        sys.executable, "-m", "servemesh", "models", "add-repo", f"s3://{bucket}/{prefix}", "--json",
         "--nats", cluster.server.url, env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, _ = await proc.communicate()
@@ -206,7 +207,7 @@ async def test_job_reads_its_items_from_s3_and_writes_results_there(
     env = {**os.environ, "SERVEMESH_S3_ENDPOINT_URL": s3.endpoint}
     async with serving(nats_server.url, tmp_path / "repo", [name]):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "router", "jobs", "submit", name, "--input", f"s3://{BUCKET}/{prefix}/items.npy",
+            sys.executable, "-m", "servemesh", "jobs", "submit", name, "--input", f"s3://{BUCKET}/{prefix}/items.npy",
             "--output", f"s3://{BUCKET}/{prefix}/out.npz", "--json", "--nats", nats_server.url,
             env=env, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker import MeshClient, NatsServer
+from broker import NatsServer
 from examples.build_models import build_slow_onnx
 from schemas.errors import DeadlineExceeded
+from servemesh import MeshClient
 from tests.conftest import serving, unique
 
 

@@ -25,8 +25,8 @@ import pytest
 from nats.js.errors import KeyNotFoundError
 from pydantic import SecretStr
 
-from broker import Connection, MeshClient, Registry, Settings, ensure_consumer, provision
-from broker.shadow import shadow_events
+from broker import Connection, Registry, Settings, ensure_consumer, provision
+from router.shadow import shadow_events
 from schemas.envelope import encode_request
 from schemas.errors import DeadlineExceeded, Forbidden, MeshUnavailable
 from schemas.subjects import (
@@ -48,6 +48,7 @@ from schemas.subjects import (
     job_subject,
     requeue_subject,
 )
+from servemesh import MeshClient
 from tests.conftest import unique, wait_for
 from tests.integration.secure_mesh import (
     BUCKETS,

@@ -15,10 +15,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from broker import Connection, MeshClient, NatsServer, Settings
-from broker.shadow import shadow_events
+from broker import Connection, NatsServer, Settings
 from examples.build_models import build_identity_onnx
+from router.shadow import shadow_events
 from schemas.shadow import ShadowEvent
+from servemesh import MeshClient
 from tests.conftest import serving, unique
 from tests.integration.cluster import Cluster, eventually
 from tests.integration.test_observability import _free_port, _sample
@@ -63,7 +64,7 @@ async def test_shadow_compares_every_mirror_and_reports_agreement(cluster: Clust
     assert _sample(metrics, "servemesh_shadow_agreement_ratio", **labels) == 25 / 40
     assert _sample(metrics, "servemesh_shadow_latency_seconds_count", **labels, side="shadow") == 40
     top = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "top", "--once", "--nats", url,
+        sys.executable, "-m", "servemesh", "top", "--once", "--nats", url,
         stdout=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": "220"},
     )  # fmt: skip
     frame = (await asyncio.wait_for(top.communicate(), 60))[0].decode()

@@ -15,7 +15,7 @@ import nats.errors
 import pytest
 from nats.aio.msg import Msg
 
-from broker import Connection, MeshClient, Registry
+from broker import Connection, Registry
 from schemas.envelope import Claim, decode_reply, encode_claim, encode_request
 from schemas.errors import Forbidden, MeshError
 from schemas.spec import ModelSpec
@@ -35,6 +35,7 @@ from schemas.subjects import (
     job_subject,
     requeue_subject,
 )
+from servemesh import MeshClient
 from tests.conftest import unique, wait_for
 from tests.integration.secure_mesh import Mesh, connected, ones, queued, register, serving, subject_of, violation
 

@@ -19,9 +19,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind
 
-from broker import MeshClient, NatsServer
+from broker import NatsServer
 from examples.build_models import build_identity_onnx
 from schemas.errors import BadInput
+from servemesh import MeshClient
 from telemetry import tracing
 from tests.conftest import serving, unique
 from tests.otlp_receiver import receiving
@@ -185,7 +186,7 @@ async def test_processes_configured_by_the_otel_variables_export_one_trace(
     import sys
 
     from broker import Connection, Registry, Settings
-    from router.local import spawn_worker, wait_workers_ready
+    from servemesh.local import spawn_worker, wait_workers_ready
     from tests.integration.cluster import eventually
     from tests.integration.test_observability import _free_port, _get, _sample
 
@@ -206,7 +207,7 @@ async def test_processes_configured_by_the_otel_variables_export_one_trace(
                 await conn.close()
             args = ["infer", name, "--input", f"input={tmp_path / 'x.npy'}", "--nats", nats_server.url]
             cli = subprocess.run(
-                [sys.executable, "-m", "router", *args], env={**os.environ, **env}, capture_output=True, timeout=60
+                [sys.executable, "-m", "servemesh", *args], env={**os.environ, **env}, capture_output=True, timeout=60
             )
             assert cli.returncode == 0, cli.stderr.decode()
 

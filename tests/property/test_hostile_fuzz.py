@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from nats.aio.msg import Msg
 
-from broker import Connection, MeshClient, NatsServer, Settings
+from broker import Connection, NatsServer, Settings
 from examples.build_models import build_identity_onnx
 from schemas.envelope import decode_reply, encode_request, encode_request_bundle
 from schemas.errors import MeshError
@@ -47,6 +47,7 @@ from schemas.subjects import (
     job_subject,
     requeue_subject,
 )
+from servemesh import MeshClient
 from tests.conftest import serving, unique, wait_for
 from tests.hostile import RawPublisher, header_block
 from tests.property.test_worker import Mesh

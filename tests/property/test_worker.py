@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from nats.aio.msg import Msg
 
-from broker import Connection, MeshClient, NatsServer, Settings
+from broker import Connection, NatsServer, Settings
 from broker.claims import Claims
 from examples.build_models import build_fixed_shape_onnx, build_identity_onnx, build_mlp_onnx
 from schemas.envelope import Claim, claim_of, decode_reply, decode_request, encode_claim, encode_request
@@ -43,6 +43,7 @@ from schemas.subjects import (
     consumer_name,
     infer_subject,
 )
+from servemesh import MeshClient
 from tests.conftest import serving, unique, wait_for
 from tests.property.strategies import any_msgpack, numeric_arrays, object_arrays, request_bodies, tensor_maps
 from workers.signature import Signature

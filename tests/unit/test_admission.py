@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from broker.admission import HEADROOM, Admission
 from schemas.envelope import Timing
 from schemas.errors import Overloaded
+from servemesh.admission import HEADROOM, Admission
 
 SUBJECT = "mesh.infer.m.1.normal"
 

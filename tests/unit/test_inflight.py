@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from nats.aio.msg import Msg
 
-from broker.inflight import InFlight
 from schemas.errors import DeadlineExceeded
 from schemas.subjects import HDR_MSG_ID
+from servemesh.inflight import InFlight
 
 SUBJECT = "mesh.infer.m.1.normal"
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from broker.routes import choose, effective_weights
+from servemesh.routes import choose, effective_weights
 
 
 def test_weights_apply_as_set_when_every_version_is_ready() -> None:
@@ -31,7 +31,7 @@ def test_choose_follows_the_weights() -> None:
 
 
 def test_without_a_route_a_new_default_waits_for_its_replicas() -> None:
-    from broker.routes import default_weights
+    from servemesh.routes import default_weights
 
     assert default_weights("2", ["1", "2"], {"1": 1, "2": 0}) == {"1": 1.0}
     assert default_weights("2", ["1", "2"], {"1": 1, "2": 1}) == {"2": 1.0}

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 from nats.aio.msg import Msg
 
-from broker.delivery import Delivery, settle_all
 from schemas.envelope import encode_request, encode_request_bundle
 from schemas.subjects import HDR_BUNDLE, HDR_MSG_ID
+from workers.delivery import Delivery, settle_all
 
 SUBJECT = "mesh.infer.m.1.normal"
 

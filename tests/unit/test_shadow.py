@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from broker.shadow import ShadowBook, compare, verdict
 from router.shadow import ShadowTally
 from schemas.envelope import Reply, Timing, encode_error, encode_outputs
 from schemas.errors import BadInput, DeadlineExceeded
 from schemas.shadow import ShadowConfig, ShadowEvent, decode_event, encode_event
+from servemesh.shadowing import ShadowBook, compare, verdict
 
 CONFIG = ShadowConfig(version="2", percent=100)
 

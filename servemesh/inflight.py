@@ -17,8 +17,9 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from broker.connection import OUT_OF_STORAGE, Connection, pub_ack_error
+from broker.loop import TaskSet
 from schemas.errors import DeadlineExceeded, MeshError, MeshUnavailable
-from schemas.subjects import HDR_MSG_ID
+from schemas.subjects import HDR_MSG_ID, ReplyKind, inbox_subject
 
 __all__ = ["InFlight", "Pending"]
 
@@ -68,7 +69,7 @@ class InFlight:
         # Bundles published (one stream message, one acknowledgement): their requests, and how many are open.
         self._bundles: dict[str, tuple[list[str], list[int]]] = {}
         self._again = itertools.count()
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = TaskSet()
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_at = math.inf
@@ -226,15 +227,13 @@ class InFlight:
 
     async def _publish(self, request_id: str, pending: Pending, headers: dict[str, str] | None = None) -> None:
         try:
-            ack_to, headers = f"{self._inbox}.a.{request_id}", headers or pending.headers
+            ack_to, headers = inbox_subject(self._inbox, ReplyKind.ACK, request_id), headers or pending.headers
             await self._conn.nc.publish(pending.subject, pending.payload, reply=ack_to, headers=headers)
         except Exception as exc:  # disconnected: the next attempt, or the reconnect, publishes it
             log.debug("could not publish %s again: %s", request_id, exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(coro)
 
     async def after_reconnect(self) -> None:
         self._spawn(self._recover())

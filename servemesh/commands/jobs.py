@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from broker.client import MeshClient
-from broker.jobs import Job, JobStatus
-from broker.objects import is_s3, upload
 from broker.settings import Settings
-from router.cli_support import CliError, Parser, command_group
+from servemesh.client import MeshClient
+from servemesh.commands.support import CliError, Parser, command_group
+from servemesh.jobs import Job, JobStatus
+from servemesh.objects import is_s3, upload
 
 __all__ = ["add_parsers", "run"]
 

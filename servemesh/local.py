@@ -31,12 +31,12 @@ log = logging.getLogger(__name__)
 
 
 def _spawn(args: list[str], log_path: Path | None, extra_env: dict[str, str] | None) -> subprocess.Popen[bytes]:
-    """``python -m router ARGS`` as a child in its own process group (signals stay ours to send)."""
+    """``python -m servemesh ARGS`` as a child in its own process group (signals stay ours to send)."""
     env = {**os.environ, **(extra_env or {})}
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "router", *args], stdout=out, stderr=subprocess.STDOUT, env=env,
+            [sys.executable, "-m", "servemesh", *args], stdout=out, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,
         )  # fmt: skip
     finally:

@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from broker.client import MeshClient
 from broker.settings import Settings
 from schemas.envelope import Reply
+from servemesh.client import MeshClient
 
 __all__ = ["SyncMeshClient"]
 

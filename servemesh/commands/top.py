@@ -16,7 +16,7 @@ from broker.connection import Connection
 from broker.registry import Registry
 from broker.settings import Settings
 from broker.storage import latest_report
-from router.cli_support import require_provisioned
+from servemesh.commands.support import require_provisioned
 
 __all__ = ["render", "run_top"]
 

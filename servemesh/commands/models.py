@@ -10,9 +10,9 @@ from typing import Any
 
 from broker.registry import Registry
 from broker.storage import latest_report
-from router.cli_support import CliError, Parser, UsageError, command_group, kv_pairs, on_registry, priorities
 from schemas.spec import ModelSpec, VersionSpec
 from schemas.subjects import PRIORITIES, check_name
+from servemesh.commands.support import CliError, Parser, UsageError, command_group, kv_pairs, on_registry, priorities
 from workers.repository import ModelConfigError, read_model, read_repository
 from workers.s3_repository import read_s3_model, read_s3_repository
 from workers.store import ArtifactStore, StoreSettings

@@ -9,9 +9,9 @@ import logging
 from collections.abc import Callable
 
 from broker.connection import Connection, translate_error
-from broker.inflight import InFlight
 from schemas.envelope import encode_request_bundle
-from schemas.subjects import HDR_BUNDLE, MAX_BUNDLE, bundle_limit, parse_infer_subject
+from schemas.subjects import HDR_BUNDLE, MAX_BUNDLE, ReplyKind, bundle_limit, inbox_subject, parse_infer_subject
+from servemesh.inflight import InFlight
 
 __all__ = ["Outbox"]
 
@@ -27,7 +27,7 @@ Waiting = tuple[str, bytes, dict[str, str]]  # request id, payload, headers
 
 class Outbox:
     """``max_batch`` tells a model's largest batch, if known: a bundle is never larger, so that a
-    worker's pull credit (``broker/feed.py``), counted in batches, is not overrun by bundles."""
+    worker's pull credit (``workers/feed.py``), counted in batches, is not overrun by bundles."""
 
     def __init__(
         self,
@@ -110,7 +110,8 @@ class Outbox:
     async def _publish_one(self, subject: str, one: Waiting) -> None:
         request_id, payload, headers = one
         try:
-            await self._conn.nc.publish(subject, payload, reply=f"{self._inbox}.a.{request_id}", headers=headers)
+            reply = inbox_subject(self._inbox, ReplyKind.ACK, request_id)
+            await self._conn.nc.publish(subject, payload, reply=reply, headers=headers)
         except Exception as exc:
             self._pending.reject(request_id, translate_error(exc, f"queue request on {subject}"))
 
@@ -120,7 +121,7 @@ class Outbox:
         self._pending.bundle(key, ids)
         payload = encode_request_bundle([(headers, payload) for _, payload, headers in chunk])
         try:
-            reply = f"{self._inbox}.a.{key}"
+            reply = inbox_subject(self._inbox, ReplyKind.ACK, key)
             await self._conn.nc.publish(subject, payload, reply=reply, headers={HDR_BUNDLE: str(len(chunk))})
         except Exception as exc:
             error = translate_error(exc, f"queue request on {subject}")

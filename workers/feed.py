@@ -1,4 +1,5 @@
-"""PullFeed: a continuous, credit-bounded pull from one durable consumer.
+"""How a model server gets its requests: a :class:`Feed` per priority, opened by a :class:`FeedSource`.
+On JetStream, :class:`PullFeed`: a continuous, credit-bounded pull from one durable consumer.
 
 The feed keeps about ``window`` requests either asked for or held (received, not yet released
 by the worker), so a busy replica leaves the rest of the queue to its peers. A message may be a
@@ -15,16 +16,21 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from broker.connection import Connection
-from broker.delivery import Delivery, settle_failed
+from broker.loop import TaskSet
+from broker.provision import ensure_consumer
 from schemas.errors import BadInput, MeshError
-from schemas.subjects import MAX_BUNDLE
+from schemas.spec import ModelSpec
+from schemas.subjects import MAX_BUNDLE, STREAM_INFER, bundle_limit
+from workers.delivery import Delivery, settle_failed
 
-__all__ = ["PullFeed"]
+__all__ = ["Feed", "FeedHandlers", "FeedSource", "JetStreamFeeds", "PullFeed", "feed_handlers"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,77 @@ _CONSUMER_GONE = frozenset({"404", "409", "503"})
 # Requests of an oversized bundle told why it was refused, at most.
 _MAX_REFUSALS = 256
 _SMOOTHING = 0.1  # weight of the latest message in the running mean of requests per message
+
+
+class Feed(Protocol):
+    """Requests of one model version and priority, handed to ``FeedHandlers.on_delivery`` one at a
+    time, at most ``window`` held at once: each delivery's settling releases its credit."""
+
+    priority: str
+    upstream: int  # requests left upstream, as the latest delivery told
+    per_message: float  # requests per message delivered lately (bundles carry several)
+    released_at: float  # monotonic time a delivery was last settled
+
+    async def release(self, count: int = 1) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class FeedHandlers:
+    """What a model server gives each of its feeds."""
+
+    on_delivery: Callable[[Delivery], Awaitable[None]]
+    on_error: Callable[[Delivery, MeshError], Awaitable[None]]  # answers a delivery that failed
+    on_gone: Callable[[Feed], None]  # told when the feed's source no longer exists
+    window: int
+    bundle_limit: int
+
+
+class FeedSource(Protocol):
+    """Where a model server's feeds come from (JetStream, or a test's own)."""
+
+    async def open(self, spec: ModelSpec, version: str, priority: str, handlers: FeedHandlers) -> Feed:
+        """A started feed."""
+        ...
+
+    async def remake(self, spec: ModelSpec, version: str, priority: str) -> None:
+        """Make what the feed reads from again (told ``on_gone``); its feed finds it by itself."""
+        ...
+
+
+class JetStreamFeeds:
+    """Feeds on the inference stream: a durable pull consumer per model version and priority."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    async def open(self, spec: ModelSpec, version: str, priority: str, handlers: FeedHandlers) -> Feed:
+        name = await self._consumer(spec, version, priority)
+        feed = PullFeed(
+            self._conn, STREAM_INFER, name, priority, handlers.on_delivery, handlers.window,
+            on_error=handlers.on_error, bundle_limit=handlers.bundle_limit, on_gone=handlers.on_gone,
+        )  # fmt: skip
+        await feed.start()
+        return feed
+
+    async def remake(self, spec: ModelSpec, version: str, priority: str) -> None:
+        await asyncio.wait_for(self._consumer(spec, version, priority), 5.0)
+
+    async def _consumer(self, spec: ModelSpec, version: str, priority: str) -> str:
+        return await ensure_consumer(self._conn.js, spec.name, version, priority, ack_wait_s=spec.ack_wait_s,
+                                     max_attempts=spec.max_attempts)  # fmt: skip
+
+
+def feed_handlers(
+    spec: ModelSpec,
+    on_delivery: Callable[[Delivery], Awaitable[None]],
+    on_error: Callable[[Delivery, MeshError], Awaitable[None]],
+    on_gone: Callable[[Feed], None],
+) -> FeedHandlers:
+    # Room for the batch being computed and the next one forming, and no more.
+    window = 2 * max(1, spec.max_batch_size)
+    return FeedHandlers(on_delivery, on_error, on_gone, window, bundle_limit(spec.max_batch_size))
 
 
 class PullFeed:
@@ -50,7 +127,7 @@ class PullFeed:
         *,
         on_error: Callable[[Delivery, MeshError], Awaitable[None]] | None = None,
         bundle_limit: int = MAX_BUNDLE,
-        on_gone: Callable[[PullFeed], None] | None = None,
+        on_gone: Callable[[Feed], None] | None = None,
     ) -> None:
         self._conn = conn
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
@@ -76,7 +153,7 @@ class PullFeed:
         # Requests per message delivered lately (bundles carry several). It starts at the largest a
         # bundle may be (half the window: a batch), so that a first pull cannot overrun the window.
         self._per_message = max(1.0, self.window / 2)
-        self._requeues: set[asyncio.Task[bool]] = set()
+        self._requeues = TaskSet()
         # The same mean for reports (the router turns lag in messages into requests with it): from 1.
         self.per_message = 1.0
 
@@ -171,9 +248,7 @@ class PullFeed:
         """A stream message carrying several requests: each is handed on alone. Redelivered, it is
         split into lone requests queued again, so that each is charged its own attempts."""
         if delivery.num_delivered > 1:
-            task = asyncio.create_task(delivery.requeue(self._conn.js), name=f"requeue-{self.consumer}")
-            self._requeues.add(task)
-            task.add_done_callback(self._requeues.discard)
+            self._requeues.spawn(delivery.requeue(self._conn.js), name=f"requeue-{self.consumer}")
             await self._pull()
             return
         try:
@@ -236,6 +311,5 @@ class PullFeed:
                 await self._sub.drain()  # type: ignore[no-untyped-call]
             except Exception as exc:  # connection lost meanwhile: the server forgets the pulls anyway
                 log.info("draining feed %s: %s", self.consumer, exc)
-        if self._requeues:  # a redelivered bundle being queued again as lone requests: let it finish
-            await asyncio.gather(*self._requeues, return_exceptions=True)
+        await self._requeues.join()  # a redelivered bundle being queued again as lone requests: let it finish
         self.outstanding = 0

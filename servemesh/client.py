@@ -3,8 +3,8 @@
 Every in-flight request shares one reply subscription (``<inbox>.<request id>``); the
 publish is acked by the stream, so a caller learns at once whether the request is queued
 or rejected (full queue → Overloaded). Replies are matched by id; duplicates are ignored.
-Names are resolved by ``broker/resolver.py``, requests tracked by ``broker/inflight.py``, and
-shadow copies handled by ``broker/shadow.py``.
+Names are resolved by ``servemesh/resolver.py``, requests tracked by ``servemesh/inflight.py``, and
+shadow copies handled by ``servemesh/shadowing.py``.
 """
 
 from __future__ import annotations
@@ -21,16 +21,9 @@ import numpy as np
 from nats.aio.msg import Msg
 from nats.nuid import NUID
 
-from broker.admission import Admission
 from broker.claims import Claims
 from broker.connection import Connection, pub_ack_error, translate_error
-from broker.inflight import InFlight
-from broker.jobs import Job, checked_items, start_job
-from broker.outbox import Outbox
-from broker.resolver import Resolver
-from broker.results import Results
 from broker.settings import Settings
-from broker.shadow import Shadowing
 from broker.storage import StorageNews, StorageReport
 from schemas.envelope import Reply, claim_of, decode_bundle, decode_reply, encode_request
 from schemas.errors import BadInput, DeadlineExceeded, Forbidden, MeshError, MeshUnavailable
@@ -45,9 +38,18 @@ from schemas.subjects import (
     HDR_ROUTE,
     PRIORITIES,
     STREAM_INFER,
+    ReplyKind,
     check_name,
+    inbox_subject,
     parse_infer_subject,
 )
+from servemesh.admission import Admission
+from servemesh.inflight import InFlight
+from servemesh.jobs import Job, checked_items, start_job
+from servemesh.outbox import Outbox
+from servemesh.resolver import Resolver
+from servemesh.results import Results
+from servemesh.shadowing import Shadowing
 from telemetry import tracing
 
 __all__ = ["MeshClient"]
@@ -126,16 +128,12 @@ class MeshClient:
         if self._deaf is not None:
             raise self._deaf
         request_id = self._new_id()
-        reply_to = f"{self._inbox}.r.{request_id}"
+        reply_to = inbox_subject(self._inbox, ReplyKind.REPLY, request_id)
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            # Usually at once (route cached, no claim check); a task with a timeout only when it must wait.
-            prepared = self._prepare_now(model, inputs, version, priority, timeout, request_id, reply_to)
-            if not isinstance(prepared, tuple):
-                prepared = await asyncio.wait_for(
-                    self._prepare(model, inputs, version, priority, timeout, request_id, reply_to, prepared), timeout
-                )
+            async with asyncio.timeout(timeout):  # a registry read or a claim check may have to wait
+                prepared = await self._prepare(model, inputs, version, priority, timeout, request_id, reply_to)
         except (TimeoutError, MeshError) as exc:
             if self._deaf is not None:  # no answer could reach us: say why
                 raise self._deaf from None
@@ -234,8 +232,7 @@ class MeshClient:
         ``inputs``: an iterable or async iterable of input dicts, or a .npy/.npz file, local or
         ``s3://bucket/key`` (first axis = items).
         """
-        if priority not in PRIORITIES:
-            raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+        _check_priority(priority)
         (subject,) = await self._resolver.route(model, version, priority)  # checks the names first: a 400, not a lookup
         spec = await self._resolver.spec(model)
         job_id = job_id or f"job-{NUID().next().decode()}"
@@ -255,43 +252,25 @@ class MeshClient:
     async def jobs(self) -> dict[str, dict[str, Any]]:
         return await (await self._resolver.registry()).jobs()
 
-    def _prepare_now(
-        self, model: str | Sequence[str], inputs: dict[str, Any], version: str | None, priority: str,
-        timeout: float, request_id: str, reply_to: str,
-    ) -> tuple[str, bytes, dict[str, str]] | bytes | None:  # fmt: skip
-        """:meth:`_prepare` without waiting, when the route is cached and the payload travels in the
-        message itself. Else what :meth:`_prepare` has to wait for: None, a registry read; the encoded
-        payload, a claim check."""
-        if priority not in PRIORITIES:
-            raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
-        route = self._resolver.cached_route(model, version, priority)
-        if route is None:
-            return None
-        self._admit(route[0], timeout)
-        payload = encode_request(inputs)
-        if len(payload) > self._claims.threshold and self._conn.settings.claims:
-            return payload
-        return self._parts(route, payload, timeout, request_id, reply_to)
-
     async def _prepare(
         self, model: str | Sequence[str], inputs: dict[str, Any], version: str | None, priority: str,
-        timeout: float, request_id: str, reply_to: str, payload: bytes | None = None,
+        timeout: float, request_id: str, reply_to: str,
     ) -> tuple[str, bytes, dict[str, str]]:  # fmt: skip
-        """(first subject, payload, headers) of a request, checked before anything is sent (``payload``:
-        the inputs already encoded)."""
-        if priority not in PRIORITIES:
-            raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
-        route = await self._resolver.route(model, version, priority)
+        """(first subject, payload, headers) of a request, checked before anything is sent. Awaits
+        nothing when the route is cached and the payload travels in the message itself."""
+        _check_priority(priority)
+        route = self._resolver.cached_route(model, version, priority)
+        if route is None:
+            route = await self._resolver.route(model, version, priority)
         self._admit(route[0], timeout)
-        if payload is None:
-            payload = encode_request(inputs)
+        payload = encode_request(inputs)
         if len(payload) > self._claims.threshold:
             payload = await self._claims.wrap(payload)  # claim check: through the object store, if on
         return self._parts(route, payload, timeout, request_id, reply_to)
 
     def _admit(self, subject: str, timeout: float) -> None:
         """Raise now for a request that cannot be served: Overloaded (429) when the queue could not serve
-        it in time (broker/admission.py), MeshUnavailable (503) when the stream stores no requests."""
+        it in time (servemesh/admission.py), MeshUnavailable (503) when the stream stores no requests."""
         unstored = self._unstored()
         if unstored is not None:
             raise unstored
@@ -337,7 +316,7 @@ class MeshClient:
 
     async def _on_reply(self, msg: Msg) -> None:
         kind, _, request_id = msg.subject[len(self._inbox) + 1 :].partition(".")
-        if kind == "m":
+        if kind == ReplyKind.BUNDLE:
             try:
                 bundle = decode_bundle(msg.data)
             except MeshError as err:  # its callers time out; nothing else is affected
@@ -346,18 +325,19 @@ class MeshClient:
             for bundled_id, data in bundle:
                 self._pending.resolve(bundled_id, data)
             return
-        if kind == "r":
+        if kind == ReplyKind.REPLY:
             self._pending.resolve(request_id, msg.data)
             return
-        if kind == "s":
+        if kind == ReplyKind.SHADOW_REPLY:
             self._shadowing.reply(request_id, msg.data)
             return
-        if kind == "t":
+        if kind == ReplyKind.SHADOW_ACK:
             error = pub_ack_error(msg)
             if error is not None:
                 self._shadowing.book.shadow_failed(request_id, error)
             return
-        self._pending.on_ack(request_id, msg)
+        if kind == ReplyKind.ACK:
+            self._pending.on_ack(request_id, msg)
 
     async def models(self) -> list[ModelSpec]:
         return await (await self._resolver.registry()).list_specs()
@@ -374,3 +354,8 @@ class MeshClient:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+def _check_priority(priority: str) -> None:
+    if priority not in PRIORITIES:
+        raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")

@@ -8,9 +8,9 @@ import json
 from typing import Any
 
 from broker.registry import Registry
-from router.cli_support import CliError, Parser, UsageError, command_group, on_registry
 from schemas.spec import ModelSpec
 from schemas.subjects import check_name
+from servemesh.commands.support import CliError, Parser, UsageError, command_group, on_registry
 
 __all__ = ["add_parsers", "run"]
 

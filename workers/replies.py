@@ -17,7 +17,6 @@ from collections import defaultdict
 from typing import Any
 
 from broker.connection import Connection, translate_error
-from broker.delivery import Delivery
 from schemas.envelope import encode_bundle
 from schemas.errors import MeshError
 from schemas.subjects import (
@@ -31,6 +30,7 @@ from schemas.subjects import (
     job_result_subject,
 )
 from telemetry import tracing
+from workers.delivery import Delivery
 
 __all__ = ["ReplySender"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from broker.loop import run
 from broker.settings import Settings
-from router.cli_support import CliError, Parser, UsageError, common_flags, guarded, kv_pairs
+from servemesh.commands.support import CliError, Parser, UsageError, common_flags, guarded, kv_pairs
 from telemetry.logs import configure_logging
 
 __all__ = ["main"]
@@ -102,7 +102,7 @@ def _cmd_provision(args: argparse.Namespace) -> int:
 
 def _check(settings: Settings) -> int:
     """``--check``: exit 0 when the process serving this machine's HTTP port says it is ready."""
-    from broker.endpoint import check_ready
+    from telemetry.endpoint import check_ready
 
     if not settings.http_port:
         raise UsageError("--check needs the HTTP endpoint: set SERVEMESH_HTTP_PORT or --http-port")
@@ -137,31 +137,31 @@ def _cmd_router(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from router.model_commands import run as run_models
+    from servemesh.commands.models import run as run_models
 
     return run(run_models(args), "asyncio")
 
 
 def _cmd_pipelines(args: argparse.Namespace) -> int:
-    from router.pipeline_commands import run as run_pipelines
+    from servemesh.commands.pipelines import run as run_pipelines
 
     return run(run_pipelines(args), "asyncio")
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    from router.job_commands import run as run_jobs
+    from servemesh.commands.jobs import run as run_jobs
 
     return run(run_jobs(args), "asyncio")
 
 
 def _cmd_routes(args: argparse.Namespace) -> int:
-    from router.route_commands import run as run_routes
+    from servemesh.commands.routes import run as run_routes
 
     return run(run_routes(args), "asyncio")
 
 
 def _cmd_top(args: argparse.Namespace) -> int:
-    from router.top import run_top
+    from servemesh.commands.top import run_top
 
     with contextlib.suppress(KeyboardInterrupt):
         run(run_top(_settings(args), args.interval, args.once), "asyncio")
@@ -169,7 +169,7 @@ def _cmd_top(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from router.local import LocalMesh
+    from servemesh.local import LocalMesh
 
     models = Path(args.models)
     if not models.is_dir():
@@ -247,7 +247,7 @@ def _timing(reply: Any) -> dict[str, Any]:
 
 
 async def _infer(args: argparse.Namespace, inputs: dict[str, Any]) -> Any:
-    from broker.client import MeshClient
+    from servemesh.client import MeshClient
     from telemetry import tracing
 
     tracing.configure_from_env("servemesh-cli")
@@ -344,7 +344,10 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     top.set_defaults(run=_cmd_top)
 
-    from router import job_commands, model_commands, pipeline_commands, route_commands
+    from servemesh.commands import jobs as job_commands
+    from servemesh.commands import models as model_commands
+    from servemesh.commands import pipelines as pipeline_commands
+    from servemesh.commands import routes as route_commands
 
     for module, name, runner in ((model_commands, "models", _cmd_models), (pipeline_commands, "pipelines",
                                  _cmd_pipelines), (job_commands, "jobs", _cmd_jobs),

@@ -23,7 +23,6 @@ import numpy as np
 from nats.js.api import DeliverPolicy, PubAck
 
 from broker.connection import Connection, translate_error
-from broker.objects import download, is_s3
 from broker.registry import Json, Registry
 from broker.settings import Settings
 from schemas.envelope import Reply, decode_reply, encode_request, encode_request_bundle
@@ -39,6 +38,7 @@ from schemas.subjects import (
     STREAM_JOBS,
     job_subject,
 )
+from servemesh.objects import download, is_s3
 
 __all__ = ["Job", "JobResult", "JobStatus", "checked_items", "start_job"]
 
@@ -179,7 +179,7 @@ async def start_job(
                     "total": None, "submitted": 0, "created": time.time()}  # fmt: skip
     await registry.put_job(job_id, record)
     job = Job(conn, registry, job_id)
-    # Items leave as bundles of up to a batch: one stream message for each (broker/outbox.py).
+    # Items leave as bundles of up to a batch: one stream message for each (servemesh/outbox.py).
     bundle = max(1, min(MAX_BUNDLE, spec.max_batch_size))
     # Items go to the queue's job subject, which only the mesh's own processes may publish to: a
     # worker stores results under a job only for messages from there (docs/security.md).
@@ -214,7 +214,7 @@ class Job:
             raise err from exc
 
     async def _queue_items(self, subject: str, items: AsyncIterator[Inputs], record: Json, bundle: int) -> int:
-        """Queue every item, ``bundle`` items to a stream message (see broker/outbox.py), a bounded
+        """Queue every item, ``bundle`` items to a stream message (see servemesh/outbox.py), a bounded
         number of messages awaiting the stream's acknowledgement."""
         window: collections.deque[tuple[asyncio.Future[PubAck], _Message]] = collections.deque()
         most = max(4, _IN_FLIGHT // bundle)

@@ -12,12 +12,12 @@ from nats.js.errors import BucketNotFoundError
 
 from broker.connection import Connection, translate_error
 from broker.registry import Registry
-from broker.routes import choose, default_weights, effective_weights, ready_counts
-from broker.shadow import shadow_config
 from schemas.errors import BadInput, MeshError, MeshUnavailable, NoCapacity, UnknownModel
 from schemas.shadow import ShadowConfig
 from schemas.spec import ModelSpec
 from schemas.subjects import check_name, infer_subject
+from servemesh.routes import choose, default_weights, effective_weights, ready_counts
+from servemesh.shadowing import shadow_config
 
 __all__ = ["Plan", "Resolver"]
 

@@ -13,10 +13,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from broker.registry import Registry
-from broker.routes import default_weights, ready_counts
-from router.cli_support import CliError, Parser, UsageError, command_group, on_registry
 from schemas.shadow import ShadowConfig
 from schemas.spec import ModelSpec
+from servemesh.commands.support import CliError, Parser, UsageError, command_group, on_registry
+from servemesh.routes import default_weights, ready_counts
 
 __all__ = ["add_parsers", "run"]
 

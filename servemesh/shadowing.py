@@ -11,7 +11,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,22 +20,24 @@ from pydantic import ValidationError
 
 from broker.claims import Claims
 from broker.connection import Connection, translate_error
+from broker.loop import TaskSet
 from schemas.envelope import Reply, claim_of, decode_reply
 from schemas.errors import MeshError
-from schemas.shadow import Outcome, ShadowConfig, ShadowEvent, decode_event, encode_event
+from schemas.shadow import Outcome, ShadowConfig, ShadowEvent, encode_event
 from schemas.subjects import (
     BUCKET_CLAIMS,
     HDR_CLAIM_BUCKET,
     HDR_DEADLINE,
     HDR_MSG_ID,
     HDR_REPLY,
-    SHADOW_PREFIX,
+    ReplyKind,
+    inbox_subject,
     infer_subject,
     parse_infer_subject,
     shadow_subject,
 )
 
-__all__ = ["ShadowBook", "Shadowing", "compare", "shadow_config", "shadow_events", "verdict"]
+__all__ = ["ShadowBook", "Shadowing", "compare", "shadow_config", "verdict"]
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +202,7 @@ class Shadowing:
         # A request that went by claim check is read by both versions: its object goes once the
         # mirror is settled, which is never before the primary's reply (or timeout).
         self._claimed: dict[str, bytes] = {}
-        self._tasks: set[asyncio.Future[None]] = set()
+        self._tasks = TaskSet()
 
     def pick(self, model: str, subject: str, new_id: Callable[[], str]) -> str | None:
         """A request id for a mirror of this request, if the model's route shadows it this time."""
@@ -217,12 +219,14 @@ class Shadowing:
         self.book.open(mirror_id, model, version, config, timeout)
         if claim_of(payload) is not None:
             self._claimed[mirror_id] = payload
-        headers = {HDR_MSG_ID: mirror_id, HDR_REPLY: f"{self._inbox}.s.{mirror_id}", HDR_DEADLINE: deadline}
+        reply_to = inbox_subject(self._inbox, ReplyKind.SHADOW_REPLY, mirror_id)
+        headers = {HDR_MSG_ID: mirror_id, HDR_REPLY: reply_to, HDR_DEADLINE: deadline}
         if self._conn.settings.claim_bucket != BUCKET_CLAIMS:
             headers[HDR_CLAIM_BUCKET] = self._conn.settings.claim_bucket
         try:
-            await self._conn.nc.publish(infer_subject(model, config.version, priority), payload,
-                                        reply=f"{self._inbox}.t.{mirror_id}", headers=headers)  # fmt: skip
+            ack_to = inbox_subject(self._inbox, ReplyKind.SHADOW_ACK, mirror_id)
+            candidate = infer_subject(model, config.version, priority)
+            await self._conn.nc.publish(candidate, payload, reply=ack_to, headers=headers)
         except Exception as exc:  # the caller's own request is queued already; only the mirror fails
             self.book.shadow_failed(mirror_id, translate_error(exc, "queue a shadow request"))
 
@@ -248,9 +252,7 @@ class Shadowing:
         self._spawn(self._conn.nc.publish(shadow_subject(event.model), encode_event(event)))
 
     def _spawn(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(work)
 
     async def close(self, grace_s: float = 2.0) -> None:
         """Let mirrors still in flight finish and report (up to ``grace_s``), then drop the rest."""
@@ -259,22 +261,8 @@ class Shadowing:
         while self.book.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.01)
         self.book.close()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=1.0)
+        await self._tasks.join(timeout=1.0)
 
 
 def _ms_since(start: float) -> float:
     return round((time.monotonic() - start) * 1000.0, 3)
-
-
-async def shadow_events(conn: Connection) -> AsyncIterator[ShadowEvent]:
-    """Every shadow verdict any client reports, as it arrives; malformed reports are skipped."""
-    sub = await conn.nc.subscribe(f"{SHADOW_PREFIX}.*", pending_msgs_limit=-1, pending_bytes_limit=-1)
-    try:
-        async for msg in sub.messages:
-            try:
-                yield decode_event(msg.data)
-            except MeshError as err:
-                log.warning("skipping a shadow report on %s: %s", msg.subject, err.message)
-    finally:
-        await sub.unsubscribe()

@@ -1,0 +1,3 @@
+from servemesh.cli import main
+
+raise SystemExit(main())
