@@ -45,10 +45,14 @@ def _otel_env(sink_url: str, mode: str) -> dict[str, str]:
             "OTEL_TRACES_SAMPLER_ARG": str(RATIOS[mode])}  # fmt: skip
 
 
+def _worker_id(mode: str) -> str:
+    return "w-" + mode.replace("%", "pct")
+
+
 def _spawn_worker(mode: str, url: str, repo: Path, log: Path, sink_url: str) -> subprocess.Popen[bytes]:
     untraced_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env = {**untraced_env, "SERVEMESH_LOOP": "uvloop", **(_otel_env(sink_url, mode) if mode in RATIOS else {})}
-    args = [sys.executable, "-m", "servemesh", "worker", "--models", str(repo), "--id", f"w-{mode}", "--nats", url]
+    args = [sys.executable, "-m", "servemesh", "worker", "--models", str(repo), "--id", _worker_id(mode), "--nats", url]
     with open(log, "ab") as out:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
 
@@ -100,7 +104,7 @@ async def _round(
         pids = {"client": os.getpid(), "nats": server.proc.pid, "worker": proc.pid}
         meter = CpuMeter(pids, main_threads=("client", "worker"))
         conn = await Connection.open(Settings.from_url(url))
-        await wait_workers_ready(await Registry.open(conn), [f"w-{mode}"], 60)
+        await wait_workers_ready(await Registry.open(conn), [_worker_id(mode)], 60)
         await conn.close()
         _client_mode(mode, sink_url)
         rps, cpu_us = await _cell(mode, url, seconds, model, meter)
@@ -114,6 +118,13 @@ async def _round(
 
 async def main(rounds: int, seconds: float, model: str) -> dict[str, list[tuple[float, float]]]:
     sink = Sink()
+    try:
+        return await _rounds(sink, rounds, seconds, model)
+    finally:
+        print(f"the OTLP sink received {sink.stop()}")
+
+
+async def _rounds(sink: Sink, rounds: int, seconds: float, model: str) -> dict[str, list[tuple[float, float]]]:
     results: dict[str, list[tuple[float, float]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="servemesh-trace-") as tmp, NatsServer() as server:
         repo, logs = Path(tmp) / "models", Path(tmp)
@@ -130,7 +141,6 @@ async def main(rounds: int, seconds: float, model: str) -> dict[str, list[tuple[
             # de-duplication window, for one), so a fixed order would favour whichever mode comes first.
             for mode in MODES[i % len(MODES) :] + MODES[: i % len(MODES)]:
                 results[mode].append(await _round(mode, server, repo, logs, sink.url, seconds, model))
-    print(f"the OTLP sink received {sink.stop()}")
     return results
 
 

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -257,6 +258,16 @@ async def _infer(args: argparse.Namespace, inputs: dict[str, Any]) -> Any:
         )
 
 
+# A process id names its key in the registry's buckets: what a JetStream KV key may hold.
+_PROCESS_ID = re.compile(r"[-_=A-Za-z0-9]{1,128}")
+
+
+def _process_id(text: str) -> str:
+    if not _PROCESS_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: use letters, digits, '-', '_' and '=' (at most 128)")
+    return text
+
+
 def _positive(kind: type[int] | type[float]) -> Any:
     def check(text: str) -> int | float:
         try:
@@ -323,13 +334,13 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = command("worker", "serve what the router assigns (or, with --models, a repository as it is)")
     worker.add_argument("--models", help="serve every model of this repository instead of following the router")
-    worker.add_argument("--id", help="stable worker id (default: host-pid)")
+    worker.add_argument("--id", type=_process_id, help="stable worker id (default: host-pid)")
     worker.add_argument("--memory-mb", type=_positive(int), default=4096, help="memory budget for loaded models")
     worker.add_argument("--labels", type=kv_pairs, default={}, help="k=v,... (e.g. tier=fast,zone=a) for placement")
     worker.set_defaults(run=_cmd_worker)
 
     router = command("router", "placement and autoscaling (run 2 or more for high availability: one leads)")
-    router.add_argument("--id", help="router id (default: router-host-pid)")
+    router.add_argument("--id", type=_process_id, help="router id (default: router-host-pid)")
     router.add_argument("--tick", type=_positive(float), default=0.5, help="seconds between placement rounds")
     router.set_defaults(run=_cmd_router)
     for process in (worker, router):
