@@ -132,8 +132,7 @@ class MeshClient:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            async with asyncio.timeout(timeout):  # a registry read or a claim check may have to wait
-                prepared = await self._prepare(model, inputs, version, priority, timeout, request_id, reply_to)
+            prepared = await self._prepare(model, inputs, version, priority, timeout, request_id, reply_to)
         except (TimeoutError, MeshError) as exc:
             if self._deaf is not None:  # no answer could reach us: say why
                 raise self._deaf from None
@@ -211,7 +210,12 @@ class MeshClient:
         """Fire and forget: queue a request whose reply goes to ``reply_to``; returns its request id
         once the stream has it. Read the replies with :meth:`subscribe_results`."""
         request_id = f"{self._id_prefix}{next(self._counter)}"
-        subject, payload, headers = await self._prepare(model, inputs, version, priority, timeout, request_id, reply_to)
+        try:
+            subject, payload, headers = await self._prepare(
+                model, inputs, version, priority, timeout, request_id, reply_to
+            )
+        except TimeoutError:
+            raise DeadlineExceeded(f"{model}: the registry did not answer within {timeout:.3g}s") from None
         self._admission.queued(subject)
         try:
             await self._conn.publish_acked(subject, payload, headers, timeout=min(timeout, 10.0))
@@ -256,16 +260,19 @@ class MeshClient:
         self, model: str | Sequence[str], inputs: dict[str, Any], version: str | None, priority: str,
         timeout: float, request_id: str, reply_to: str,
     ) -> tuple[str, bytes, dict[str, str]]:  # fmt: skip
-        """(first subject, payload, headers) of a request, checked before anything is sent. Awaits
-        nothing when the route is cached and the payload travels in the message itself."""
+        """(first subject, payload, headers) of a request, checked before anything is sent. Waits
+        (each wait bounded by ``timeout``: TimeoutError) only for a registry read when the route is
+        not cached, and for a claim check when the payload is too large for the message itself."""
         _check_priority(priority)
         route = self._resolver.cached_route(model, version, priority)
         if route is None:
-            route = await self._resolver.route(model, version, priority)
+            async with asyncio.timeout(timeout):
+                route = await self._resolver.route(model, version, priority)
         self._admit(route[0], timeout)
         payload = encode_request(inputs)
         if len(payload) > self._claims.threshold:
-            payload = await self._claims.wrap(payload)  # claim check: through the object store, if on
+            async with asyncio.timeout(timeout):
+                payload = await self._claims.wrap(payload)  # claim check: through the object store, if on
         return self._parts(route, payload, timeout, request_id, reply_to)
 
     def _admit(self, subject: str, timeout: float) -> None:
