@@ -17,6 +17,7 @@ __all__ = [
     "BUCKET_ROUTES",
     "BUCKET_STATUS",
     "BUCKET_WORKERS",
+    "CANCEL_PREFIX",
     "HDR_BUNDLE",
     "HDR_CLAIM_BUCKET",
     "HDR_DEADLINE",
@@ -91,6 +92,9 @@ SHADOW_PREFIX: Final = "mesh.shadow"
 # Routers say which of the mesh's streams stopped storing writes (core NATS: it must get through
 # when JetStream does not), and answer requests for it.
 STORAGE_SUBJECT: Final = "mesh.storage"
+# A client cancels requests it gave up on (caller cancelled, HTTP client gone) on
+# ``mesh.cancel.<model>``, the model it sent them to; the payload is their ids, one per line.
+CANCEL_PREFIX: Final = "mesh.cancel"
 
 HDR_MSG_ID: Final = "Nats-Msg-Id"
 HDR_REPLY: Final = "Mesh-Reply"

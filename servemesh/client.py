@@ -23,6 +23,7 @@ from nats.nuid import NUID
 
 from broker.claims import Claims
 from broker.connection import Connection, pub_ack_error, translate_error
+from broker.loop import TaskSet
 from broker.settings import Settings
 from broker.storage import StorageNews, StorageReport
 from schemas.envelope import Reply, claim_of, decode_bundle, decode_reply, encode_request
@@ -30,6 +31,7 @@ from schemas.errors import BadInput, DeadlineExceeded, Forbidden, MeshError, Mes
 from schemas.spec import ModelSpec
 from schemas.subjects import (
     BUCKET_CLAIMS,
+    CANCEL_PREFIX,
     HDR_CLAIM_BUCKET,
     HDR_DEADLINE,
     HDR_MSG_ID,
@@ -69,6 +71,8 @@ class MeshClient:
         # Request ids: a client-unique prefix and a counter (unique across clients for de-duplication).
         self._id_prefix = NUID().next().decode()
         self._counter = itertools.count()
+        self._cancelled: dict[str, list[str]] = {}  # by model: requests cancelled in this turn
+        self._background = TaskSet()
         self._pending = InFlight(conn, self._inbox)
         self._shadowing = Shadowing(conn, self._inbox, self._claims)
         self._resolver = Resolver(conn, self._shadowing.configs)
@@ -165,6 +169,9 @@ class MeshClient:
             if mirror_id is not None:
                 self._shadowing.book.primary_done(mirror_id, reply)
             return reply
+        except asyncio.CancelledError:
+            self._cancel(subject, request_id)
+            raise
         except MeshError as exc:
             error = exc
             raise
@@ -180,6 +187,19 @@ class MeshClient:
             # mirror is settled, for the shadow copy may not have read it yet).
             if mirror_id is None and claim_of(payload) is not None:
                 await self._claims.release(payload)
+
+    def _cancel(self, subject: str, request_id: str) -> None:
+        """The caller cancelled: tell the workers (at the end of this turn, with the turn's other
+        cancellations), so that the request is not computed if it has not been yet."""
+        model = parse_infer_subject(subject)[0]
+        self._cancelled.setdefault(model, []).append(request_id)
+        if len(self._cancelled) == 1 and len(self._cancelled[model]) == 1:
+            asyncio.get_running_loop().call_soon(self._send_cancels)
+
+    def _send_cancels(self) -> None:
+        cancelled, self._cancelled = self._cancelled, {}
+        for model, ids in cancelled.items():
+            self._background.spawn(self._conn.nc.publish(f"{CANCEL_PREFIX}.{model}", "\n".join(ids).encode()))
 
     def _on_denied(self, action: str, subject: str) -> None:
         """The server refused us on permissions: fail at once what waits on it, not at its timeout."""

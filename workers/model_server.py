@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,7 +29,7 @@ from schemas.subjects import PRIORITIES, claims_bucket_of, is_claims_bucket
 from telemetry import tracing
 from workers.attempts import Attempts
 from workers.batcher import BatchQueue
-from workers.delivery import Delivery, settle_failed
+from workers.delivery import Delivery, settle_all, settle_failed
 from workers.feed import Feed, FeedSource, JetStreamFeeds, feed_handlers
 from workers.jobs import JobBook
 from workers.replies import ReplySender
@@ -68,8 +68,11 @@ class ModelServer:
         jobs: JobBook | None = None,
         tenancy: Tenancy | None = None,
         feeds: FeedSource | None = None,
+        cancels: Container[str] = frozenset(),
     ) -> None:
-        """``feeds``: where requests come from (default: the inference stream's consumers)."""
+        """``feeds``: where requests come from (default: the inference stream's consumers);
+        ``cancels``: ids of requests their callers gave up on (workers/cancels.py)."""
+        self._cancels = cancels
         self._conn = conn
         self._source = feeds or JetStreamFeeds(conn)
         self._claims = Claims(conn)
@@ -196,6 +199,9 @@ class ModelServer:
             delivery.span = tracing.remote(delivery.headers)  # linked from its batch's process span
         self._upstream[delivery.priority] = delivery.num_pending
         self.last_used = time.time()
+        if delivery.request_id in self._cancels:
+            await self._drop_cancelled([delivery])
+            return
         refusal = self._refusal(delivery)
         if refusal is not None:
             await self._fail(delivery, refusal)
@@ -322,6 +328,10 @@ class ModelServer:
             batch, expired = self._queue.take(time.monotonic())
             for request in expired:
                 await self._expire(request.delivery)
+            gone = [r.delivery for r in batch if r.delivery.request_id in self._cancels]
+            if gone:  # cancelled while the batch formed: they leave it
+                batch = [r for r in batch if r.delivery.request_id not in self._cancels]
+                await self._drop_cancelled(gone)
             if not batch:
                 continue
             if instances == 1 or (len(batch) == 1 and batch[0].delivery.num_delivered > 1):
@@ -429,6 +439,11 @@ class ModelServer:
             await asyncio.sleep(interval)
             for request in batch:
                 await request.delivery.in_progress()
+
+    async def _drop_cancelled(self, deliveries: list[Delivery]) -> None:
+        """Requests whose callers cancelled them: acked, not computed, not answered (no one waits)."""
+        self.stats.cancelled += len(deliveries)
+        await settle_all(deliveries)
 
     async def _expire(self, delivery: Delivery, why: str = "deadline passed while queued; not computed") -> None:
         self.stats.expired += 1

@@ -22,6 +22,7 @@ class ServingStats:
     peak_computing: int = 0  # most batches computed at once (up to the model's instances)
     errors: Counter[int] = field(default_factory=Counter)
     expired: int = 0
+    cancelled: int = 0  # requests acked uncomputed: their callers had cancelled them
     busy_s: float = 0.0  # time spent computing (with several instances: instance-seconds / instances)
     queue_s: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
     compute_s: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
@@ -34,7 +35,7 @@ class ServingStats:
         return {
             "succeeded": self.succeeded, "batches": self.batches, "rows": self.rows, "max_batch": self.max_batch,
             "peak_computing": self.peak_computing,
-            "errors": {str(k): v for k, v in self.errors.items()}, "expired": self.expired,
+            "errors": {str(k): v for k, v in self.errors.items()}, "expired": self.expired, "cancelled": self.cancelled,
             "busy_s": round(self.busy_s, 4), "p50_ms": _quantile(ordered, 0.5), "p99_ms": _quantile(ordered, 0.99),
         }  # fmt: skip
 

@@ -20,6 +20,7 @@ from broker.storage import StorageNews, StorageReport
 from schemas.errors import MeshError
 from schemas.spec import ModelSpec
 from schemas.subjects import STREAM_INFER
+from workers.cancels import Cancellations
 from workers.jobs import JobBook
 from workers.model_server import ModelServer
 from workers.repository import read_repository
@@ -66,6 +67,7 @@ class Worker:
         self._registry: Registry | None = None
         self._job_book: JobBook | None = None
         self._tenancy = Tenancy(None)
+        self.cancels = Cancellations()  # requests their callers gave up on
         self._tasks: list[asyncio.Task[None]] = []
         self._started = time.time()
         self._rates: dict[Key, tuple[float, int, float]] = {}
@@ -110,6 +112,7 @@ class Worker:
         self._registry = await Registry.open(self.conn)
         self._job_book = JobBook(self._registry)
         self._tenancy = Tenancy(self._registry)
+        await self.cancels.start(self.conn)
         self._tasks.append(asyncio.create_task(self._beat(), name="heartbeat"))
 
     # -- serving a fixed repository ---------------------------------------------------------------
@@ -149,7 +152,8 @@ class Worker:
             runtime = await asyncio.get_running_loop().run_in_executor(
                 None, load_runtime, vspec.format, artifact, spec, threads
             )
-            server = ModelServer(self.conn, spec, version, runtime, self.id, priorities, self._job_book, self._tenancy)
+            server = ModelServer(self.conn, spec, version, runtime, self.id, priorities, self._job_book, self._tenancy,
+                                 cancels=self.cancels)  # fmt: skip
             await server.start()
         except MeshError as err:
             wait = min(_RETRY_MAX_S, self._retry.get(key, (0.0, _RETRY_MIN_S / 2))[1] * 2)
@@ -283,6 +287,7 @@ class Worker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(server.drain() for server in self.servers.values()))
         self.servers.clear()
+        await self.cancels.stop()
         if self._registry is not None and not self.conn.nc.is_closed:
             try:
                 await self._registry.remove_worker(self.id)
