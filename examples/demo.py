@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import socket
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +106,24 @@ async def _errors(client: MeshClient) -> None:
             print(f"  {label:<14} → {type(err).__name__} {err.status}: {err.message}")
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _over_http(port: int) -> None:
+    """One request through the Open Inference Protocol gateway, as curl or any KServe v2 client sends it."""
+    body = {"id": "demo-1", "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
+                                        "data": [5.9, 3.0, 5.1, 1.8]}], "outputs": [{"name": "label"}]}  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v2/models/iris/infer"
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        doc = json.loads(answer.read())
+    print(f"\nover HTTP (KServe v2): POST {url}")
+    print(f"  → model {doc['model_name']} version {doc['model_version']}: label {doc['outputs'][0]['data']}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--state", default=".servemesh", help="where models, JetStream data and logs go")
@@ -115,7 +136,9 @@ async def main() -> None:
         if not (repo / artifact).exists():
             build(repo)
     print("starting the embedded mesh: nats-server (JetStream) + router + 1 worker ...")
-    mesh = LocalMesh(repo, workers=1, port=args.port, state_dir=Path(args.state) / "run", storage="memory")
+    gateway = (_free_port(), _free_port())
+    mesh = LocalMesh(repo, workers=1, port=args.port, state_dir=Path(args.state) / "run", storage="memory",
+                     gateway=gateway)  # fmt: skip
     await mesh.start()
     try:
         print(f"mesh up at {mesh.url}")
@@ -124,6 +147,7 @@ async def main() -> None:
             await _iris(client)
             await _digits(client)
             await _errors(client)
+        await asyncio.to_thread(_over_http, gateway[0])
     finally:
         mesh.stop()
     print("\nmesh stopped (worker drained, router released its lease, nats-server stopped).")

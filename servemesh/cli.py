@@ -24,7 +24,7 @@ from telemetry.logs import configure_logging
 __all__ = ["main"]
 
 # Commands that run until stopped log what they do; the others only what went wrong.
-_LONG_RUNNING = {"up", "nats", "worker", "router"}
+_LONG_RUNNING = {"up", "nats", "worker", "router", "gateway"}
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
@@ -137,6 +137,32 @@ def _cmd_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from servemesh.gateway.core import GatewaySettings
+    from servemesh.gateway.process import Listening, check_gateway_settings, run_gateway
+
+    flags = {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port, "keys_file": args.keys,
+             "tls_cert": args.tls_cert, "tls_key": args.tls_key, "processes": args.processes}  # fmt: skip
+    try:
+        gw = GatewaySettings(**{k: v for k, v in flags.items() if v is not None})
+        check_gateway_settings(gw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise UsageError(f"SERVEMESH_GATEWAY_{'_'.join(map(str, first['loc'])).upper()}: {first['msg']}") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    settings = _settings(args)
+
+    def listening(where: Listening) -> None:
+        print(f"gateway: REST {where.http or 'off'}, gRPC {where.grpc or 'off'}", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        run(run_gateway(settings, gw, listening), settings.loop)
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from servemesh.commands.models import run as run_models
 
@@ -176,7 +202,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if not models.is_dir():
         raise CliError(f"--models {models}: no such model repository")
     state = Path(args.state_dir) if args.state_dir else None
-    mesh = LocalMesh(models, workers=args.workers, routers=args.routers, port=args.port, state_dir=state)
+    if -1 in (args.gateway_http_port, args.gateway_grpc_port) and not args.no_gateway:
+        raise UsageError("the gateway's ports are fixed ones (1-65535); --no-gateway starts none")
+    gateway = None if args.no_gateway else (args.gateway_http_port, args.gateway_grpc_port)
+    mesh = LocalMesh(models, workers=args.workers, routers=args.routers, port=args.port, state_dir=state,
+                     gateway=gateway)  # fmt: skip
     _stop_on_sigterm()  # from here on, SIGTERM and Ctrl-C both stop whatever was started
     try:
         try:
@@ -292,6 +322,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _listener_port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not -1 <= value < 65536:
+        raise argparse.ArgumentTypeError(f"{text}: a port is 1..65535 (0: any free one, -1: off)")
+    return value
+
+
 def _version() -> str:
     try:
         return version("servemesh")
@@ -314,6 +354,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--routers", type=_positive(int), default=1, help="router processes")
     up.add_argument("--port", type=_port, default=4222, help="nats-server port (-1: any free port)")
     up.add_argument("--state-dir", help="keep JetStream data and logs here (default: a temporary directory)")
+    up.add_argument("--gateway-http-port", type=_port, default=8000, help="the gateway's REST port")
+    up.add_argument("--gateway-grpc-port", type=_port, default=8001, help="the gateway's gRPC port")
+    up.add_argument("--no-gateway", action="store_true", help="start no Open Inference Protocol gateway")
     up.set_defaults(run=_cmd_up)
 
     nats_cmd = command("nats", "the embedded nats-server alone, provisioned, until Ctrl-C")
@@ -349,6 +392,19 @@ def _parser() -> argparse.ArgumentParser:
         process.add_argument("--http-host", help="address the HTTP endpoint binds (default "
                              "$SERVEMESH_HTTP_HOST, else 127.0.0.1; 0.0.0.0 for every interface)")  # fmt: skip
         process.add_argument("--check", action="store_true", help="probe the running process: exit 0 when ready")
+
+    gateway = command("gateway", "the Open Inference Protocol (KServe v2) front door: REST and gRPC")
+    gateway.add_argument("--http-port", type=_listener_port, help="REST port (0: any free one, -1: off; "
+                         "default $SERVEMESH_GATEWAY_HTTP_PORT, else 8000)")  # fmt: skip
+    gateway.add_argument("--grpc-port", type=_listener_port, help="gRPC port (0: any free one, -1: off; "
+                         "default $SERVEMESH_GATEWAY_GRPC_PORT, else 8001)")  # fmt: skip
+    gateway.add_argument("--host", help="address both listen on (default $SERVEMESH_GATEWAY_HOST, else 127.0.0.1)")
+    gateway.add_argument("--processes", type=_positive(int), help="processes sharing the ports (default 1)")
+    gateway.add_argument("--keys", help="YAML file of API keys, each with its tenant's NATS credentials "
+                         "(default $SERVEMESH_GATEWAY_KEYS_FILE; unset: no key is asked for)")  # fmt: skip
+    gateway.add_argument("--tls-cert", help="PEM certificate: both listeners speak TLS (with --tls-key)")
+    gateway.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    gateway.set_defaults(run=_cmd_gateway)
 
     top = command("top", "live view of models, workers, lag and storage")
     top.add_argument("--interval", type=_positive(float), default=1.0, help="seconds between frames")

@@ -142,8 +142,11 @@ class LocalMesh:
         port: int = -1,
         state_dir: Path | None = None,
         storage: str = "file",
+        gateway: tuple[int, int] | None = None,
     ) -> None:
+        """``gateway``: (REST port, gRPC port) of an Open Inference Protocol gateway to start too."""
         self.models = models
+        self.gateway = gateway
         self.n_workers = workers
         self.n_routers = routers
         self.storage = storage
@@ -184,16 +187,40 @@ class LocalMesh:
             for i in range(self.n_workers):
                 name = f"worker-{i + 1}"
                 self.children[name] = spawn_worker(self.url, None, name, self.log_dir / f"{name}.log", env)
+            if self.gateway is not None:
+                http, grpc = self.gateway
+                args = ["gateway", "--http-port", str(http), "--grpc-port", str(grpc), "--nats", self.url]
+                self.children["gateway"] = _spawn(args, self.log_dir / "gateway.log", env)
             say(f"started {self.n_routers} router(s) and {self.n_workers} worker(s); loading models ...")
             self.outcome = await wait_models_settled(
                 registry, [s for s in specs if s.min_replicas > 0], timeout, say, self.children
             )
+            if self.gateway is not None:
+                await self._gateway_listening(say)
         except BaseException:
             await conn.close()
             self.stop()
             raise
         await conn.close()
         return self
+
+    async def _gateway_listening(self, say: Callable[[str], None], timeout: float = 30.0) -> None:
+        assert self.gateway is not None
+        http, grpc = self.gateway
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.children["gateway"].poll() is not None:
+                say(f"the gateway exited (port {http} or {grpc} in use?); see {self.log_dir / 'gateway.log'}")
+                return
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", http)
+            except OSError:
+                await asyncio.sleep(0.1)
+                continue
+            writer.close()
+            say(f"gateway (Open Inference Protocol): REST http://127.0.0.1:{http}/v2, gRPC 127.0.0.1:{grpc}")
+            return
+        say(f"the gateway is not listening after {timeout:.0f} s; see {self.log_dir / 'gateway.log'}")
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM every child (workers drain, routers release the lease), SIGKILL stragglers, stop NATS."""

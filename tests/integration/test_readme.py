@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -47,12 +48,27 @@ def commands() -> list[str]:
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     repo = tmp_path_factory.mktemp("readme") / "models"
     build_repository(repo)
-    local = LocalMesh(repo, port=-1, storage="memory")
+    local = LocalMesh(repo, port=-1, storage="memory", gateway=GATEWAY)
     asyncio.run(local.start())
     try:
         yield local.url
     finally:
         local.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# The README's gateway ports (`servemesh up`'s defaults), and the free ones this run's gateway has.
+GATEWAY = (_free_port(), _free_port())
+
+
+def _ported(text: str) -> str:
+    http, grpc = GATEWAY
+    return text.replace("127.0.0.1:8000", f"127.0.0.1:{http}").replace("127.0.0.1:8001", f"127.0.0.1:{grpc}")
 
 
 def _env(url: str) -> dict[str, str]:
@@ -73,7 +89,7 @@ def test_every_shell_command_in_the_readme_runs(mesh: str, tmp_path_factory: pyt
         return
     workdir = tmp_path_factory.getbasetemp() / "readme-session"  # one session: later commands use earlier files
     workdir.mkdir(exist_ok=True)
-    done = subprocess.run(["bash", "-c", command], cwd=workdir, env=_env(mesh), capture_output=True, text=True,
+    done = subprocess.run(["bash", "-c", _ported(command)], cwd=workdir, env=_env(mesh), capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
     assert "Traceback" not in done.stderr
@@ -82,7 +98,7 @@ def test_every_shell_command_in_the_readme_runs(mesh: str, tmp_path_factory: pyt
 def test_every_python_snippet_in_the_readme_runs(mesh: str, tmp_path: Path) -> None:
     for i, snippet in enumerate(blocks("python")):
         script = tmp_path / f"snippet_{i}.py"
-        script.write_text(snippet.replace(DEFAULT_URL, mesh))
+        script.write_text(_ported(snippet.replace(DEFAULT_URL, mesh)))
         done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=_env(mesh), capture_output=True,
                               text=True, timeout=120)  # fmt: skip
         assert done.returncode == 0, f"{snippet}\n{done.stdout}\n{done.stderr}"
@@ -93,3 +109,4 @@ def test_the_demo_runs(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "accuracy" in done.stdout and "ready on worker-1" in done.stdout and "mesh stopped" in done.stdout
+    assert "over HTTP (KServe v2)" in done.stdout and "version 1: label" in done.stdout

@@ -1,0 +1,297 @@
+"""The Open Inference Protocol's REST API (``/v2/...``) with Triton's binary tensor extension, on
+aiohttp. A client that disconnects cancels its handler, and so its mesh request."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import zlib
+from collections.abc import Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from schemas.errors import BadInput, MeshError
+from schemas.spec import ModelSpec
+from servemesh.gateway.core import Caller, Gateway, tensor_metadata
+from servemesh.gateway.tensors import from_binary, from_json, to_binary, to_json
+
+__all__ = ["EXTENSIONS", "rest_app"]
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
+_HEADER_LENGTH = "Inference-Header-Content-Length"
+_MAX_BODY = 256 * 1024 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _server_version() -> str:
+    try:
+        return version("servemesh")
+    except PackageNotFoundError:
+        return "0"
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure as ``{"error": "..."}`` with the mesh error's status (the one mapping, in core)."""
+    try:
+        return await handler(request)
+    except MeshError as err:
+        return _error(err.status, err.message)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return _error(exc.status, exc.reason)
+        raise
+    except Exception:
+        log.exception("gateway: %s %s failed", request.method, request.path)
+        return _error(500, "internal error in the gateway")
+
+
+def _key(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.headers.get("X-API-Key")
+
+
+class _Routes:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def _caller(self, request: web.Request) -> Caller:
+        return await self.gateway.caller(_key(request))
+
+    async def _spec(self, request: web.Request) -> tuple[Caller, ModelSpec, str | None]:
+        caller = await self._caller(request)
+        wanted = request.match_info.get("version")
+        spec = await self.gateway.spec(caller, request.match_info["model"], wanted)
+        return caller, spec, wanted
+
+    async def server(self, request: web.Request) -> web.Response:
+        return web.json_response({"name": "servemesh", "version": _server_version(), "extensions": EXTENSIONS})
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.gateway.connected else 503)
+
+    async def metadata(self, request: web.Request) -> web.Response:
+        _, spec, wanted = await self._spec(request)
+        batched = spec.max_batch_size > 0
+        return web.json_response({
+            "name": spec.name, "versions": [wanted] if wanted else sorted(spec.versions),
+            "platform": _platform(spec, wanted), "inputs": tensor_metadata(spec.inputs, batched),
+            "outputs": tensor_metadata(spec.outputs, batched),
+        })  # fmt: skip
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        _, spec, wanted = await self._spec(request)
+        ready = await self.gateway.ready_versions(spec)
+        is_ready = ready.get(wanted, 0) > 0 if wanted else any(ready.values())
+        return web.Response(status=200 if is_ready else 503)
+
+    async def config(self, request: web.Request) -> web.Response:
+        _, spec, _ = await self._spec(request)
+        batched = spec.max_batch_size > 0
+
+        def tensors(meta: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [{"name": t["name"], "data_type": _config_type(t["datatype"]),
+                     "dims": t["shape"][1:] if batched else t["shape"]} for t in meta]  # fmt: skip
+
+        return web.json_response({
+            "name": spec.name, "platform": _platform(spec, None), "backend": "servemesh",
+            "max_batch_size": spec.max_batch_size,
+            "input": tensors(tensor_metadata(spec.inputs, batched)),
+            "output": tensors(tensor_metadata(spec.outputs, batched)),
+            "dynamic_batching": {"max_queue_delay_microseconds": int(spec.max_delay_ms * 1000)} if batched else None,
+            "instance_group": [{"count": spec.instances, "kind": "KIND_AUTO"}],
+        })  # fmt: skip
+
+    async def stats(self, request: web.Request) -> web.Response:
+        caller = await self._caller(request)
+        if "model" in request.match_info:
+            specs = [await self.gateway.spec(caller, request.match_info["model"], request.match_info.get("version"))]
+        else:
+            specs = await self.gateway.models(caller)
+        out = []
+        for spec in specs:
+            for ver, totals in sorted((await self.gateway.stats(spec)).items()):
+                if request.match_info.get("version") not in (None, ver):
+                    continue
+                out.append({
+                    "name": spec.name, "version": ver, "inference_count": totals["rows"],
+                    "execution_count": totals["batches"],
+                    "inference_stats": {"success": {"count": totals["success"]}, "fail": {"count": totals["fail"]},
+                                        "compute_infer": {"ns": int(totals["compute_s"] * 1e9)}},
+                })  # fmt: skip
+        return web.json_response({"model_stats": out})
+
+    async def index(self, request: web.Request) -> web.Response:
+        caller = await self._caller(request)
+        out = []
+        for spec in await self.gateway.models(caller):
+            ready = await self.gateway.ready_versions(spec)
+            for ver in sorted(spec.versions):
+                out.append({"name": spec.name, "version": ver, "state": "READY" if ready.get(ver) else "UNAVAILABLE"})
+        return web.json_response(out)
+
+    async def load(self, request: web.Request) -> web.Response:
+        await self.gateway.load(await self._caller(request), request.match_info["model"])
+        return web.Response(status=200)
+
+    async def unload(self, request: web.Request) -> web.Response:
+        await self.gateway.unload(await self._caller(request), request.match_info["model"])
+        return web.Response(status=200)
+
+    async def infer(self, request: web.Request) -> web.Response:
+        caller, spec, wanted = await self._spec(request)
+        body = await _body(request)
+        header, binary = _split(body, request.headers.get(_HEADER_LENGTH))
+        try:
+            doc = json.loads(header)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadInput(f"the request body is not JSON: {exc}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
+            raise BadInput('the request needs "inputs": a list of tensors')
+        parameters = _dict(doc.get("parameters"), "parameters")
+        inputs = _inputs(doc["inputs"], binary)
+        answered, outputs = await self.gateway.infer(caller, spec, wanted, inputs, parameters)
+        head: dict[str, Any] = {"model_name": spec.name, "model_version": answered, "outputs": []}
+        if "id" in doc:
+            head["id"] = doc["id"]
+        chunks: list[bytes] = []
+        for name, binary_out in _wanted_outputs(doc, parameters, outputs):
+            array = outputs[name]
+            if binary_out:
+                datatype, shape, raw = to_binary(array)
+                head["outputs"].append({"name": name, "datatype": datatype, "shape": shape,
+                                        "parameters": {"binary_data_size": len(raw)}})  # fmt: skip
+                chunks.append(raw)
+            else:
+                datatype, shape, data = to_json(array)
+                head["outputs"].append({"name": name, "datatype": datatype, "shape": shape, "data": data})
+        encoded = json.dumps(head, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json"}
+        if chunks:
+            headers = {"Content-Type": "application/octet-stream", _HEADER_LENGTH: str(len(encoded))}
+        return _compressed(request, encoded + b"".join(chunks), headers)
+
+
+def _config_type(datatype: str) -> str:
+    """A model configuration's type name for an OIP datatype (Triton's: TYPE_FP32, TYPE_STRING, ...)."""
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+def _platform(spec: ModelSpec, wanted: str | None) -> str:
+    fmt = spec.versions[wanted or spec.resolve_version(None)].format
+    return {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}.get(fmt, fmt)
+
+
+async def _body(request: web.Request) -> bytes:
+    """The request body, decompressed (aiohttp undoes gzip and deflate Content-Encoding itself)."""
+    return await request.read()
+
+
+def _compressed(request: web.Request, body: bytes, headers: dict[str, str]) -> web.Response:
+    accepted = request.headers.get("Accept-Encoding", "").lower()
+    if "gzip" in accepted:
+        return web.Response(body=gzip.compress(body, 1), headers={**headers, "Content-Encoding": "gzip"})
+    if "deflate" in accepted:
+        return web.Response(body=zlib.compress(body, 1), headers={**headers, "Content-Encoding": "deflate"})
+    return web.Response(body=body, headers=headers)
+
+
+def _split(body: bytes, length: str | None) -> tuple[bytes, memoryview]:
+    """The JSON part and the binary part after it (Triton's ``Inference-Header-Content-Length``)."""
+    if length is None:
+        return body, memoryview(b"")
+    if not length.isdigit() or int(length) > len(body):
+        raise BadInput(f"{_HEADER_LENGTH}: {length!r} is not a length within the body ({len(body)} bytes)")
+    n = int(length)
+    return body[:n], memoryview(body)[n:]
+
+
+def _dict(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadInput(f"{what}: an object, not {type(value).__name__}")
+    return value
+
+
+def _inputs(tensors: list[Any], binary: memoryview) -> dict[str, np.ndarray[Any, Any]]:
+    inputs: dict[str, np.ndarray[Any, Any]] = {}
+    offset = 0
+    for i, tensor in enumerate(tensors):
+        if not isinstance(tensor, dict):
+            raise BadInput(f"inputs[{i}]: an object with name, shape, datatype and data")
+        name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
+            raise BadInput(f"inputs[{i}]: name and datatype are strings, shape a list")
+        if name in inputs:
+            raise BadInput(f"input {name!r} given twice")
+        size = _dict(tensor.get("parameters"), f"input {name!r} parameters").get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise BadInput(f"input {name!r}: binary_data_size {size!r} runs past the body")
+            inputs[name] = from_binary(name, datatype, shape, binary[offset : offset + size])
+            offset += size
+        elif "data" in tensor:
+            inputs[name] = from_json(name, datatype, shape, tensor["data"])
+        else:
+            raise BadInput(f"input {name!r}: no data (neither \"data\" nor parameters.binary_data_size)")
+    if offset != len(binary):
+        raise BadInput(f"{len(binary) - offset} bytes of binary data belong to no input")
+    return inputs
+
+
+def _wanted_outputs(
+    doc: dict[str, Any], parameters: dict[str, Any], outputs: dict[str, np.ndarray[Any, Any]]
+) -> list[tuple[str, bool]]:
+    """(name, as binary) of each output to send: those asked for, else all."""
+    default_binary = bool(parameters.get("binary_data_output", False))
+    asked = doc.get("outputs")
+    if asked is None:
+        return [(name, default_binary) for name in outputs]
+    if not isinstance(asked, list):
+        raise BadInput('"outputs": a list of {"name": ...}')
+    chosen = []
+    for i, out in enumerate(asked):
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise BadInput(f"outputs[{i}]: an object with a name")
+        if out["name"] not in outputs:
+            raise BadInput(f"output {out['name']!r}: the model has {', '.join(sorted(outputs))}")
+        params = _dict(out.get("parameters"), f"output {out['name']!r} parameters")
+        chosen.append((out["name"], bool(params.get("binary_data", default_binary))))
+    return chosen
+
+
+def rest_app(gateway: Gateway) -> web.Application:
+    routes = _Routes(gateway)
+    app = web.Application(middlewares=[_errors], client_max_size=_MAX_BODY)
+    app.router.add_get("/v2/models/stats", routes.stats)  # before /v2/models/{model}, which would take it
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        app.router.add_get(prefix, routes.metadata)
+        app.router.add_get(prefix + "/ready", routes.model_ready)
+        app.router.add_get(prefix + "/config", routes.config)
+        app.router.add_get(prefix + "/stats", routes.stats)
+        app.router.add_post(prefix + "/infer", routes.infer)
+    app.router.add_get("/v2", routes.server)
+    app.router.add_get("/v2/health/live", routes.live)
+    app.router.add_get("/v2/health/ready", routes.ready)
+    app.router.add_post("/v2/repository/index", routes.index)
+    app.router.add_post("/v2/repository/models/{model}/load", routes.load)
+    app.router.add_post("/v2/repository/models/{model}/unload", routes.unload)
+    return app
+
