@@ -36,6 +36,7 @@ _FRESH_S = 10.0
 # Triton's priorities are integers, 1 the highest; servemesh's names, in that order.
 _TRITON_PRIORITY = {1: "high", 2: "normal", 3: "low"}
 _DEFAULT_TIMEOUT_S = 30.0
+_SPEC_TTL_S = 1.0
 
 
 class Unauthenticated(MeshError):
@@ -122,6 +123,7 @@ class Gateway:
         self._clients: dict[str | None, asyncio.Task[MeshClient]] = {}
         self._admin: Connection | None = None
         self._registry: Registry | None = None
+        self._specs: dict[str, tuple[float, ModelSpec | None]] = {}  # model → (read at, spec)
 
     async def start(self) -> None:
         """Connect the gateway's own connection (registry reads: metadata, readiness, statistics)."""
@@ -186,13 +188,26 @@ class Gateway:
     async def spec(self, caller: Caller, model: str, version: str | None = None) -> ModelSpec:
         """The model's spec, if the caller may see it: another tenant's model is a 403 that tells
         nothing of it but its name, which the caller gave."""
-        spec = await self.registry.get_spec(model) if _plausible(model) else None
+        spec = await self._spec_of(model) if _plausible(model) else None
         if spec is None:
             raise UnknownModel(f"no model {model!r}", model=model)
         if caller.tenant is not None and spec.tenant != caller.tenant:
             raise Forbidden(f"model {model!r} is not {caller.tenant}'s", model=model)
         if version is not None and version not in spec.versions:
             raise UnknownModel(f"model {model!r} has no version {version!r}", model=model, version=version)
+        return spec
+
+    async def _spec_of(self, model: str) -> ModelSpec | None:
+        """The registry's spec, read at most once per ``_SPEC_TTL_S`` per model (a read per request
+        would cost each a round trip to NATS); a registry change shows within that."""
+        now = time.monotonic()
+        cached = self._specs.get(model)
+        if cached is not None and now - cached[0] < _SPEC_TTL_S:
+            return cached[1]
+        spec = await self.registry.get_spec(model)
+        if len(self._specs) > 4096:
+            self._specs.clear()
+        self._specs[model] = (now, spec)
         return spec
 
     async def models(self, caller: Caller) -> list[ModelSpec]:
@@ -233,6 +248,7 @@ class Gateway:
         spec = await self.spec(caller, model)
         if spec.min_replicas < 1:
             await self.registry.put_spec(spec.model_copy(update={"min_replicas": 1}))
+            self._specs.pop(model, None)
         deadline = time.monotonic() + timeout
         while not any((await self.ready_versions(spec)).values()):
             if time.monotonic() > deadline:
@@ -245,6 +261,7 @@ class Gateway:
         if caller.tenant is not None:
             raise Forbidden("a tenant may not unload models; the mesh's operator does", model=model)
         await self.registry.put_spec(spec.model_copy(update={"min_replicas": 0}))
+        self._specs.pop(model, None)
 
     # -- inference -------------------------------------------------------------------------------
 
@@ -285,8 +302,10 @@ def timeout_of(parameters: Mapping[str, Any]) -> float:
 
 def _fit(spec: ModelSpec, name: str, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """BYTES arrive as bytes objects; a model that takes strings gets them decoded."""
+    if array.dtype != object:
+        return array
     wanted = next((t for t in spec.inputs if t.name == name), None)
-    if wanted is not None and wanted.dtype == "str" and array.dtype == object:
+    if wanted is not None and wanted.dtype == "str":
         try:
             return np.array([b.decode() for b in array.ravel()], dtype=str).reshape(array.shape)
         except (UnicodeDecodeError, AttributeError):

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 _HEADER_LENGTH = "Inference-Header-Content-Length"
 _MAX_BODY = 256 * 1024 * 1024
+_COMPRESS_FROM = 4096  # bytes: a smaller reply costs more to compress than it saves
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -204,7 +205,8 @@ async def _body(request: web.Request) -> bytes:
 
 
 def _compressed(request: web.Request, body: bytes, headers: dict[str, str]) -> web.Response:
-    accepted = request.headers.get("Accept-Encoding", "").lower()
+    """The reply, gzip- or deflate-compressed when the client accepts it and it is large enough to gain."""
+    accepted = request.headers.get("Accept-Encoding", "").lower() if len(body) >= _COMPRESS_FROM else ""
     if "gzip" in accepted:
         return web.Response(body=gzip.compress(body, 1), headers={**headers, "Content-Encoding": "gzip"})
     if "deflate" in accepted:

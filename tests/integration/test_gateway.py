@@ -326,3 +326,34 @@ async def test_gateway_mistakes_are_one_line(nats_server: NatsServer, tmp_path: 
                               cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
         assert done.returncode == 2, (args, done.stderr)
         assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+async def test_both_listeners_speak_tls(nats_server: NatsServer, model_repo: Path, tmp_path: Path) -> None:
+    import ssl
+
+    import grpc
+
+    certs = tmp_path / "tls"
+    subprocess.run(["sh", str(ROOT / "deploy" / "nats" / "make-dev-certs.sh"), str(certs)], check=True,
+                   capture_output=True)  # fmt: skip
+    async with serving(nats_server.url, model_repo, ["iris"]) as worker:
+        await worker.beat_now()
+        gateway = await asyncio.to_thread(start_gateway, nats_server.url, "--tls-cert", str(certs / "server.pem"),
+                                          "--tls-key", str(certs / "server-key.pem"))  # fmt: skip
+        try:
+            assert gateway.http.startswith("https://")
+            trusted = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{gateway.http}/v2/models/iris/ready", ssl=trusted) as answer:
+                    assert answer.status == 200
+                with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                    await http.get(f"{gateway.http}/v2", ssl=ssl.create_default_context())  # not our CA
+            credentials = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes())
+            port = gateway.grpc.rsplit(":", 1)[1]
+            async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as channel:
+                from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+                answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            stop(gateway)
