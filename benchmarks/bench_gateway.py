@@ -4,7 +4,9 @@ row per request), over REST JSON, REST binary (Triton's extension) and gRPC, at 
 64. Prints req/s, p50, p99 and CPU µs per request by process (load generator, gateway, worker,
 nats-server), all in one run.
 
-Run from the repository root: ``python benchmarks/bench_gateway.py [--seconds 3] [--quick]``.
+Run from the repository root: ``python benchmarks/bench_gateway.py [--seconds 3] [--quick] [--mlserver PATH]``;
+MLServer goes in an environment of its own: ``python -m venv /tmp/mls && /tmp/mls/bin/pip install mlserver
+onnxruntime "uvloop<0.22"`` (MLServer 1.7 fails on uvloop 0.22+), then ``--mlserver /tmp/mls/bin/mlserver``.
 The load generator is this file too (``--load``), in a process of its own.
 """
 
@@ -174,6 +176,8 @@ def main() -> None:
     parser.add_argument("--load", nargs=5, metavar=("TARGET", "KIND", "MODEL", "CONCURRENCY", "SECONDS"),
                         help=argparse.SUPPRESS)  # fmt: skip
     parser.add_argument("--echo", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--mlserver", type=Path, help="the `mlserver` command of an environment with mlserver and "
+                        "onnxruntime: MLServer serves the same MLP (adaptive batching) in the same run")  # fmt: skip
     args = parser.parse_args()
     if args.load:
         target, kind, model, concurrency, seconds = args.load
@@ -215,6 +219,8 @@ def main() -> None:
             rows = []
             echo_pids = {"echo": echo.pid}
             mesh_pids = {"gateway": gateway.pid, "worker": worker.pid, "nats": server.proc.pid}
+            if args.mlserver:
+                rows += _mlserver_rows(args.mlserver, repo / "mlp" / "1" / "model.onnx", Path(tmp), seconds, children)
             for concurrency in (1, 64):
                 for kind in ("json", "binary"):
                     rows.append(("echo", kind, concurrency, _cell(f"http://127.0.0.1:{echo_port}", kind, "echo",
@@ -228,6 +234,35 @@ def main() -> None:
         finally:
             children.stop_all()
     _table(rows)
+
+
+def _mlserver_rows(mlserver: Path, onnx: Path, tmp: Path, seconds: float,
+                   children: Children) -> list[tuple[str, str, int, dict[str, Any]]]:  # fmt: skip
+    """MLServer on the same ONNX MLP with its adaptive batching (the same batch limits as the mesh's)."""
+    folder = tmp / "mlserver"
+    (folder / "mlp").mkdir(parents=True)
+    http_port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
+    ports = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
+    (folder / "settings.json").write_text(json.dumps({**ports, "parallel_workers": 1}))
+    (folder / "mlp" / "model-settings.json").write_text(json.dumps({
+        "name": "mlp", "implementation": "onnx_runtime.OnnxRuntime", "max_batch_size": 128, "max_batch_time": 0.002,
+        "parameters": {"uri": str(onnx)},
+    }))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "benchmarks" / "mlserver")}
+    with open(tmp / "mlserver.log", "ab") as log:
+        proc = children.add("mlserver", subprocess.Popen([str(mlserver), "start", str(folder)], stdout=log,
+                                                         stderr=subprocess.STDOUT, env=env))  # fmt: skip
+    _wait_port(http_port, 120)
+    _wait_served(f"http://127.0.0.1:{http_port}", ("mlp",), 120)
+    rows = []
+    for concurrency in (1, 64):
+        for kind in ("json", "grpc"):
+            target = f"127.0.0.1:{grpc_port}" if kind == "grpc" else f"http://127.0.0.1:{http_port}"
+            rows.append(("mlserver", kind, concurrency, _cell(target, kind, "mlp", concurrency, seconds,
+                                                             {"mlserver": proc.pid})))  # fmt: skip
+            _say(rows[-1])
+    proc.terminate()
+    return rows
 
 
 def _wait_served(url: str, models: tuple[str, ...] = ("identity", "mlp"), timeout: float = 60.0) -> None:
@@ -260,10 +295,10 @@ def _table(rows: list[tuple[str, str, int, dict[str, Any]]]) -> None:
     print("|---|---|---|---|---|---|---|")
     for model, kind, concurrency, cell in rows:
         cpu = cell.get("cpu_us", {})
-        server = cpu.get("echo", cpu.get("gateway", 0.0))
+        server = cpu.get("echo", cpu.get("gateway", cpu.get("mlserver", 0.0)))
         split = " / ".join(f"{v:.0f}" for v in (cpu.get("loadgen", 0.0), server, cpu.get("worker", 0.0),
                                                  cpu.get("nats", 0.0)))  # fmt: skip
-        label = "bare aiohttp echo" if model == "echo" else f"gateway → {model}"
+        label = {"echo": "bare aiohttp echo", "mlserver": "MLServer → mlp"}.get(model, f"gateway → {model}")
         print(f"| {label} | {kind} | {concurrency} | {cell['rps']:,.0f} | {cell['p50']:.2f} | {cell['p99']:.2f} | "
               f"{split} |" + (f" ({cell['failed']} failed)" if cell["failed"] else ""))  # fmt: skip
 

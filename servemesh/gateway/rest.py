@@ -4,7 +4,6 @@ aiohttp. A client that disconnects cancels its handler, and so its mesh request.
 from __future__ import annotations
 
 import gzip
-import json
 import logging
 import zlib
 from collections.abc import Awaitable, Callable
@@ -12,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
+import orjson
 from aiohttp import web
 
 from schemas.errors import BadInput, MeshError
@@ -38,8 +38,12 @@ def _server_version() -> str:
         return "0"
 
 
+def _json(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
+
+
 def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    return _json({"error": message}, status)
 
 
 @web.middleware
@@ -79,7 +83,7 @@ class _Routes:
         return caller, spec, wanted
 
     async def server(self, request: web.Request) -> web.Response:
-        return web.json_response({"name": "servemesh", "version": _server_version(), "extensions": EXTENSIONS})
+        return _json({"name": "servemesh", "version": _server_version(), "extensions": EXTENSIONS})
 
     async def live(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -90,7 +94,7 @@ class _Routes:
     async def metadata(self, request: web.Request) -> web.Response:
         _, spec, wanted = await self._spec(request)
         batched = spec.max_batch_size > 0
-        return web.json_response({
+        return _json({
             "name": spec.name, "versions": [wanted] if wanted else sorted(spec.versions),
             "platform": _platform(spec, wanted), "inputs": tensor_metadata(spec.inputs, batched),
             "outputs": tensor_metadata(spec.outputs, batched),
@@ -110,7 +114,7 @@ class _Routes:
             return [{"name": t["name"], "data_type": _config_type(t["datatype"]),
                      "dims": t["shape"][1:] if batched else t["shape"]} for t in meta]  # fmt: skip
 
-        return web.json_response({
+        return _json({
             "name": spec.name, "platform": _platform(spec, None), "backend": "servemesh",
             "max_batch_size": spec.max_batch_size,
             "input": tensors(tensor_metadata(spec.inputs, batched)),
@@ -136,7 +140,7 @@ class _Routes:
                     "inference_stats": {"success": {"count": totals["success"]}, "fail": {"count": totals["fail"]},
                                         "compute_infer": {"ns": int(totals["compute_s"] * 1e9)}},
                 })  # fmt: skip
-        return web.json_response({"model_stats": out})
+        return _json({"model_stats": out})
 
     async def index(self, request: web.Request) -> web.Response:
         caller = await self._caller(request)
@@ -145,7 +149,7 @@ class _Routes:
             ready = await self.gateway.ready_versions(spec)
             for ver in sorted(spec.versions):
                 out.append({"name": spec.name, "version": ver, "state": "READY" if ready.get(ver) else "UNAVAILABLE"})
-        return web.json_response(out)
+        return _json(out)
 
     async def load(self, request: web.Request) -> web.Response:
         await self.gateway.load(await self._caller(request), request.match_info["model"])
@@ -160,8 +164,8 @@ class _Routes:
         body = await _body(request)
         header, binary = _split(body, request.headers.get(_HEADER_LENGTH))
         try:
-            doc = json.loads(header)
-        except (ValueError, UnicodeDecodeError) as exc:
+            doc = orjson.loads(header)
+        except orjson.JSONDecodeError as exc:
             raise BadInput(f"the request body is not JSON: {exc}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
             raise BadInput('the request needs "inputs": a list of tensors')
@@ -182,7 +186,7 @@ class _Routes:
             else:
                 datatype, shape, data = to_json(array)
                 head["outputs"].append({"name": name, "datatype": datatype, "shape": shape, "data": data})
-        encoded = json.dumps(head, separators=(",", ":")).encode()
+        encoded = orjson.dumps(head)
         headers = {"Content-Type": "application/json"}
         if chunks:
             headers = {"Content-Type": "application/octet-stream", _HEADER_LENGTH: str(len(encoded))}
