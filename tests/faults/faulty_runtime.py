@@ -20,7 +20,7 @@ FORMAT = "faults_faulty"
 
 
 class FaultyRuntime:
-    def __init__(self, artifact: Path, spec: ModelSpec, threads: int = 0) -> None:
+    def __init__(self, artifact: Path, spec: ModelSpec, threads: int = 0, device: str = "cpu") -> None:
         self.delay_s = float(json.loads(artifact.read_text()).get("delay_s", 0.0))
         self.inputs = [TensorSpec(name="input", dtype="float32", shape=(-1, 4))]
         self.outputs = [TensorSpec(name="output", dtype="float32", shape=(-1, 4))]

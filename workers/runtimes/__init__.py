@@ -36,8 +36,8 @@ def runtime_threads(setting: int, instances: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // instances)
 
 
-def load_runtime(fmt: str, artifact: Path, spec: ModelSpec, threads: int = 0) -> Runtime:
-    """Load ``artifact`` in the runtime for ``fmt`` (blocking: call it from an executor)."""
+def load_runtime(fmt: str, artifact: Path, spec: ModelSpec, threads: int = 0, device: str = "cpu") -> Runtime:
+    """Load ``artifact`` in the runtime for ``fmt`` on ``device`` (blocking: call it from an executor)."""
     factory = _builtin(fmt)
     if factory is None:
         plugins = {ep.name: ep for ep in entry_points(group="servemesh.runtimes")}
@@ -45,7 +45,7 @@ def load_runtime(fmt: str, artifact: Path, spec: ModelSpec, threads: int = 0) ->
             raise ModelFailure(f"no runtime for format {fmt!r}", format=fmt)
         factory = plugins[fmt].load()
     try:
-        return factory(artifact, spec, threads)
+        return factory(artifact, spec, threads, device)
     except ModelFailure:
         raise
     except ImportError as exc:

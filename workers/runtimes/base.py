@@ -30,6 +30,7 @@ class Runtime(Protocol):
 
 
 class RuntimeFactory(Protocol):
-    """Loads an artifact; ``threads`` caps the runtime's compute threads (0: its own default)."""
+    """Loads an artifact; ``threads`` caps the runtime's compute threads (0: its own default), and
+    ``device`` is the worker's device ("cpu" or "cuda:N")."""
 
-    def __call__(self, artifact: Path, spec: ModelSpec, threads: int = 0) -> Runtime: ...
+    def __call__(self, artifact: Path, spec: ModelSpec, threads: int = 0, device: str = "cpu") -> Runtime: ...

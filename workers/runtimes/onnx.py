@@ -33,7 +33,7 @@ def _tensor_spec(arg: ort.NodeArg) -> TensorSpec:
 
 
 class OnnxRuntime:
-    def __init__(self, artifact: Path, spec: ModelSpec, threads: int = 0) -> None:
+    def __init__(self, artifact: Path, spec: ModelSpec, threads: int = 0, device: str = "cpu") -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -24,7 +24,7 @@ def _full_shapes(tensors: list[TensorSpec], batched: bool) -> list[TensorSpec]:
 
 
 class TorchScriptRuntime:
-    def __init__(self, artifact: Path, spec: ModelSpec, threads: int = 0) -> None:
+    def __init__(self, artifact: Path, spec: ModelSpec, threads: int = 0, device: str = "cpu") -> None:
         import torch  # an optional extra: only hosts serving TorchScript need it
 
         if not spec.inputs or not spec.outputs:
