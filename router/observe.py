@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from broker.connection import Connection
 from broker.registry import Json, Registry
+from router.footprints import FootprintBook
 from router.lag import read_lag
-from router.snapshot import Lag, LoadedUnit, ModelVersion, Snapshot, Unit, WorkerState
+from router.snapshot import CPU, Footprint, Lag, LoadedUnit, ModelVersion, Snapshot, Unit, WorkerState
 from schemas.spec import ModelSpec
 
 __all__ = ["STALE_AFTER_S", "observe", "unit_from_json", "unit_to_json"]
@@ -24,7 +26,10 @@ def unit_from_json(raw: Json) -> Unit:
     return Unit(str(raw["model"]), str(raw["version"]), frozenset(raw["priorities"]))
 
 
-def model_versions(specs: list[ModelSpec]) -> dict[tuple[str, str], ModelVersion]:
+def model_versions(
+    specs: list[ModelSpec], measured: Mapping[tuple[str, str], Mapping[str, Footprint]] | None = None
+) -> dict[tuple[str, str], ModelVersion]:
+    """The policy's view of each registered version; ``measured``: (model, version) → device kind → footprint."""
     versions = {}
     for spec in specs:
         for version in spec.versions:
@@ -32,6 +37,7 @@ def model_versions(specs: list[ModelSpec]) -> dict[tuple[str, str], ModelVersion
                 model=spec.name, version=version, memory_mb=spec.memory_of(version),
                 min_replicas=spec.min_replicas, max_replicas=spec.max_replicas,
                 priorities=tuple(spec.priorities), placement=_placement(spec),
+                measured=dict((measured or {}).get((spec.name, version), {})),
             )  # fmt: skip
     return versions
 
@@ -64,6 +70,8 @@ def worker_state(beat: dict[str, Any]) -> WorkerState:
         loaded=loaded,
         cached=frozenset(_key(k) for k in beat.get("cached", [])),
         failed=frozenset(_key(k) for k in beat.get("failed", {}) if ":" in k),
+        device=str((beat.get("device") or {}).get("kind", CPU)),
+        gpu_memory_mb=int(beat.get("gpu_memory_mb") or 0),
     )
 
 
@@ -75,11 +83,17 @@ def _key(label: str) -> tuple[str, str]:
 Failures = dict[tuple[str, str], dict[str, str]]  # (model, version) → worker → why it failed to load
 
 
-async def observe(conn: Connection, registry: Registry, now: float) -> tuple[Snapshot, Failures, Failures]:
+async def observe(
+    conn: Connection, registry: Registry, now: float, book: FootprintBook | None = None
+) -> tuple[Snapshot, Failures, Failures]:
     """The policy's snapshot, the load failures workers report, and the versions they hold that
-    stopped answering their queue (both shown by ``models show``)."""
+    stopped answering their queue (both shown by ``models show``). ``book`` keeps measured memory
+    across ticks (None: only what the heartbeats read now report)."""
     specs = await registry.list_specs()
     beats = await registry.heartbeats()
+    book = FootprintBook() if book is None else book
+    book.record(beats.values())
+    book.forget((spec.name, version) for spec in specs for version in spec.versions)
     failures: Failures = {}
     stalls: Failures = {}
     for worker_id, beat in beats.items():
@@ -93,7 +107,7 @@ async def observe(conn: Connection, registry: Registry, now: float) -> tuple[Sna
     assigned = await registry.assignments()
     snapshot = Snapshot(
         now=now,
-        models=model_versions(specs),
+        models=model_versions(specs, book.by_version()),
         # Workers serving a fixed repository ignore assignments, so the policy leaves them out.
         workers={
             w: worker_state(b)

@@ -19,6 +19,7 @@ from typing import Any
 from broker.connection import Connection
 from broker.provision import wait_provisioned
 from broker.registry import Json, Registry
+from router.footprints import FootprintBook
 from router.lease import Lease
 from router.observe import Failures, observe, unit_to_json
 from router.policy import PolicyConfig, PolicyState, plan
@@ -53,6 +54,7 @@ class Router:
         # writes them into each model's status.
         self.shadow = ShadowTally()
         self.storage = StorageWatch(conn, self.id)
+        self.footprints = FootprintBook()  # measured memory per model version and device kind
 
     async def open(self) -> Router:
         """Ready to tick: the mesh provisioned (by the admin step, not by routers) and its registry open."""
@@ -92,7 +94,7 @@ class Router:
 
     async def tick(self) -> list[Decision]:
         assert self._registry is not None
-        snapshot, failures, stalls = await observe(self.conn, self._registry, time.time())
+        snapshot, failures, stalls = await observe(self.conn, self._registry, time.time(), self.footprints)
         assignments, self.state, decisions = plan(snapshot, self.state, self.config)
         await self._write_assignments(snapshot, assignments)
         self.last_snapshot, self.last_assignments = snapshot, assignments
