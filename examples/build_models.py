@@ -1,6 +1,6 @@
 """Build the example models of a servemesh model repository, offline and deterministically.
 
-Layout: ``<repo>/<model>/<version>/model.onnx`` (or ``model.pt``) plus ``<repo>/<model>/servemesh.yaml``.
+Layout: ``<repo>/<model>/<version>/model.onnx`` (or ``model.pt2``, ``model.pt``) plus ``<repo>/<model>/servemesh.yaml``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "build_digits_export",
     "build_digits_torchscript",
     "build_fixed_shape_onnx",
     "build_identity_onnx",
@@ -173,8 +174,8 @@ def _digits_module() -> torch.nn.Module:
     return DigitsMLP()
 
 
-def build_digits_torchscript(repo: Path, name: str = "digits", version: str = "1") -> Path:
-    """Train a small MLP on sklearn digits and save it as TorchScript."""
+def _trained_digits() -> torch.nn.Module:
+    """The digits MLP trained on sklearn digits (seeded: the same weights every time)."""
     import torch
     from sklearn.datasets import load_digits
 
@@ -191,20 +192,66 @@ def build_digits_torchscript(repo: Path, name: str = "digits", version: str = "1
             loss = torch.nn.functional.cross_entropy(model(x[idx])[0], y[idx])
             loss.backward()
             optimizer.step()
-    model.eval()
-    scripted = torch.jit.script(model)
-    target = _version_dir(repo, name, version) / "model.pt"
-    _replace_atomically(target, lambda p: torch.jit.save(scripted, p))
+    return model.eval()
+
+
+def _write_digits_config(repo: Path, name: str, fmt: str) -> Path:
     model_dir = Path(repo) / name
     _write_config(
         model_dir,
-        "torchscript",
+        fmt,
         64,
         2,
         [_spec("pixels", "float32", [64])],
         [_spec("logits", "float32", [10]), _spec("label", "int64", [])],
     )
     return model_dir
+
+
+def _exported(model: torch.nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """``model`` through torch.export with a dynamic batch axis: any number of rows from 1 up."""
+    import torch
+
+    # The example has several rows: torch specializes an axis it sees at size 0 or 1.
+    batch = torch.export.Dim("batch", min=1)
+    return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+
+
+def _save_pt2(program: torch.export.ExportedProgram, repo: Path, name: str, version: str, aoti: bool) -> Path:
+    """Save as <repo>/<name>/<version>/model.pt2: the ExportedProgram, or compiled by AOTInductor."""
+    import torch
+
+    target = _version_dir(repo, name, version) / "model.pt2"
+    # Written beside the target, then moved over it; torch wants the name to end in .pt2.
+    building = target.with_name(".building.model.pt2")
+    if aoti:
+        import torch._inductor
+
+        # Compiling takes a C++ compiler and half a minute.
+        torch._inductor.aoti_compile_and_package(program, package_path=str(building))
+    else:
+        torch.export.save(program, str(building))
+    os.replace(building, target)
+    return target
+
+
+def build_digits_export(repo: Path, name: str = "digits", version: str = "1", aoti: bool = False) -> Path:
+    """Train a small MLP on sklearn digits and save it with torch.export (``aoti``: AOTInductor-compiled)."""
+    import torch
+
+    program = _exported(_trained_digits(), torch.zeros(8, 64))
+    _save_pt2(program, repo, name, version, aoti)
+    return _write_digits_config(repo, name, "torch_export")
+
+
+def build_digits_torchscript(repo: Path, name: str = "digits_ts", version: str = "1") -> Path:
+    """The digits MLP as TorchScript (deprecated by torch: kept to test the torchscript runtime)."""
+    import torch
+
+    scripted = torch.jit.script(_trained_digits())
+    target = _version_dir(repo, name, version) / "model.pt"
+    _replace_atomically(target, lambda p: torch.jit.save(scripted, p))
+    return _write_digits_config(repo, name, "torchscript")
 
 
 def build_mlp_onnx(
@@ -362,19 +409,27 @@ def build_slow_onnx(
     return model_dir
 
 
-def build_torch_double(repo: Path, name: str = "double_ts", version: str = "1") -> Path:
-    """Build a TorchScript model returning x * 2 on float64, to test a second dtype on torch."""
+def build_torch_double(repo: Path, name: str = "double_ts", version: str = "1", fmt: str = "torchscript") -> Path:
+    """Build a torch model returning x * 2 on float64, to test a second dtype on torch
+    (``fmt``: "torchscript" or "torch_export")."""
     import torch
 
     class Double(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * 2
 
-    scripted = torch.jit.script(Double())
-    target = _version_dir(repo, name, version) / "model.pt"
-    _replace_atomically(target, lambda p: torch.jit.save(scripted, p))
+    if fmt == "torch_export":
+        # Both axes dynamic: servemesh.yaml declares the item shape [-1].
+        dims = {0: torch.export.Dim("batch", min=1), 1: torch.export.Dim("width", min=1)}
+        example = torch.zeros(2, 3, dtype=torch.float64)
+        program = torch.export.export(Double(), (example,), dynamic_shapes=(dims,))
+        _save_pt2(program, repo, name, version, aoti=False)
+    else:
+        scripted = torch.jit.script(Double())
+        target = _version_dir(repo, name, version) / "model.pt"
+        _replace_atomically(target, lambda p: torch.jit.save(scripted, p))
     model_dir = Path(repo) / name
-    _write_config(model_dir, "torchscript", 16, 2, [_spec("x", "float64", [-1])], [_spec("y", "float64", [-1])])
+    _write_config(model_dir, fmt, 16, 2, [_spec("x", "float64", [-1])], [_spec("y", "float64", [-1])])
     return model_dir
 
 
@@ -397,7 +452,7 @@ def build_iris_mm_onnx(repo: Path, name: str = "iris_mm", version: str = "1") ->
 # name -> (builder, artifact file); the demo repository is the first three.
 _DEMO: dict[str, tuple[Callable[[Path], Path], str]] = {
     "iris": (build_iris_onnx, "model.onnx"),
-    "digits": (build_digits_torchscript, "model.pt"),
+    "digits": (build_digits_export, "model.pt2"),
     "iris_mm": (build_iris_mm_onnx, "model.onnx"),
 }
 _EXTRA: dict[str, tuple[Callable[[Path], Path], str]] = {
@@ -405,6 +460,7 @@ _EXTRA: dict[str, tuple[Callable[[Path], Path], str]] = {
     "fixed": (build_fixed_shape_onnx, "model.onnx"),
     "slow": (build_slow_onnx, "model.onnx"),
     "double_ts": (build_torch_double, "model.pt"),
+    "digits_ts": (build_digits_torchscript, "model.pt"),
     "identity_float32": (lambda repo: build_identity_onnx(repo, "identity_float32"), "model.onnx"),
 }
 

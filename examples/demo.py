@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker import Registry
-from examples.build_models import build_digits_torchscript, build_iris_mm_onnx, build_iris_onnx
+from examples.build_models import build_digits_export, build_iris_mm_onnx, build_iris_onnx
 from schemas.errors import MeshError
 from servemesh import MeshClient
 from servemesh.local import LocalMesh
@@ -58,7 +58,7 @@ async def _digits(client: MeshClient) -> None:
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    print("\ndigits (TorchScript) — a batch of 8 images in one request:")
+    print("\ndigits (torch.export) — a batch of 8 images in one request:")
     x = data.data[:8].astype(np.float32)
     reply = await client.infer_reply("digits", {"pixels": x})
     print(f"  predicted {reply.outputs['label'].tolist()}")
@@ -131,7 +131,7 @@ async def main() -> None:
     args = parser.parse_args()
     repo = Path(args.state) / "models"
     print(f"building example models in {repo} (first run trains them) ...")
-    for build, artifact in ((build_iris_onnx, "iris/1/model.onnx"), (build_digits_torchscript, "digits/1/model.pt"),
+    for build, artifact in ((build_iris_onnx, "iris/1/model.onnx"), (build_digits_export, "digits/1/model.pt2"),
                             (build_iris_mm_onnx, "iris_mm/1/model.onnx")):  # fmt: skip
         if not (repo / artifact).exists():
             build(repo)

@@ -62,6 +62,10 @@ class ModelSpec(BaseModel):
     # Batches one replica computes at once (Triton's instance count), sharing one loaded copy of the
     # model and the runtime's threads: each batch gets fewer threads, but none waits on another's.
     instances: int = Field(default=1, ge=1, le=16)
+    # The float precision a torch model computes in: its weights and float inputs are cast on load and
+    # per batch, its float outputs cast back to the declared dtypes (fp16 and bf16 halve memory and
+    # use tensor cores on CUDA; bf16 keeps fp32's range). ONNX models carry their own precision.
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     inputs: list[TensorSpec] = []
     outputs: list[TensorSpec] = []
     priorities: list[Priority] = list(PRIORITIES)
@@ -95,6 +99,10 @@ class ModelSpec(BaseModel):
             raise ValueError(f"default_version {self.default_version!r} is not among the versions")
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas {self.min_replicas} exceeds max_replicas {self.max_replicas}")
+        onnx = sorted(v for v, vspec in self.versions.items() if vspec.format == "onnx")
+        if self.precision != "fp32" and onnx:
+            raise ValueError(f"precision {self.precision} applies to torch models; ONNX version(s) {', '.join(onnx)} "
+                             "carry their own (convert the model to float16 instead)")  # fmt: skip
         unknown = set(self.placement) - set(self.priorities)
         if unknown:
             raise ValueError(f"placement names priorities the model does not serve: {sorted(unknown)}")

@@ -45,9 +45,11 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shared repository of example models (built once per session)."""
     repo = tmp_path_factory.mktemp("models")
     build_models.build_iris_onnx(repo)
+    build_models.build_digits_export(repo)
     build_models.build_digits_torchscript(repo)
     build_models.build_fixed_shape_onnx(repo)
     build_models.build_torch_double(repo)
+    build_models.build_torch_double(repo, "double_ex", fmt="torch_export")
     build_models.build_mlp_onnx(repo, d_in=64, hidden=256, d_out=32)
     for dtype in ("float32", "float16", "float64", "int8", "int32", "int64", "uint8", "uint64", "bool", "string"):
         build_models.build_identity_onnx(repo, f"identity_{dtype}", dtype)

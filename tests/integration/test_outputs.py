@@ -32,26 +32,70 @@ async def test_iris_onnx_matches_direct_call(nats_server: NatsServer, model_repo
     assert outputs["label"].dtype == np.int64
 
 
-async def test_digits_torchscript_matches_direct_call(
-    nats_server: NatsServer, model_repo: Path, client: MeshClient
-) -> None:
+# The digits MLP (same weights) in each torch format: torch_export, and TorchScript (deprecated by torch).
+DIGITS = {"digits": "model.pt2", "digits_ts": "model.pt"}
+DOUBLES = {"double_ex": "model.pt2", "double_ts": "model.pt"}
+
+
+def direct_torch(path: Path, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The model at ``path`` called directly: an exported program's module, a compiled AOTInductor
+    package, or a TorchScript module."""
     import torch
+
+    from workers.runtimes.torch_export import pt2_kind
+
+    if path.suffix != ".pt2":
+        module = torch.jit.load(str(path))
+    elif pt2_kind(path) == "aoti":
+        module = torch._inductor.aoti_load_package(str(path))
+    else:
+        module = torch.export.load(str(path)).module()
+    with torch.inference_mode():
+        result = module(*(torch.from_numpy(x) for x in inputs))
+    return tuple(r.numpy() for r in (result if isinstance(result, (tuple, list)) else (result,)))
+
+
+@pytest.mark.parametrize("name", list(DIGITS))
+async def test_digits_on_torch_matches_direct_call(
+    nats_server: NatsServer, model_repo: Path, client: MeshClient, name: str
+) -> None:
     from sklearn.datasets import load_digits
 
     x = load_digits().data.astype(np.float32)[:20]
-    async with serving(nats_server.url, model_repo, ["digits"]):
-        outputs = await client.infer("digits", {"pixels": x})
-    module = torch.jit.load(str(model_repo / "digits" / "1" / "model.pt"))
-    with torch.inference_mode():
-        logits, label = module(torch.from_numpy(x))
-    np.testing.assert_allclose(outputs["logits"], logits.numpy(), rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(outputs["label"], label.numpy())
+    async with serving(nats_server.url, model_repo, [name]):
+        outputs = await client.infer(name, {"pixels": x})
+    logits, label = direct_torch(model_repo / name / "1" / DIGITS[name], x)
+    np.testing.assert_allclose(outputs["logits"], logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(outputs["label"], label)
+    assert outputs["logits"].dtype == np.float32 and outputs["label"].dtype == np.int64
 
 
-async def test_torchscript_with_two_instances_matches_direct_call(
-    nats_server: NatsServer, model_repo: Path, tmp_path: Path, client: MeshClient
+async def test_torch_export_batches_of_one_and_many_match_direct_call(
+    nats_server: NatsServer, model_repo: Path, client: MeshClient
 ) -> None:
-    """Two batches at once through one TorchScript module: every image still gets its own answer."""
+    """The exported batch axis is dynamic: a batch of 1, of 64 (max_batch_size) and whatever the
+    worker forms from single requests all run, and every row gets its own answer."""
+    from sklearn.datasets import load_digits
+
+    x = load_digits().data.astype(np.float32)[:128]
+    async with serving(nats_server.url, model_repo, ["digits"]) as worker:
+        one = await client.infer("digits", {"pixels": x[:1]})
+        full = await client.infer("digits", {"pixels": x[:64]})
+        singles = await asyncio.gather(*(client.infer("digits", {"pixels": x[i : i + 1]}) for i in range(len(x))))
+        stats = worker.servers[("digits", "1")].stats
+    logits, label = direct_torch(model_repo / "digits" / "1" / "model.pt2", x)
+    np.testing.assert_allclose(one["logits"], logits[:1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(full["logits"], logits[:64], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([o["logits"] for o in singles]), logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.concatenate([o["label"] for o in singles]), label)
+    assert stats.batches < 2 + len(x)  # the single requests were batched together
+
+
+@pytest.mark.parametrize("name", list(DIGITS))
+async def test_torch_with_two_instances_matches_direct_call(
+    nats_server: NatsServer, model_repo: Path, tmp_path: Path, client: MeshClient, name: str
+) -> None:
+    """Two batches at once through one torch module: every image still gets its own answer."""
     import shutil
 
     import torch
@@ -59,31 +103,88 @@ async def test_torchscript_with_two_instances_matches_direct_call(
 
     from tests.conftest import set_config, unique
 
-    name = unique("digits")
-    shutil.copytree(model_repo / "digits", tmp_path / name)
-    set_config(tmp_path / name, instances=2, max_batch_size=8, max_delay_ms=1)
+    copy = unique(name)
+    shutil.copytree(model_repo / name, tmp_path / copy)
+    set_config(tmp_path / copy, instances=2, max_batch_size=8, max_delay_ms=1)
     x = load_digits().data.astype(np.float32)[:200]
     threads = torch.get_num_threads()
     try:
-        async with serving(nats_server.url, tmp_path, [name]) as worker:
-            outputs = await asyncio.gather(*(client.infer(name, {"pixels": x[i : i + 1]}) for i in range(len(x))))
-            stats = worker.servers[(name, "1")].stats
+        async with serving(nats_server.url, tmp_path, [copy]) as worker:
+            outputs = await asyncio.gather(*(client.infer(copy, {"pixels": x[i : i + 1]}) for i in range(len(x))))
+            stats = worker.servers[(copy, "1")].stats
     finally:
         torch.set_num_threads(threads)  # the runtime divided the process's torch threads between instances
-    module = torch.jit.load(str(model_repo / "digits" / "1" / "model.pt"))
-    with torch.inference_mode():
-        logits, label = module(torch.from_numpy(x))
-    np.testing.assert_allclose(np.concatenate([o["logits"] for o in outputs]), logits.numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(np.concatenate([o["label"] for o in outputs]), label.numpy())
+    logits, label = direct_torch(model_repo / name / "1" / DIGITS[name], x)
+    np.testing.assert_allclose(np.concatenate([o["logits"] for o in outputs]), logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.concatenate([o["label"] for o in outputs]), label)
     assert stats.batches < len(x) and stats.peak_computing == 2
 
 
-async def test_torchscript_float64(nats_server: NatsServer, model_repo: Path, client: MeshClient) -> None:
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+async def test_torch_export_precision_is_close_to_fp32_direct_call(
+    nats_server: NatsServer, model_repo: Path, tmp_path: Path, client: MeshClient, precision: str
+) -> None:
+    """``precision`` in servemesh.yaml: computed in half precision (both work on CPU in torch 2.13),
+    answered in the declared float32. TorchScript's precision: tests/unit/test_torch_runtimes.py."""
+    import shutil
+
+    from sklearn.datasets import load_digits
+
+    from tests.conftest import set_config, unique
+
+    name = "digits"
+    copy = unique(name)
+    shutil.copytree(model_repo / name, tmp_path / copy)
+    set_config(tmp_path / copy, precision=precision)
+    x = load_digits().data.astype(np.float32)[:64]
+    async with serving(nats_server.url, tmp_path, [copy]):
+        outputs = await client.infer(copy, {"pixels": x})
+    logits, label = direct_torch(model_repo / name / "1" / DIGITS[name], x)
+    assert outputs["logits"].dtype == np.float32
+    assert not np.array_equal(outputs["logits"], logits)  # it did compute in another precision
+    # bf16 keeps 8 bits of mantissa, fp16 11: on logits up to ~30, bf16 is off by ~0.1, fp16 by ~0.02.
+    np.testing.assert_allclose(outputs["logits"], logits, rtol=0, atol=0.25 if precision == "bf16" else 0.05)
+    assert np.mean(outputs["label"] == label) >= 0.95
+
+
+@pytest.mark.parametrize("name", list(DOUBLES))
+async def test_torch_float64(nats_server: NatsServer, model_repo: Path, client: MeshClient, name: str) -> None:
     x = np.linspace(-3, 3, 14, dtype=np.float64).reshape(2, 7)
-    async with serving(nats_server.url, model_repo, ["double_ts"]):
-        outputs = await client.infer("double_ts", {"x": x})
+    async with serving(nats_server.url, model_repo, [name]):
+        outputs = await client.infer(name, {"x": x})
     assert outputs["y"].dtype == np.float64
     np.testing.assert_array_equal(outputs["y"], x * 2)
+    np.testing.assert_array_equal(outputs["y"], direct_torch(model_repo / name / "1" / DOUBLES[name], x)[0])
+
+
+@pytest.fixture(scope="module")
+def aoti_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits MLP compiled by AOTInductor (a C++ compiler and half a minute, once per module)."""
+    from examples.build_models import build_digits_export
+
+    repo = tmp_path_factory.mktemp("aoti")
+    build_digits_export(repo, "digits_aoti", aoti=True)
+    return repo
+
+
+async def test_aoti_package_matches_direct_call(
+    nats_server: NatsServer, model_repo: Path, aoti_repo: Path, client: MeshClient
+) -> None:
+    from sklearn.datasets import load_digits
+
+    x = load_digits().data.astype(np.float32)[:40]
+    async with serving(nats_server.url, aoti_repo, ["digits_aoti"]) as worker:
+        one = await client.infer("digits_aoti", {"pixels": x[:1]})
+        many = await client.infer("digits_aoti", {"pixels": x})
+        kind = worker.servers[("digits_aoti", "1")].runtime.kind
+    assert kind == "aoti"
+    logits, label = direct_torch(aoti_repo / "digits_aoti" / "1" / "model.pt2", x)
+    np.testing.assert_allclose(many["logits"], logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(one["logits"], logits[:1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(many["label"], label)
+    # The same weights as the exported program, compiled: equal up to the order of float sums.
+    program_logits, _ = direct_torch(model_repo / "digits" / "1" / "model.pt2", x)
+    np.testing.assert_allclose(many["logits"], program_logits, rtol=1e-4, atol=1e-4)
 
 
 async def test_fixed_shape_model_with_two_inputs(nats_server: NatsServer, model_repo: Path, client: MeshClient) -> None:

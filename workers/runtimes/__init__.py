@@ -13,7 +13,7 @@ from workers.runtimes.base import Runtime, RuntimeFactory, Tensors
 __all__ = ["ARTIFACT_NAMES", "Runtime", "RuntimeFactory", "Tensors", "load_runtime", "runtime_threads"]
 
 # The file a repository holds for each built-in format.
-ARTIFACT_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+ARTIFACT_NAMES = {"onnx": "model.onnx", "torch_export": "model.pt2", "torchscript": "model.pt"}
 
 
 def _builtin(fmt: str) -> RuntimeFactory | None:
@@ -25,6 +25,10 @@ def _builtin(fmt: str) -> RuntimeFactory | None:
         from workers.runtimes.torchscript import TorchScriptRuntime
 
         return TorchScriptRuntime
+    if fmt == "torch_export":
+        from workers.runtimes.torch_export import TorchExportRuntime
+
+        return TorchExportRuntime
     return None
 
 

@@ -1,4 +1,5 @@
-"""TorchScript models on torch.jit: inputs and outputs come from the model's servemesh.yaml."""
+"""TorchScript models (``model.pt``) on torch.jit, which torch deprecates: new models should be
+exported with torch.export (format ``torch_export``). Inputs and outputs come from servemesh.yaml."""
 
 from __future__ import annotations
 
@@ -6,51 +7,41 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from schemas.errors import ModelFailure
-from schemas.spec import ModelSpec, TensorSpec
+from schemas.spec import ModelSpec
 from workers.runtimes.base import Tensors
+from workers.runtimes.torch_io import TorchIO, check_declared, full_shapes, torch_device
 
 __all__ = ["TorchScriptRuntime"]
 
 log = logging.getLogger(__name__)
 
 
-def _full_shapes(tensors: list[TensorSpec], batched: bool) -> list[TensorSpec]:
-    if not batched:
-        return list(tensors)
-    return [t.model_copy(update={"shape": (-1, *t.shape)}) for t in tensors]
-
-
 class TorchScriptRuntime:
     def __init__(self, artifact: Path, spec: ModelSpec, threads: int = 0, device: str = "cpu") -> None:
-        import torch  # an optional extra: only hosts serving TorchScript need it
+        import torch  # an optional extra: only hosts serving torch models need it
 
-        if not spec.inputs or not spec.outputs:
-            raise ModelFailure(f"{spec.name}: a TorchScript model must declare inputs and outputs in servemesh.yaml")
+        check_declared(spec, "TorchScript")
+        self._torch = torch
+        self._io = TorchIO(spec, torch_device(device, spec.name))
         if threads:
             torch.set_num_threads(threads)
-        self._torch = torch
-        self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            self._module = torch.jit.load(str(artifact), map_location=self._device).eval()  # type: ignore[no-untyped-call]
+            module = torch.jit.load(str(artifact), map_location=self._io.device)  # type: ignore[no-untyped-call]
         except Exception as exc:
             raise ModelFailure(f"torch cannot load {artifact.name}: {exc}", model=spec.name) from exc
-        log.info("loaded %s on %s", artifact, self._device)
+        if self._io.compute is not None:
+            module = module.to(self._io.compute)
+        self._module = module.eval()
+        log.info("loaded %s on %s (%s)", artifact, self._io.device, spec.precision)
         batched = spec.max_batch_size > 0
-        self.inputs = _full_shapes(spec.inputs, batched)
-        self.outputs = _full_shapes(spec.outputs, batched)
+        self.inputs = full_shapes(spec.inputs, batched)
+        self.outputs = full_shapes(spec.outputs, batched)
 
     def predict(self, inputs: Tensors) -> Tensors:
-        torch = self._torch
-        args = [torch.from_numpy(np.array(inputs[t.name], copy=True)).to(self._device) for t in self.inputs]
-        with torch.inference_mode():
-            result: Any = self._module(*args)
-        values = result if isinstance(result, (tuple, list)) else (result,)
-        if len(values) != len(self.outputs):
-            raise ModelFailure(f"model returned {len(values)} outputs, servemesh.yaml declares {len(self.outputs)}")
-        return {t.name: v.detach().cpu().numpy() for t, v in zip(self.outputs, values, strict=True)}
+        with self._torch.inference_mode():
+            result: Any = self._module(*self._io.to_device(inputs))
+            return self._io.to_host(result)
 
     def close(self) -> None:
         del self._module
