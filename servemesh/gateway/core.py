@@ -27,7 +27,7 @@ from schemas.spec import ModelSpec, TensorSpec
 from schemas.subjects import PRIORITIES, claims_bucket_of
 from servemesh.client import MeshClient
 
-__all__ = ["Caller", "Gateway", "GatewaySettings", "Unauthenticated", "grpc_code"]
+__all__ = ["Caller", "Gateway", "GatewaySettings", "Unauthenticated", "grpc_code", "model_config", "platform_of"]
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,33 @@ class Gateway:
                 total["compute_s"] += float(st.get("busy_s", 0.0))
         return totals
 
+    async def statistics(self, caller: Caller, model: str | None, version: str | None) -> list[dict[str, Any]]:
+        """Triton's statistics documents: one model's (``version``: only that one's) or every visible model's."""
+        specs = [await self.spec(caller, model, version)] if model else await self.models(caller)
+        out = []
+        for spec in specs:
+            for ver, totals in sorted((await self.stats(spec)).items()):
+                if version not in (None, ver):
+                    continue
+                out.append({
+                    "name": spec.name, "version": ver, "inference_count": totals["rows"],
+                    "execution_count": totals["batches"],
+                    "inference_stats": {"success": {"count": totals["success"]}, "fail": {"count": totals["fail"]},
+                                        "compute_infer": {"ns": int(totals["compute_s"] * 1e9)}},
+                })  # fmt: skip
+        return out
+
+    async def index(self, caller: Caller, ready_only: bool = False) -> list[dict[str, str]]:
+        """The repository extension's index: each version of each model the caller may see, READY or not."""
+        out = []
+        for spec in await self.models(caller):
+            ready = await self.ready_versions(spec)
+            for ver in sorted(spec.versions):
+                state = "READY" if ready.get(ver) else "UNAVAILABLE"
+                if state == "READY" or not ready_only:
+                    out.append({"name": spec.name, "version": ver, "state": state})
+        return out
+
     async def load(self, caller: Caller, model: str, timeout: float = 60.0) -> None:
         """The repository extension's load: at least one replica, and wait until one is ready."""
         spec = await self.spec(caller, model)
@@ -315,6 +342,32 @@ def _fit(spec: ModelSpec, name: str, array: np.ndarray[Any, Any]) -> np.ndarray[
 
 def _plausible(model: str) -> bool:
     return 0 < len(model) <= 128 and all(c.isalnum() or c in "_-" for c in model)
+
+
+def platform_of(spec: ModelSpec, wanted: str | None) -> str:
+    """Triton's platform name for the format of a model's version (the default version's without one)."""
+    fmt = spec.versions[wanted or spec.resolve_version(None)].format
+    return {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}.get(fmt, fmt)
+
+
+def model_config(spec: ModelSpec) -> dict[str, Any]:
+    """Triton's model configuration document (what perf_analyzer and tritonclient read), in its JSON form."""
+    batched = spec.max_batch_size > 0
+
+    def tensors(meta: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"name": t["name"], "data_type": "TYPE_STRING" if t["datatype"] == "BYTES" else f"TYPE_{t['datatype']}",
+                 "dims": t["shape"][1:] if batched else t["shape"]} for t in meta]  # fmt: skip
+
+    config: dict[str, Any] = {
+        "name": spec.name, "platform": platform_of(spec, None), "backend": "servemesh",
+        "max_batch_size": spec.max_batch_size,
+        "input": tensors(tensor_metadata(spec.inputs, batched)),
+        "output": tensors(tensor_metadata(spec.outputs, batched)),
+        "instance_group": [{"count": spec.instances, "kind": "KIND_AUTO"}],
+    }  # fmt: skip
+    if batched:
+        config["dynamic_batching"] = {"max_queue_delay_microseconds": int(spec.max_delay_ms * 1000)}
+    return config
 
 
 def tensor_metadata(tensors: list[TensorSpec], batched: bool) -> list[dict[str, Any]]:

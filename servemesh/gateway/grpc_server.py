@@ -9,13 +9,14 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from schemas.errors import BadInput, MeshError
-from servemesh.gateway.core import Caller, Gateway, grpc_code, tensor_metadata
+from servemesh.gateway.core import Caller, Gateway, grpc_code, model_config, platform_of, tensor_metadata
 from servemesh.gateway.proto import grpc_predict_v2_pb2 as pb
 from servemesh.gateway.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from servemesh.gateway.rest import EXTENSIONS, _platform, _server_version
+from servemesh.gateway.rest import EXTENSIONS, _server_version
 from servemesh.gateway.tensors import contents_field, from_binary, from_contents, to_binary
 
 __all__ = ["add_services", "set_serving"]
@@ -91,7 +92,7 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
 
             return pb.ModelMetadataResponse(
                 name=spec.name, versions=[wanted] if wanted else sorted(spec.versions),
-                platform=_platform(spec, wanted), inputs=tensors(tensor_metadata(spec.inputs, batched)),
+                platform=platform_of(spec, wanted), inputs=tensors(tensor_metadata(spec.inputs, batched)),
                 outputs=tensors(tensor_metadata(spec.outputs, batched)),
             )  # fmt: skip
 
@@ -114,6 +115,44 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
                                                                                 shape=shape))  # fmt: skip
                 response.raw_output_contents.append(raw)
             return response
+
+        return await self._guarded(context, work)
+
+    # -- Triton's extensions: the same documents as REST's, parsed into Triton's messages ----------
+
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> Any:
+            spec = await self.gateway.spec(await self._caller(context), request.name, request.version or None)
+            return pb.ModelConfigResponse(config=json_format.ParseDict(model_config(spec), pb.ModelConfig()))
+
+        return await self._guarded(context, work)
+
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> Any:
+            caller = await self._caller(context)
+            stats = await self.gateway.statistics(caller, request.name or None, request.version or None)
+            return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
+
+        return await self._guarded(context, work)
+
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> Any:
+            index = await self.gateway.index(await self._caller(context), request.ready)
+            return json_format.ParseDict({"models": index}, pb.RepositoryIndexResponse())
+
+        return await self._guarded(context, work)
+
+    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> Any:
+            await self.gateway.load(await self._caller(context), request.model_name)
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._guarded(context, work)
+
+    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> Any:
+            await self.gateway.unload(await self._caller(context), request.model_name)
+            return pb.RepositoryModelUnloadResponse()
 
         return await self._guarded(context, work)
 

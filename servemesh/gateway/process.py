@@ -42,6 +42,8 @@ def check_gateway_settings(gw: GatewaySettings) -> KeyFile | None:
             raise ValueError(f"{path}: no such file")
     if gw.http_port < 0 and gw.grpc_port < 0:
         raise ValueError("both listeners are off: give an HTTP or a gRPC port")
+    if gw.processes > 1 and 0 in (gw.http_port, gw.grpc_port):
+        raise ValueError("--processes above 1 needs fixed ports (not 0): the processes share them")
     return load_keys(gw.keys_file) if gw.keys_file is not None else None
 
 
@@ -117,8 +119,6 @@ def _start_helpers(gw: GatewaySettings, settings: Settings) -> list[subprocess.P
     """The other ``processes - 1`` gateway processes, on the same ports (this one's children)."""
     if gw.processes <= 1:
         return []
-    if gw.http_port == 0 or gw.grpc_port == 0:
-        raise ValueError("--processes above 1 needs fixed ports (not 0): the processes share them")
     own = gw.model_dump(exclude_none=True, exclude={"processes", "share_ports"})
     env = {**os.environ, **{f"SERVEMESH_GATEWAY_{k.upper()}": str(v) for k, v in own.items()},
            "SERVEMESH_GATEWAY_SHARE_PORTS": "1", "SERVEMESH_NATS_URL": settings.nats_url}  # fmt: skip

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from schemas.errors import BadInput, MeshError
 from schemas.spec import ModelSpec
-from servemesh.gateway.core import Caller, Gateway, tensor_metadata
+from servemesh.gateway.core import Caller, Gateway, model_config, platform_of, tensor_metadata
 from servemesh.gateway.tensors import from_binary, from_json, to_binary, to_json
 
 __all__ = ["EXTENSIONS", "rest_app"]
@@ -85,18 +85,21 @@ class _Routes:
     async def server(self, request: web.Request) -> web.Response:
         return _json({"name": "servemesh", "version": _server_version(), "extensions": EXTENSIONS})
 
+    # Health answers carry the spec's bodies ({"live": ...}, {"ready": ...}) beside their status codes:
+    # Triton's clients read the status, KServe's the body.
     async def live(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
+        return _json({"live": True})
 
     async def ready(self, request: web.Request) -> web.Response:
-        return web.Response(status=200 if self.gateway.connected else 503)
+        ready = self.gateway.connected
+        return _json({"ready": ready}, 200 if ready else 503)
 
     async def metadata(self, request: web.Request) -> web.Response:
         _, spec, wanted = await self._spec(request)
         batched = spec.max_batch_size > 0
         return _json({
             "name": spec.name, "versions": [wanted] if wanted else sorted(spec.versions),
-            "platform": _platform(spec, wanted), "inputs": tensor_metadata(spec.inputs, batched),
+            "platform": platform_of(spec, wanted), "inputs": tensor_metadata(spec.inputs, batched),
             "outputs": tensor_metadata(spec.outputs, batched),
         })  # fmt: skip
 
@@ -104,52 +107,25 @@ class _Routes:
         _, spec, wanted = await self._spec(request)
         ready = await self.gateway.ready_versions(spec)
         is_ready = ready.get(wanted, 0) > 0 if wanted else any(ready.values())
-        return web.Response(status=200 if is_ready else 503)
+        return _json({"name": spec.name, "ready": is_ready}, 200 if is_ready else 503)
 
     async def config(self, request: web.Request) -> web.Response:
         _, spec, _ = await self._spec(request)
-        batched = spec.max_batch_size > 0
-
-        def tensors(meta: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            return [{"name": t["name"], "data_type": _config_type(t["datatype"]),
-                     "dims": t["shape"][1:] if batched else t["shape"]} for t in meta]  # fmt: skip
-
-        return _json({
-            "name": spec.name, "platform": _platform(spec, None), "backend": "servemesh",
-            "max_batch_size": spec.max_batch_size,
-            "input": tensors(tensor_metadata(spec.inputs, batched)),
-            "output": tensors(tensor_metadata(spec.outputs, batched)),
-            "dynamic_batching": {"max_queue_delay_microseconds": int(spec.max_delay_ms * 1000)} if batched else None,
-            "instance_group": [{"count": spec.instances, "kind": "KIND_AUTO"}],
-        })  # fmt: skip
+        return _json(model_config(spec))
 
     async def stats(self, request: web.Request) -> web.Response:
-        caller = await self._caller(request)
-        if "model" in request.match_info:
-            specs = [await self.gateway.spec(caller, request.match_info["model"], request.match_info.get("version"))]
-        else:
-            specs = await self.gateway.models(caller)
-        out = []
-        for spec in specs:
-            for ver, totals in sorted((await self.gateway.stats(spec)).items()):
-                if request.match_info.get("version") not in (None, ver):
-                    continue
-                out.append({
-                    "name": spec.name, "version": ver, "inference_count": totals["rows"],
-                    "execution_count": totals["batches"],
-                    "inference_stats": {"success": {"count": totals["success"]}, "fail": {"count": totals["fail"]},
-                                        "compute_infer": {"ns": int(totals["compute_s"] * 1e9)}},
-                })  # fmt: skip
-        return _json({"model_stats": out})
+        caller, match = await self._caller(request), request.match_info
+        stats = await self.gateway.statistics(caller, match.get("model"), match.get("version"))
+        return _json({"model_stats": stats})
 
     async def index(self, request: web.Request) -> web.Response:
-        caller = await self._caller(request)
-        out = []
-        for spec in await self.gateway.models(caller):
-            ready = await self.gateway.ready_versions(spec)
-            for ver in sorted(spec.versions):
-                out.append({"name": spec.name, "version": ver, "state": "READY" if ready.get(ver) else "UNAVAILABLE"})
-        return _json(out)
+        body = await _body(request)
+        try:
+            doc = orjson.loads(body) if body.strip() else {}
+        except orjson.JSONDecodeError as exc:
+            raise BadInput(f"the request body is not JSON: {exc}") from None
+        ready_only = _dict(doc, "the request body").get("ready", False) is True
+        return _json(await self.gateway.index(await self._caller(request), ready_only))
 
     async def load(self, request: web.Request) -> web.Response:
         await self.gateway.load(await self._caller(request), request.match_info["model"])
@@ -191,16 +167,6 @@ class _Routes:
         if chunks:
             headers = {"Content-Type": "application/octet-stream", _HEADER_LENGTH: str(len(encoded))}
         return _compressed(request, encoded + b"".join(chunks), headers)
-
-
-def _config_type(datatype: str) -> str:
-    """A model configuration's type name for an OIP datatype (Triton's: TYPE_FP32, TYPE_STRING, ...)."""
-    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
-
-
-def _platform(spec: ModelSpec, wanted: str | None) -> str:
-    fmt = spec.versions[wanted or spec.resolve_version(None)].format
-    return {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}.get(fmt, fmt)
 
 
 async def _body(request: web.Request) -> bytes:
@@ -256,7 +222,7 @@ def _inputs(tensors: list[Any], binary: memoryview) -> dict[str, np.ndarray[Any,
         elif "data" in tensor:
             inputs[name] = from_json(name, datatype, shape, tensor["data"])
         else:
-            raise BadInput(f"input {name!r}: no data (neither \"data\" nor parameters.binary_data_size)")
+            raise BadInput(f'input {name!r}: no data (neither "data" nor parameters.binary_data_size)')
     if offset != len(binary):
         raise BadInput(f"{len(binary) - offset} bytes of binary data belong to no input")
     return inputs
@@ -300,4 +266,3 @@ def rest_app(gateway: Gateway) -> web.Application:
     app.router.add_post("/v2/repository/models/{model}/load", routes.load)
     app.router.add_post("/v2/repository/models/{model}/unload", routes.unload)
     return app
-

@@ -209,8 +209,9 @@ async def test_raw_json_as_curl_sends_it(mesh: Gateway, model_repo: Path) -> Non
     status, doc = await _post(mesh, "/v2/models/iris/infer", zipped, {"Content-Encoding": "gzip"})
     assert status == 200, doc
     assert (await _get(mesh, "/v2"))[1]["name"] == "servemesh"
-    assert (await _get(mesh, "/v2/health/live"))[0] == 200
-    assert (await _get(mesh, "/v2/models/iris/versions/1/ready"))[0] == 200
+    assert await _get(mesh, "/v2/health/live") == (200, {"live": True})
+    assert await _get(mesh, "/v2/health/ready") == (200, {"ready": True})
+    assert await _get(mesh, "/v2/models/iris/versions/1/ready") == (200, {"name": "iris", "ready": True})
 
     async def counted() -> bool:  # the counters come with the workers' heartbeats
         status, stats = await _get(mesh, "/v2/models/iris/stats")
@@ -219,6 +220,89 @@ async def test_raw_json_as_curl_sends_it(mesh: Gateway, model_repo: Path) -> Non
     await wait_for(counted, 15, "iris's statistics")
     status, index = await _post(mesh, "/v2/repository/index", {})
     assert status == 200 and {"name": "iris", "version": "1", "state": "READY"} in index
+
+
+async def test_tritonclient_grpc_config_statistics_and_repository(mesh: Gateway) -> None:
+    rows = _iris_rows()
+
+    def call() -> None:
+        client = triton_grpc.InferenceServerClient(mesh.grpc)
+        config = client.get_model_config("iris", as_json=True)["config"]
+        assert config["name"] == "iris" and config["platform"] == "onnxruntime_onnx"
+        assert config["max_batch_size"] > 0 and config["input"] == [{"name": "input", "data_type": "TYPE_FP32",
+                                                                     "dims": ["4"]}]  # fmt: skip
+        assert {o["name"] for o in config["output"]} == {"probabilities", "label"}
+        inp = triton_grpc.InferInput("input", list(rows.shape), "FP32")
+        inp.set_data_from_numpy(rows)
+        client.infer("iris", [inp])
+        index = client.get_model_repository_index(as_json=True)["models"]
+        assert {"name": "iris", "version": "1", "state": "READY"} in index
+        client.load_model("iris")  # ready already: returns at once
+        for call, args in ((client.get_model_config, ("nope",)), (client.unload_model, ("nope",)),
+                           (client.get_inference_statistics, ("nope",))):  # fmt: skip
+            with pytest.raises(InferenceServerException) as info:
+                call(*args)
+            assert "NOT_FOUND" in str(info.value.status()), call
+        deadline = time.monotonic() + 15  # the counters come with the workers' heartbeats
+        while True:
+            stats = client.get_inference_statistics("iris", as_json=True)["model_stats"]
+            if stats and int(stats[0]["inference_stats"]["success"].get("count", 0)) >= 1:
+                break
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.3)
+        assert stats[0]["name"] == "iris" and stats[0]["version"] == "1"
+        client.close()
+
+    await asyncio.to_thread(call)
+
+
+async def test_repository_extension_over_rest(mesh: Gateway) -> None:
+    status, index = await _post(mesh, "/v2/repository/index", {"ready": True})
+    assert status == 200 and {"name": "iris", "version": "1", "state": "READY"} in index
+    assert all(entry["state"] == "READY" for entry in index)
+    assert (await _post(mesh, "/v2/repository/index", b""))[0] == 200  # Triton's clients may send no body
+    status, doc = await _post(mesh, "/v2/repository/index", b"[1,")
+    assert status == 400 and "JSON" in doc["error"]
+    assert (await _post(mesh, "/v2/repository/models/iris/load", {}))[0] == 200
+    status, doc = await _post(mesh, "/v2/repository/models/nope/unload", {})
+    assert status == 404 and "nope" in doc["error"]
+    status, config = await _get(mesh, "/v2/models/iris/config")
+    assert status == 200 and config["dynamic_batching"]["max_queue_delay_microseconds"] >= 0
+
+
+# The KServe SDK pins protobuf below what servemesh's generated gRPC code needs: it gets a venv of its own.
+KSERVE = "kserve==0.21.0"
+KSERVE_VENV = ROOT / ".servemesh" / "kserve-client-venv"
+
+
+def _kserve_python() -> Path:
+    python = KSERVE_VENV / "bin" / "python"
+    stamp = KSERVE_VENV / f".{KSERVE}"
+    if not stamp.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(KSERVE_VENV)], check=True, timeout=120)
+        done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", KSERVE], capture_output=True,
+                              text=True, timeout=900)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        stamp.touch()
+    return python
+
+
+async def test_kserve_sdk_rest_client(mesh: Gateway, model_repo: Path) -> None:
+    python = await asyncio.to_thread(_kserve_python)
+    rows = _iris_rows()
+    expected = _direct(model_repo, rows)
+    done = await asyncio.to_thread(subprocess.run, [str(python), str(ROOT / "tests/integration/kserve_client.py"),
+                                   mesh.http], input=json.dumps(rows.tolist()), capture_output=True, text=True,
+                                   timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["ready"] is True and seen["model_ready"] is True
+    for binary in (True, False):
+        answer = seen[f"binary={binary}"]
+        assert answer["id"] == f"ks-{binary}"
+        np.testing.assert_allclose(answer["outputs"]["probabilities"], expected["probabilities"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(answer["outputs"]["label"], expected["label"])
+    assert seen["unknown"]["status"] == 404 and "nope" in seen["unknown"]["message"]
 
 
 @pytest.mark.parametrize(("path", "body", "status", "says"), [
@@ -321,11 +405,66 @@ async def test_gateway_mistakes_are_one_line(nats_server: NatsServer, tmp_path: 
         (["--tls-cert", str(bad)], "--tls-key"),
         (["--http-port", "-1", "--grpc-port", "-1"], "both listeners are off"),
         (["--http-port", "70000"], "a port is"),
+        (["--http-port", "0", "--processes", "2"], "fixed ports"),
     ):
         done = subprocess.run([sys.executable, "-m", "servemesh", "gateway", "--nats", nats_server.url, *args],
                               cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
         assert done.returncode == 2, (args, done.stderr)
         assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a process that ended meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a listening TCP socket on ``port`` (from /proc: its fds and the socket table)."""
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                listening.add(cols[9])
+    owned = {os.readlink(fd).removeprefix("socket:[").removesuffix("]") for fd in Path(f"/proc/{pid}/fd").iterdir()}
+    return bool(listening & owned)
+
+
+async def test_processes_share_the_ports(mesh: Gateway, nats_server: NatsServer) -> None:
+    from tests.integration.secure_mesh import free_ports
+
+    http_port, grpc_port = free_ports(2)
+    args = [sys.executable, "-m", "servemesh", "gateway", "--nats", nats_server.url, "--processes", "3",
+            "--http-port", str(http_port), "--grpc-port", str(grpc_port)]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    gateway = Gateway(proc, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
+    try:
+
+        async def all_listening() -> bool:
+            pids = [proc.pid, *_children(proc.pid)]
+            return len(pids) == 3 and all(_listens_on(p, port) for p in pids for port in (http_port, grpc_port))
+
+        await wait_for(all_listening, 60, "three gateway processes on both ports")
+        body = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
+        for _ in range(30):  # new connections each time: the kernel spreads them over the processes
+            status, doc = await _post(gateway, "/v2/models/iris/infer", body)
+            assert status == 200, doc
+        client = triton_grpc.InferenceServerClient(gateway.grpc)
+        assert await asyncio.to_thread(client.is_model_ready, "iris")
+        client.close()
+        children = _children(proc.pid)
+    finally:
+        stop(gateway)
+    assert proc.returncode == 0
+    for child in children:  # the first process stops the others
+        assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
 
 
 async def test_both_listeners_speak_tls(nats_server: NatsServer, model_repo: Path, tmp_path: Path) -> None:

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 PROTO = "servemesh/gateway/proto/grpc_predict_v2.proto"
 PROTO_DIR = REPO / "servemesh/gateway/proto"
 GENERATED = ("grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi", "grpc_predict_v2_pb2_grpc.py")
-RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+        "ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")
 
 # Imports the given modules and prints a FileDescriptorSet of their files, dependencies first.
 _DUMP = """
