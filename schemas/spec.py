@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from schemas.subjects import PRIORITIES, Priority, check_name
 from schemas.tensors import NUMERIC_DTYPES
 
-__all__ = ["ModelSpec", "TensorSpec", "VersionSpec"]
+__all__ = ["GpuBatching", "ModelSpec", "OnnxSettings", "TensorSpec", "VersionSpec"]
 
 _DTYPES = NUMERIC_DTYPES | {"bytes", "str"}
 
@@ -46,6 +46,31 @@ class VersionSpec(BaseModel):
     sha256: str | None = None
     size: int | None = None
     memory_mb: int | None = None
+
+
+class OnnxSettings(BaseModel):
+    """How onnxruntime runs the model on a CUDA device (on the CPU none of this applies)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Inputs staged in page-locked host buffers and bound, outputs bound to page-locked buffers where their
+    # shapes are known: one DMA each way per batch instead of pageable copies.
+    io_binding: bool = True
+    # Capture one CUDA graph per batch size (batches padded to a power of two): less launch overhead for
+    # small kernels; every node must run on CUDA, and inputs and outputs need fixed per-row shapes.
+    cuda_graphs: bool = False
+    # TensorRT's provider first (CUDA for the nodes it cannot take); engines are cached beside the artifact.
+    tensorrt: bool = False
+
+
+class GpuBatching(BaseModel):
+    """Batching on a GPU worker, in place of the model's own: GPUs want larger batches and several in flight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int | None = Field(default=None, ge=1, le=65536)
+    max_delay_ms: float | None = Field(default=None, ge=0)
+    instances: int | None = Field(default=None, ge=1, le=16)  # batches in flight on one device
 
 
 class ModelSpec(BaseModel):
@@ -89,6 +114,8 @@ class ModelSpec(BaseModel):
     # The tenant that owns the model (docs/security.md). A worker forwards a pipeline request only
     # to models of the same owner, and moves large payloads only through that owner's claims bucket.
     tenant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,52}$")
+    onnx: OnnxSettings = OnnxSettings()
+    gpu: GpuBatching = GpuBatching()
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
@@ -103,10 +130,22 @@ class ModelSpec(BaseModel):
         if self.precision != "fp32" and onnx:
             raise ValueError(f"precision {self.precision} applies to torch models; ONNX version(s) {', '.join(onnx)} "
                              "carry their own (convert the model to float16 instead)")  # fmt: skip
+        gpu_batch = self.gpu.max_batch_size
+        if gpu_batch is not None and (self.max_batch_size == 0 or gpu_batch < self.max_batch_size):
+            # Clients bundle up to max_batch_size requests; a GPU replica must take whatever they send.
+            raise ValueError(f"gpu.max_batch_size {self.gpu.max_batch_size} is below max_batch_size "
+                             f"{self.max_batch_size} (or the model is not batched)")  # fmt: skip
         unknown = set(self.placement) - set(self.priorities)
         if unknown:
             raise ValueError(f"placement names priorities the model does not serve: {sorted(unknown)}")
         return self
+
+    def on_device(self, kind: str) -> ModelSpec:
+        """The spec a replica on a device of ``kind`` ("cpu", "cuda") serves with: on a GPU, ``gpu``'s batching."""
+        if kind == "cpu":
+            return self
+        update = {k: v for k, v in self.gpu.model_dump().items() if v is not None}
+        return self.model_copy(update=update) if update else self
 
     def memory_of(self, version: str) -> int:
         """Memory (MiB) one replica of ``version`` is planned with."""
