@@ -113,6 +113,7 @@ def _check(settings: Settings) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from workers.device import DeviceError, gpu_budget_mb, resolve_device
     from workers.process import run_worker
 
     settings = _settings(args, http_port=args.http_port, http_host=args.http_host)
@@ -121,9 +122,24 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     models = Path(args.models) if args.models else None
     if models is not None and not models.is_dir():
         raise CliError(f"--models {models}: no such model repository")
+    try:  # CUDA's own variable, read here at the entry point like every setting
+        device = resolve_device(args.device, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        gpu_mb = gpu_budget_mb(device, args.gpu_memory_mb)
+    except DeviceError as exc:
+        raise CliError(str(exc)) from None
     with contextlib.suppress(KeyboardInterrupt):
-        run(run_worker(settings, models, args.id, memory_mb=args.memory_mb, labels=args.labels), settings.loop)
+        run(run_worker(settings, models, args.id, memory_mb=args.memory_mb, labels=args.labels, device=device,
+                       gpu_memory_mb=gpu_mb), settings.loop)  # fmt: skip
     return 0
+
+
+def _device(text: str) -> str:
+    from workers.device import parse_device
+
+    try:
+        return parse_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _cmd_router(args: argparse.Namespace) -> int:
@@ -378,7 +394,11 @@ def _parser() -> argparse.ArgumentParser:
     worker = command("worker", "serve what the router assigns (or, with --models, a repository as it is)")
     worker.add_argument("--models", help="serve every model of this repository instead of following the router")
     worker.add_argument("--id", type=_process_id, help="stable worker id (default: host-pid)")
-    worker.add_argument("--memory-mb", type=_positive(int), default=4096, help="memory budget for loaded models")
+    worker.add_argument("--memory-mb", type=_positive(int), default=4096, help="host memory budget for loaded models")
+    worker.add_argument("--device", type=_device, default="auto", help="cpu or cuda:N (CUDA_VISIBLE_DEVICES "
+                        "numbering); auto: cuda:0 where a GPU is visible and onnxruntime can use it, else cpu")
+    worker.add_argument("--gpu-memory-mb", type=_positive(int), help="GPU memory budget for loaded models "
+                        "(default: 90%% of what is free on the device at start)")  # fmt: skip
     worker.add_argument("--labels", type=kv_pairs, default={}, help="k=v,... (e.g. tier=fast,zone=a) for placement")
     worker.set_defaults(run=_cmd_worker)
 

@@ -21,6 +21,8 @@ from schemas.errors import MeshError
 from schemas.spec import ModelSpec
 from schemas.subjects import STREAM_INFER
 from workers.cancels import Cancellations
+from workers.device import CPU_DEVICE, Device
+from workers.footprint import Measured, MemoryMeter, rss_bytes
 from workers.jobs import JobBook
 from workers.model_server import ModelServer
 from workers.repository import read_repository
@@ -50,12 +52,18 @@ class Worker:
         memory_mb: int = 4096,
         labels: dict[str, str] | None = None,
         store: ArtifactStore | None = None,
+        device: Device = CPU_DEVICE,
+        gpu_memory_mb: int = 0,
     ) -> None:
         self.conn = conn
         self.store = store or ArtifactStore()
         self.id = worker_id or default_worker_id()
         self.memory_mb = memory_mb
-        self.labels = labels or {}
+        self.device = device
+        self.gpu_memory_mb = gpu_memory_mb if device.kind != "cpu" else 0
+        self.labels = {**device.labels, **(labels or {})}  # its own labels win over the device's
+        self.meter = MemoryMeter(device)
+        self.measured: dict[Key, Measured] = {}  # footprint of every version loaded here, as last measured
         self.servers: dict[Key, ModelServer] = {}
         self.failed: dict[str, str] = {}
         self.cached: set[Key] = set()  # versions loaded here before: their artifacts are on local disk
@@ -144,17 +152,20 @@ class Worker:
     async def load(self, spec: ModelSpec, version: str, priorities: Sequence[str]) -> bool:
         """Load, warm up, then start pulling; a failure is recorded and retried with backoff."""
         key, label = (spec.name, version), f"{spec.name}:{version}"
+        spec = spec.on_device(self.device.kind)  # a GPU's batching, where the spec has one
         vspec = spec.versions[version]
         threads = runtime_threads(self.conn.settings.runtime_threads, spec.instances)
         started = time.monotonic()
+        loop = asyncio.get_running_loop()
         try:
             artifact = await self.store.fetch(vspec)
-            runtime = await asyncio.get_running_loop().run_in_executor(
-                None, load_runtime, vspec.format, artifact, spec, threads
-            )
+            before = await loop.run_in_executor(None, self.meter.sample)
+            runtime = await loop.run_in_executor(None, load_runtime, vspec.format, artifact, spec, threads,
+                                                 self.device.id)  # fmt: skip
             server = ModelServer(self.conn, spec, version, runtime, self.id, priorities, self._job_book, self._tenancy,
                                  cancels=self.cancels)  # fmt: skip
-            await server.start()
+            await server.start()  # warms up: the runtime's arenas are as large as a batch makes them
+            self.measured[key] = self.meter.measure(before, await loop.run_in_executor(None, self.meter.sample))
         except MeshError as err:
             wait = min(_RETRY_MAX_S, self._retry.get(key, (0.0, _RETRY_MIN_S / 2))[1] * 2)
             self._retry[key] = (time.monotonic() + wait, wait)
@@ -162,7 +173,9 @@ class Worker:
             log.error("cannot serve %s (retry in %.0fs): %s", label, wait, err.message)
             return False
         server.load_ms = (time.monotonic() - started) * 1000
-        log.info("loaded %s in %.0f ms", label, server.load_ms)
+        m = self.measured[key]
+        log.info("loaded %s on %s in %.0f ms: %d MiB host, %d MiB GPU", label, self.device.id, server.load_ms,
+                 m.host_mb, m.gpu_mb)  # fmt: skip
         self.servers[key] = server
         self.cached.add(key)
         self.failed.pop(label, None)
@@ -227,18 +240,25 @@ class Worker:
     # -- heartbeat and drain -------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        used = sum(server.spec.memory_of(server.version) for server in self.servers.values())
+        held = [self.measured[key] for key in self.servers if key in self.measured]
         stalls = self.check_stalls()
         return {
             "id": self.id, "pid": os.getpid(), "host": socket.gethostname(), "started": self._started,
             "time": time.time(),
             "ready": self.ready, "managed": self.managed, "labels": self.labels,
-            "memory_mb": self.memory_mb, "memory_used_mb": used,
-            "models": {server.key: {**server.status(), **self._rates_of(key, server)}
+            "device": self.device.status(), "rss_mb": rss_bytes() // (1024 * 1024),
+            "memory_mb": self.memory_mb, "memory_used_mb": sum(m.host_mb for m in held),
+            "gpu_memory_mb": self.gpu_memory_mb, "gpu_memory_used_mb": sum(m.gpu_mb for m in held),
+            "models": {server.key: {**server.status(), **self._rates_of(key, server), **self._memory_of(key)}
                        for key, server in self.servers.items()},
+            "measured": {f"{m}:{v}": measured.as_json() for (m, v), measured in self.measured.items()},
             "cached": sorted(f"{m}:{v}" for m, v in self.cached), "stalled": stalls,
             "storage": self.storage_problems(), **self._failures(),
         }  # fmt: skip
+
+    def _memory_of(self, key: Key) -> dict[str, Any]:
+        measured = self.measured.get(key)
+        return {"memory": {"host_mb": measured.host_mb, "gpu_mb": measured.gpu_mb}} if measured else {}
 
     def _failures(self) -> dict[str, dict[str, str]]:
         """Load failures: "failed" while backing off, then "retrying". The router places nothing
