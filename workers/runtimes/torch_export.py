@@ -116,7 +116,7 @@ def _check_signature(program: torch.export.ExportedProgram, spec: ModelSpec, io:
     nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     exported = [nodes[name].meta.get("val") for name in program.graph_signature.user_inputs]
     if len(exported) != len(spec.inputs):
-        raise ModelFailure(f"{spec.name}: the program takes {len(exported)} inputs, servemesh.yaml declares "
+        raise ModelFailure(f"{spec.name}: the program takes {len(exported)} inputs, servemesh.yaml has "
                            f"{len(spec.inputs)}", model=spec.name)  # fmt: skip
     ranges = {str(sym): vr for sym, vr in program.range_constraints.items()}
     for declared, value in zip(spec.inputs, exported, strict=True):
