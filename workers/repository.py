@@ -1,4 +1,4 @@
-"""Read a local model repository: ``<repo>/<model>/<version>/model.onnx|model.pt`` plus an
+"""Read a local model repository: ``<repo>/<model>/<version>/model.onnx|model.pt2|model.pt`` plus an
 optional ``<repo>/<model>/servemesh.yaml`` (or ``.toml``) holding the rest of the ModelSpec."""
 
 from __future__ import annotations

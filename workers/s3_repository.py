@@ -1,5 +1,5 @@
 """Read a model repository kept on S3, laid out like a local one:
-``s3://bucket/prefix/<model>/<version>/model.onnx|model.pt`` and ``.../<model>/servemesh.yaml``."""
+``s3://bucket/prefix/<model>/<version>/model.onnx|model.pt2|model.pt`` and ``.../<model>/servemesh.yaml``."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def _spec(
             versions[parts[0]] = VersionSpec(uri=f"s3://{bucket}/{obj['Key']}", format=_FORMATS[parts[1]],
                                              size=int(obj["Size"]))  # fmt: skip
     if not versions:
-        raise ValueError(f"no <version>/model.onnx or <version>/model.pt under s3://{bucket}/{model_prefix}")
+        names = " or ".join(f"<version>/{artifact}" for artifact in ARTIFACT_NAMES.values())
+        raise ValueError(f"no {names} under s3://{bucket}/{model_prefix}")
     return ModelSpec(name=name, versions=versions, **config)
 
 

@@ -44,7 +44,7 @@ async def _read_source(name: str, source: str, version: str | None) -> ModelSpec
     if path.is_dir():
         return _one_version(read_model(path).model_copy(update={"name": name}), version, source)
     if path.is_file():
-        fmt = "torchscript" if path.suffix in (".pt", ".pth") else "onnx"
+        fmt = {".pt2": "torch_export", ".pt": "torchscript", ".pth": "torchscript"}.get(path.suffix, "onnx")
         vspec = VersionSpec(uri=path.resolve().as_uri(), format=fmt, size=path.stat().st_size)
         return ModelSpec(name=name, versions={version or "1": vspec})
     raise CliError(f"--from {source}: no such model directory or artifact file")
