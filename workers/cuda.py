@@ -60,7 +60,7 @@ class CudaDriver:
         raw = (ctypes.c_byte * nbytes).from_address(ptr.value)
         # Every view of the array keeps ``raw`` alive; when the last goes, the pinned memory is freed.
         weakref.finalize(raw, self._lib.cuMemFreeHost, ctypes.c_void_p(ptr.value))
-        array: np.ndarray[Any, Any] = np.frombuffer(raw, dtype=np.uint8)[: int(np.prod(shape)) * dtype.itemsize]
+        array: np.ndarray[Any, Any] = np.frombuffer(memoryview(raw).cast("B"), dtype=np.uint8)
         return array.view(dtype).reshape(shape)
 
 
