@@ -133,6 +133,15 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers(text: str) -> int | str:
+    if text.strip().lower() == "gpu":
+        return "gpu"
+    try:
+        return int(_positive(int)(text))
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}: give a number of workers, or gpu") from None
+
+
 def _device(text: str) -> str:
     from workers.device import parse_device
 
@@ -221,8 +230,16 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if -1 in (args.gateway_http_port, args.gateway_grpc_port) and not args.no_gateway:
         raise UsageError("the gateway's ports are fixed ones (1-65535); --no-gateway starts none")
     gateway = None if args.no_gateway else (args.gateway_http_port, args.gateway_grpc_port)
-    mesh = LocalMesh(models, workers=args.workers, routers=args.routers, port=args.port, state_dir=state,
-                     gateway=gateway)  # fmt: skip
+    gpus = None
+    if args.workers == "gpu":
+        from workers.device import DeviceError, gpu_uuids
+
+        try:
+            gpus = gpu_uuids(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        except DeviceError as exc:
+            raise CliError(f"--workers gpu: {exc}") from None
+    mesh = LocalMesh(models, workers=args.workers if gpus is None else len(gpus), routers=args.routers,
+                     port=args.port, state_dir=state, gateway=gateway, gpus=gpus)  # fmt: skip
     _stop_on_sigterm()  # from here on, SIGTERM and Ctrl-C both stop whatever was started
     try:
         try:
@@ -366,7 +383,8 @@ def _parser() -> argparse.ArgumentParser:
 
     up = command("up", "the whole mesh on this machine (embedded nats-server, routers, workers) until Ctrl-C")
     up.add_argument("--models", required=True, help="model repository directory (<model>/<version>/model.onnx)")
-    up.add_argument("--workers", type=_positive(int), default=1, help="worker processes")
+    up.add_argument("--workers", type=_workers, default=1, help="worker processes on the CPU, or gpu: one per "
+                    "visible GPU (CUDA_VISIBLE_DEVICES respected)")  # fmt: skip
     up.add_argument("--routers", type=_positive(int), default=1, help="router processes")
     up.add_argument("--port", type=_port, default=4222, help="nats-server port (-1: any free port)")
     up.add_argument("--state-dir", help="keep JetStream data and logs here (default: a temporary directory)")

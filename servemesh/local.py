@@ -52,11 +52,16 @@ def spawn_worker(
     extra_env: dict[str, str] | None = None,
     memory_mb: int = 4096,
     labels: str = "",
+    device: str = "",
+    gpu_memory_mb: int | None = None,
 ) -> subprocess.Popen[bytes]:
-    """A worker process: serving ``models`` as they are, or (None) following the router."""
+    """A worker process: serving ``models`` as they are, or (None) following the router; on ``device``
+    ("cpu", "cuda:N"; "": the worker's default)."""
     args = ["worker", "--id", worker_id, "--nats", url, "--memory-mb", str(memory_mb)]
     args += ["--models", str(models)] if models is not None else []
     args += ["--labels", labels] if labels else []
+    args += ["--device", device] if device else []
+    args += ["--gpu-memory-mb", str(gpu_memory_mb)] if gpu_memory_mb is not None else []
     return _spawn(args, log_path, extra_env)
 
 
@@ -143,11 +148,14 @@ class LocalMesh:
         state_dir: Path | None = None,
         storage: str = "file",
         gateway: tuple[int, int] | None = None,
+        gpus: list[str] | None = None,
     ) -> None:
-        """``gateway``: (REST port, gRPC port) of an Open Inference Protocol gateway to start too."""
+        """``gateway``: (REST port, gRPC port) of an Open Inference Protocol gateway to start too. ``gpus``:
+        one worker per GPU (its UUID), each seeing only its own, instead of ``workers`` on the CPU."""
         self.models = models
         self.gateway = gateway
-        self.n_workers = workers
+        self.gpus = gpus
+        self.n_workers = len(gpus) if gpus else workers
         self.n_routers = routers
         self.storage = storage
         self.server = NatsServer(port=port, store_dir=state_dir / "nats" if state_dir else None)
@@ -186,12 +194,18 @@ class LocalMesh:
                 self.children[name] = spawn_router(self.url, name, self.log_dir / f"{name}.log", env)
             for i in range(self.n_workers):
                 name = f"worker-{i + 1}"
-                self.children[name] = spawn_worker(self.url, None, name, self.log_dir / f"{name}.log", env)
+                if self.gpus:  # CUDA_VISIBLE_DEVICES by UUID: the worker sees its GPU alone, as cuda:0
+                    gpu_env = {**env, "CUDA_VISIBLE_DEVICES": self.gpus[i]}
+                    self.children[name] = spawn_worker(self.url, None, name, self.log_dir / f"{name}.log", gpu_env,
+                                                       device="cuda:0")  # fmt: skip
+                else:
+                    self.children[name] = spawn_worker(self.url, None, name, self.log_dir / f"{name}.log", env)
             if self.gateway is not None:
                 http, grpc = self.gateway
                 args = ["gateway", "--http-port", str(http), "--grpc-port", str(grpc), "--nats", self.url]
                 self.children["gateway"] = _spawn(args, self.log_dir / "gateway.log", env)
-            say(f"started {self.n_routers} router(s) and {self.n_workers} worker(s); loading models ...")
+            on = f" (one per GPU: {', '.join(self.gpus)})" if self.gpus else ""
+            say(f"started {self.n_routers} router(s) and {self.n_workers} worker(s){on}; loading models ...")
             self.outcome = await wait_models_settled(
                 registry, [s for s in specs if s.min_replicas > 0], timeout, say, self.children
             )

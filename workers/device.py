@@ -13,7 +13,10 @@ from typing import Any
 
 from workers.nvml import Nvml, NvmlUnavailable, open_nvml
 
-__all__ = ["CPU_DEVICE", "Device", "DeviceError", "gpu_budget_mb", "parse_device", "resolve_device", "visible_gpus"]
+__all__ = [
+    "CPU_DEVICE", "Device", "DeviceError", "gpu_budget_mb", "gpu_uuids", "parse_device", "resolve_device",
+    "visible_gpus",
+]
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +160,17 @@ def gpu_budget_mb(device: Device, asked_mb: int | None) -> int:
     if mem is None:
         raise DeviceError(f"{device.id}: its free memory cannot be read; give --gpu-memory-mb")
     return int(mem[1] * GPU_BUDGET_SHARE) // MIB
+
+
+def gpu_uuids(cuda_visible_devices: str | None, nvml_module: Any | None = None) -> list[str]:
+    """The UUID of every GPU this process sees, in CUDA's numbering (``servemesh up --workers gpu`` pins one
+    worker to each by UUID, which no device ordering can confuse); DeviceError where there is none."""
+    try:
+        nvml = open_nvml(nvml_module)
+        uuids = [nvml.uuid(nvml.handle(ident)) for ident in visible_gpus(nvml, cuda_visible_devices)]
+    except NvmlUnavailable as exc:
+        raise DeviceError(f"no CUDA device can be seen: {exc}") from exc
+    if not uuids:
+        shown = f" (CUDA_VISIBLE_DEVICES={cuda_visible_devices!r})" if cuda_visible_devices is not None else ""
+        raise DeviceError(f"no CUDA device is visible{shown}")
+    return uuids

@@ -41,16 +41,28 @@ def _models_table(specs: list[Any], statuses: dict[str, Any], beats: dict[str, A
     return table
 
 
+def _gpu_memory(beat: dict[str, Any]) -> str:
+    """Planned/budget MiB of GPU memory, and what the device has free; "-" on a CPU worker."""
+    device = beat.get("device") or {}
+    if device.get("kind", "cpu") == "cpu":
+        return "-"
+    free = device.get("memory_free_mb")
+    return f"{beat.get('gpu_memory_used_mb', 0)}/{beat.get('gpu_memory_mb', 0)}" + (f" ({free} free)" if free else "")
+
+
 def _workers_table(beats: dict[str, Any]) -> Table:
     table = Table(title="workers", expand=True)
-    for column in ("worker", "labels", "loaded", "memory used/budget MiB", "busy %"):
+    for column in ("worker", "device", "labels", "loaded", "memory used/budget MiB", "GPU MiB", "busy %"):
         table.add_column(column)
     for worker_id, beat in sorted(beats.items()):
         models = beat.get("models", {})
         busy = max((m.get("busy", 0.0) for m in models.values()), default=0.0)
         labels = ",".join(f"{k}={v}" for k, v in beat.get("labels", {}).items()) or "-"
-        table.add_row(worker_id, labels, ", ".join(models) or "-",
-                      f"{beat.get('memory_used_mb', 0)}/{beat.get('memory_mb', 0)}", f"{100 * busy:.0f}")  # fmt: skip
+        device = beat.get("device") or {}
+        shown = device.get("id", "cpu") + (f" {device['name']}" if device.get("kind") == "cuda" else "")
+        table.add_row(worker_id, shown, labels, ", ".join(models) or "-",
+                      f"{beat.get('memory_used_mb', 0)}/{beat.get('memory_mb', 0)}", _gpu_memory(beat),
+                      f"{100 * busy:.0f}")  # fmt: skip
     return table
 
 
