@@ -37,6 +37,7 @@ class ServingStats:
             "peak_computing": self.peak_computing,
             "errors": {str(k): v for k, v in self.errors.items()}, "expired": self.expired, "cancelled": self.cancelled,
             "busy_s": round(self.busy_s, 4), "p50_ms": _quantile(ordered, 0.5), "p99_ms": _quantile(ordered, 0.99),
+            "queued": self.queue_s.count, "queue_total_s": round(self.queue_s.sum, 6),
         }  # fmt: skip
 
 

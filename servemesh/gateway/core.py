@@ -235,27 +235,40 @@ class Gateway:
                     continue
                 st = unit.get("stats", {})
                 total = totals.setdefault(unit["version"], {"success": 0, "fail": 0, "batches": 0, "rows": 0,
-                                                            "queue_s": 0.0, "compute_s": 0.0})  # fmt: skip
+                                                            "queued": 0, "queue_s": 0.0, "compute_s": 0.0})  # fmt: skip
                 total["success"] += int(st.get("succeeded", 0))
                 total["fail"] += sum(int(n) for n in st.get("errors", {}).values())
                 total["batches"] += int(st.get("batches", 0))
                 total["rows"] += int(st.get("rows", 0))
                 total["compute_s"] += float(st.get("busy_s", 0.0))
+                total["queued"] += int(st.get("queued", 0))
+                total["queue_s"] += float(st.get("queue_total_s", 0.0))
         return totals
 
     async def statistics(self, caller: Caller, model: str | None, version: str | None) -> list[dict[str, Any]]:
         """Triton's statistics documents: one model's (``version``: only that one's) or every visible model's."""
         specs = [await self.spec(caller, model, version)] if model else await self.models(caller)
         out = []
+        zero = {"success": 0, "fail": 0, "batches": 0, "rows": 0, "queued": 0, "queue_s": 0.0, "compute_s": 0.0}
         for spec in specs:
-            for ver, totals in sorted((await self.stats(spec)).items()):
+            counted = await self.stats(spec)
+            for ver in sorted(spec.versions):  # every version, as Triton lists each loaded one (perf_analyzer needs it)
                 if version not in (None, ver):
                     continue
+                totals = counted.get(ver, zero)
+                # Compute time is the batches' busy time shared out over their requests (Triton's
+                # compute counts are per request, and perf_analyzer wants input, infer and output equal).
+                answered = totals["success"] + totals["fail"]
                 out.append({
                     "name": spec.name, "version": ver, "inference_count": totals["rows"],
                     "execution_count": totals["batches"],
-                    "inference_stats": {"success": {"count": totals["success"]}, "fail": {"count": totals["fail"]},
-                                        "compute_infer": {"ns": int(totals["compute_s"] * 1e9)}},
+                    "inference_stats": {
+                        "success": {"count": totals["success"]}, "fail": {"count": totals["fail"]},
+                        "queue": {"count": totals["queued"], "ns": int(totals["queue_s"] * 1e9)},
+                        "compute_input": {"count": answered},
+                        "compute_infer": {"count": answered, "ns": int(totals["compute_s"] * 1e9)},
+                        "compute_output": {"count": answered},
+                    },
                 })  # fmt: skip
         return out
 

@@ -305,6 +305,31 @@ async def test_kserve_sdk_rest_client(mesh: Gateway, model_repo: Path) -> None:
     assert seen["unknown"]["status"] == 404 and "nope" in seen["unknown"]["message"]
 
 
+def _perf_analyzer() -> tuple[str, dict[str, str]]:
+    """tritonclient's perf_analyzer binary and the environment it loads in: it links the CUDA runtime
+    (from the nvidia-cuda-runtime-cu12 wheel; no GPU is needed to drive HTTP/gRPC) and libb64 (Debian)."""
+    import importlib.util
+
+    binary = Path(sys.executable).parent / "perf_analyzer"
+    spec = importlib.util.find_spec("nvidia.cuda_runtime")
+    assert binary.exists() and spec is not None, "perf_analyzer comes with the dev extra (tritonclient, CUDA runtime)"
+    libs = [str(Path(p) / "lib") for p in spec.submodule_search_locations or ()]
+    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join([*libs, os.environ.get("LD_LIBRARY_PATH", "")])}
+    return str(binary), env
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+async def test_perf_analyzer_drives_the_gateway(mesh: Gateway, transport: str) -> None:
+    binary, env = _perf_analyzer()
+    url = mesh.http_host if transport == "http" else mesh.grpc
+    args = [binary, "-m", "iris", "-u", url, "-i", transport, "--concurrency-range", "4",
+            "--measurement-interval", "2000", "--stability-percentage", "100", "--max-trials", "3"]  # fmt: skip
+    done = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = re.search(r"Concurrency: 4, throughput: ([\d.]+) infer/sec", done.stdout)
+    assert found and float(found.group(1)) > 0, done.stdout
+
+
 @pytest.mark.parametrize(("path", "body", "status", "says"), [
     ("/v2/models/nope/infer", {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0] * 4}]},
      404, "no model"),
