@@ -49,6 +49,13 @@ class Nvml:
         info = self._m.nvmlDeviceGetMemoryInfo(handle)
         return int(info.total), int(info.free)
 
+    def utilisation(self, handle: Any) -> int | None:
+        """Percent of the last sample period in which a kernel ran on the device."""
+        try:
+            return int(self._m.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except Exception:
+            return None
+
     def used_by(self, handle: Any, pid: int) -> int | None:
         """Bytes process ``pid`` holds on the device; None when NVML does not list it (no context yet, or a
         container whose process ids NVML does not see) or cannot tell."""
