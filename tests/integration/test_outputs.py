@@ -157,6 +157,52 @@ async def test_torch_float64(nats_server: NatsServer, model_repo: Path, client: 
     np.testing.assert_array_equal(outputs["y"], direct_torch(model_repo / name / "1" / DOUBLES[name], x)[0])
 
 
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.skipif(not _cuda(), reason="no CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+async def test_torch_export_on_a_cuda_worker_matches_direct_call(
+    nats_server: NatsServer, model_repo: Path, tmp_path: Path, client: MeshClient, precision: str
+) -> None:
+    """A worker on cuda:0: pinned buffers, non-blocking copies, the answers the CPU's direct call gives."""
+    import shutil
+
+    from sklearn.datasets import load_digits
+
+    from broker import Connection, Settings
+    from tests.conftest import set_config, unique
+    from workers.device import Device
+    from workers.repository import read_model
+    from workers.worker import Worker
+
+    name = unique("digits")
+    shutil.copytree(model_repo / "digits", tmp_path / name)
+    set_config(tmp_path / name, precision=precision)
+    x = load_digits().data.astype(np.float32)[:64]
+    conn = await Connection.open(Settings.from_url(nats_server.url))
+    worker = Worker(conn, unique("gpu"), device=Device("cuda", 0))
+    try:
+        await worker.start()
+        await worker.serve(read_model(tmp_path / name))
+        many = await client.infer(name, {"pixels": x})
+        singles = await asyncio.gather(*(client.infer(name, {"pixels": x[i : i + 1]}) for i in range(len(x))))
+    finally:
+        await worker.drain()
+        await conn.close()
+    logits, label = direct_torch(model_repo / "digits" / "1" / "model.pt2", x)
+    tolerance = 1e-4 if precision == "fp32" else 0.05
+    np.testing.assert_allclose(many["logits"], logits, rtol=0, atol=tolerance)
+    np.testing.assert_allclose(np.concatenate([o["logits"] for o in singles]), logits, rtol=0, atol=tolerance)
+    if precision == "fp32":
+        np.testing.assert_array_equal(many["label"], label)
+
+
 @pytest.fixture(scope="module")
 def aoti_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The digits MLP compiled by AOTInductor (a C++ compiler and half a minute, once per module)."""
