@@ -7,7 +7,9 @@ nats-server), all in one run.
 Run from the repository root: ``python benchmarks/bench_gateway.py [--seconds 3] [--quick] [--mlserver PATH]``;
 MLServer goes in an environment of its own: ``python -m venv /tmp/mls && /tmp/mls/bin/pip install mlserver
 onnxruntime "uvloop<0.22"`` (MLServer 1.7 fails on uvloop 0.22+), then ``--mlserver /tmp/mls/bin/mlserver``.
-The load generator is this file too (``--load``), in a process of its own.
+The load generator is this file too (``--load``), in a process of its own; with ``--perf-analyzer`` the
+gateway's rows are driven by Triton's perf_analyzer instead (the binary in the tritonclient wheel, random
+inputs from the model's configuration; MLServer serves no configuration, so it keeps this file's).
 """
 
 # ruff: noqa: E402
@@ -24,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import socket
 import subprocess
 import tempfile
@@ -169,6 +172,43 @@ def _cell(target: str, kind: str, model: str, concurrency: int, seconds: float,
     return result
 
 
+def _perf_analyzer_cell(target: str, kind: str, model: str, concurrency: int, seconds: float,
+                        pids: dict[str, int]) -> dict[str, Any]:  # fmt: skip
+    """One cell with perf_analyzer as the load generator: its CSV gives req/s and p50/p99 (µs), its rusage its CPU."""
+    import nvidia.cuda_runtime  # the CUDA runtime perf_analyzer links (no GPU is used)
+
+    libs = os.pathsep.join(str(Path(p) / "lib") for p in nvidia.cuda_runtime.__path__)
+    binary = Path(sys.executable).parent / "perf_analyzer"
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = Path(tmp) / "out.csv"
+        protocol = "grpc" if kind == "grpc" else "http"
+        args = [str(binary), "-m", model, "-u", target.removeprefix("http://"), "-i", protocol,
+                "--concurrency-range", str(concurrency), "--measurement-interval", str(int(seconds * 1000)),
+                "--max-trials", "10", "--stability-percentage", "50", "-f", str(csv)]  # fmt: skip
+        if kind != "grpc":
+            args += [f"--input-tensor-format={kind}", f"--output-tensor-format={kind}"]
+        meter = CpuMeter(pids)
+        meter.start()
+        started, before = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "LD_LIBRARY_PATH": libs})  # fmt: skip
+        out = proc.communicate(timeout=seconds * 10 + 120)[0]
+        cpu = meter.stop()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the ended children's: perf_analyzer's is new
+        if proc.returncode != 0 or not csv.exists():
+            raise RuntimeError(f"perf_analyzer failed:\n{out}")
+        head, values = csv.read_text().splitlines()[:2]
+        row = dict(zip(head.split(","), values.split(","), strict=False))
+    rps = float(row["Inferences/Second"])
+    spent = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    cpu["loadgen"] = spent / (time.monotonic() - started) * 100
+    p50, p99 = float(row["p50 latency"]) / 1000, float(row["p99 latency"]) / 1000
+    result: dict[str, Any] = {"rps": rps, "p50": p50, "p99": p99, "failed": 0}
+    if rps:
+        result["cpu_us"] = {name: cpu[name] / 100 / rps * 1e6 for name in [*pids, "loadgen"]}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -178,6 +218,8 @@ def main() -> None:
     parser.add_argument("--echo", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mlserver", type=Path, help="the `mlserver` command of an environment with mlserver and "
                         "onnxruntime: MLServer serves the same MLP (adaptive batching) in the same run")  # fmt: skip
+    parser.add_argument("--perf-analyzer", action="store_true",
+                        help="drive the gateway with Triton's perf_analyzer (tritonclient's binary)")  # fmt: skip
     args = parser.parse_args()
     if args.load:
         target, kind, model, concurrency, seconds = args.load
@@ -228,8 +270,9 @@ def main() -> None:
                 for model in ("identity", "mlp"):
                     for kind in ("json", "binary", "grpc"):
                         target = f"127.0.0.1:{grpc_port}" if kind == "grpc" else f"http://127.0.0.1:{http_port}"
-                        rows.append((model, kind, concurrency, _cell(target, kind, model, concurrency, seconds,
-                                                                     mesh_pids)))  # fmt: skip
+                        cell = _perf_analyzer_cell if args.perf_analyzer else _cell
+                        rows.append((model, kind, concurrency, cell(target, kind, model, concurrency, seconds,
+                                                                    mesh_pids)))  # fmt: skip
                         _say(rows[-1])
         finally:
             children.stop_all()

@@ -4,6 +4,7 @@ aiohttp. A client that disconnects cancels its handler, and so its mesh request.
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import zlib
 from collections.abc import Awaitable, Callable
@@ -120,10 +121,7 @@ class _Routes:
 
     async def index(self, request: web.Request) -> web.Response:
         body = await _body(request)
-        try:
-            doc = orjson.loads(body) if body.strip() else {}
-        except orjson.JSONDecodeError as exc:
-            raise BadInput(f"the request body is not JSON: {exc}") from None
+        doc = _loads(body) if body.strip() else {}
         ready_only = _dict(doc, "the request body").get("ready", False) is True
         return _json(await self.gateway.index(await self._caller(request), ready_only))
 
@@ -139,10 +137,7 @@ class _Routes:
         caller, spec, wanted = await self._spec(request)
         body = await _body(request)
         header, binary = _split(body, request.headers.get(_HEADER_LENGTH))
-        try:
-            doc = orjson.loads(header)
-        except orjson.JSONDecodeError as exc:
-            raise BadInput(f"the request body is not JSON: {exc}") from None
+        doc = _loads(header)
         if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
             raise BadInput('the request needs "inputs": a list of tensors')
         parameters = _dict(doc.get("parameters"), "parameters")
@@ -152,6 +147,7 @@ class _Routes:
         if "id" in doc:
             head["id"] = doc["id"]
         chunks: list[bytes] = []
+        nonfinite = False
         for name, binary_out in _wanted_outputs(doc, parameters, outputs):
             array = outputs[name]
             if binary_out:
@@ -162,11 +158,25 @@ class _Routes:
             else:
                 datatype, shape, data = to_json(array)
                 head["outputs"].append({"name": name, "datatype": datatype, "shape": shape, "data": data})
-        encoded = orjson.dumps(head)
+                nonfinite = nonfinite or (array.dtype.kind == "f" and not np.isfinite(array).all())
+        # orjson writes NaN and ±Infinity as null; the standard library writes the tokens Triton's clients read.
+        encoded = json.dumps(head, separators=(",", ":")).encode() if nonfinite else orjson.dumps(head)
         headers = {"Content-Type": "application/json"}
         if chunks:
             headers = {"Content-Type": "application/octet-stream", _HEADER_LENGTH: str(len(encoded))}
         return _compressed(request, encoded + b"".join(chunks), headers)
+
+
+def _loads(body: bytes | memoryview) -> Any:
+    """A JSON document, with the NaN and ±Infinity tokens Triton's parser takes (perf_analyzer's random FP32
+    data has them). orjson rejects those, so such a body goes through the standard library's parser."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        try:
+            return json.loads(bytes(body))
+        except ValueError:
+            raise BadInput(f"the request body is not JSON: {exc}") from None
 
 
 async def _body(request: web.Request) -> bytes:

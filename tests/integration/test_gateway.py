@@ -209,6 +209,12 @@ async def test_raw_json_as_curl_sends_it(mesh: Gateway, model_repo: Path) -> Non
     status, doc = await _post(mesh, "/v2/models/iris/infer", zipped, {"Content-Encoding": "gzip"})
     assert status == 200, doc
     assert (await _get(mesh, "/v2"))[1]["name"] == "servemesh"
+    # NaN and ±Infinity, as Triton's parser takes them (perf_analyzer's random data has them), both ways.
+    tokens = b'{"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [NaN, Infinity, -Infinity]}]}'
+    status, doc = await _post(mesh, "/v2/models/identity_float32/infer", tokens)
+    assert status == 200, doc
+    got = doc["outputs"][0]["data"]
+    assert np.isnan(got[0]) and got[1:] == [float("inf"), float("-inf")]
     assert await _get(mesh, "/v2/health/live") == (200, {"live": True})
     assert await _get(mesh, "/v2/health/ready") == (200, {"ready": True})
     assert await _get(mesh, "/v2/models/iris/versions/1/ready") == (200, {"name": "iris", "ready": True})
