@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from broker.settings import Settings
-from tests.deploy.tools import DEPLOY, nats_server_minor, run, tool
+from tests.deploy.tools import DEPLOY, check_nats_config, nats_server_minor, run, tool
 
 COMPOSE = DEPLOY / "compose" / "compose.yaml"
 
@@ -108,3 +108,14 @@ def test_the_collector_receives_what_the_processes_send(rendered: dict[str, Any]
     assert http.endswith(":4318")
     pipeline = collector["service"]["pipelines"]["traces"]
     assert pipeline["receivers"] == ["otlp"] and set(pipeline["exporters"]) <= set(collector["exporters"])
+
+
+def test_each_node_starts_from_its_command_line_and_environment(rendered: dict[str, Any], tmp_path: Path) -> None:
+    for name in ("nats-1", "nats-2", "nats-3"):
+        node = rendered["services"][name]
+        files = {}
+        for volume in node["volumes"]:
+            source, target = (volume["source"], volume["target"]) if isinstance(volume, dict) else volume.split(":")[:2]
+            if target.startswith("/etc/nats/"):
+                files[target.removeprefix("/etc/nats/")] = Path(source).read_text()
+        check_nats_config(files, node["command"], {k: str(v) for k, v in node["environment"].items()}, tmp_path / name)

@@ -48,3 +48,20 @@ def nats_server_minor() -> str:
     match = re.search(r"v(\d+\.\d+)\.", out)
     assert match, out
     return match.group(1)
+
+
+def check_nats_config(files: dict[str, str], args: list[str], env: dict[str, str], workdir: Path) -> str:
+    """``nats-server -t`` (parse and check the configuration, start nothing) on a container's command
+    line, with ``files`` in place of its /etc/nats/ and ``env`` as its environment."""
+    etc = workdir / "etc-nats"
+    etc.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (etc / name).write_text(text)
+    local = [arg.replace("/etc/nats/", f"{etc}/") for arg in args]
+    if local and Path(local[0]).name == "nats-server":
+        local = local[1:]
+    done = subprocess.run([nats_server(), "-t", *local], capture_output=True, text=True, timeout=30,
+                          env={"PATH": os.environ.get("PATH", ""), **env})  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "is valid" in out, f"nats-server -t {' '.join(local)}:\n{out}"
+    return out
