@@ -37,6 +37,7 @@ _FRESH_S = 10.0
 _TRITON_PRIORITY = {1: "high", 2: "normal", 3: "low"}
 _DEFAULT_TIMEOUT_S = 30.0
 _SPEC_TTL_S = 1.0
+_PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch", "torch_export": "pytorch_export"}
 
 
 class Unauthenticated(MeshError):
@@ -360,7 +361,7 @@ def _plausible(model: str) -> bool:
 def platform_of(spec: ModelSpec, wanted: str | None) -> str:
     """Triton's platform name for the format of a model's version (the default version's without one)."""
     fmt = spec.versions[wanted or spec.resolve_version(None)].format
-    return {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}.get(fmt, fmt)
+    return _PLATFORMS.get(fmt, fmt)
 
 
 def model_config(spec: ModelSpec) -> dict[str, Any]:
