@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from examples.build_models import build_identity_onnx, build_slow_onnx
+from examples.build_models import build_identity_onnx, build_mlp_onnx, build_slow_onnx
 from servemesh import MeshClient
 from tests.conftest import set_config, unique
 from tests.integration.cluster import Cluster, eventually
@@ -156,10 +156,12 @@ async def test_scale_to_zero_then_cold_start_on_first_request(cluster: Cluster, 
 async def test_idle_model_is_evicted_lru_when_the_worker_is_full(cluster: Cluster, tmp_path: Path) -> None:
     a, b = unique("a"), unique("b")
     for name in (a, b):
-        await _register(cluster, build_identity_onnx(tmp_path, name, "float32", shape=(2,)),
-                        min_replicas=0, memory_mb=60)  # fmt: skip
+        # 15 MiB of weights, which onnxruntime's packed copies make about 90 MiB once loaded, as the worker
+        # measures: the router plans with the declared 100 MB until then, with the measurement after.
+        await _register(cluster, build_mlp_onnx(tmp_path, name, d_in=2, hidden=1_000_000, d_out=2),
+                        min_replicas=0, memory_mb=100)  # fmt: skip
     cluster.router("r1")
-    cluster.worker("w1", memory_mb=100)  # room for one of the two
+    cluster.worker("w1", memory_mb=140)  # room for one of the two, declared or measured
     x = np.zeros((1, 2), np.float32)
     async with await MeshClient.connect(cluster.server.url) as client:
         await client.infer(a, {"input": x}, timeout=30)
@@ -171,6 +173,23 @@ async def test_idle_model_is_evicted_lru_when_the_worker_is_full(cluster: Cluste
         await eventually(lambda: _last_action(cluster, a, "evict"), 10, "models show names the eviction")
         await client.infer(a, {"input": x}, timeout=30)  # and back: b, idle by now, makes room
         await eventually(lambda: _holders_are(cluster, a, {"w1"}), 10, "a back on w1")
+
+
+async def test_a_model_measured_smaller_than_declared_leaves_room_for_another(cluster: Cluster, tmp_path: Path) -> None:
+    a, b = unique("a"), unique("b")
+    for name in (a, b):  # declared at 60 MB each; an identity model measures a few MB once loaded
+        await _register(cluster, build_identity_onnx(tmp_path, name, "float32", shape=(2,)),
+                        min_replicas=0, memory_mb=60)  # fmt: skip
+    cluster.router("r1")
+    cluster.worker("w1", memory_mb=100)  # as declared, room for one of the two
+    x = np.zeros((1, 2), np.float32)
+    async with await MeshClient.connect(cluster.server.url) as client:
+        await client.infer(a, {"input": x}, timeout=30)
+        await eventually(lambda: _holders_are(cluster, a, {"w1"}), 10, "a loaded on w1")
+        await asyncio.sleep(1.5)  # a is idle: as declared, b would evict it
+        await client.infer(b, {"input": x}, timeout=30)
+        await eventually(lambda: _holders_are(cluster, b, {"w1"}), 10, "b loaded on w1")
+        assert await cluster.holders(a) == {"w1"}  # planned with a's measured footprint, not its 60 MB
 
 
 async def test_killing_the_leader_router_fails_no_request(cluster: Cluster, tmp_path: Path) -> None:
