@@ -30,6 +30,18 @@ def _roles(config: dict[str, Any], role: str) -> dict[str, dict[str, Any]]:
             if svc.get("image", "").startswith("servemesh:") and svc.get("command", [None])[0] == role}  # fmt: skip
 
 
+def _mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Bind mounts, target → source (docker-compose writes them as strings or objects)."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target = volume.split(":")[:2]
+        else:
+            source, target = volume["source"], volume["target"]
+        mounts[target] = Path(source)
+    return mounts
+
+
 def _seconds(text: str) -> float:
     units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
     return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text))
@@ -50,8 +62,7 @@ def test_a_three_node_jetstream_cluster_of_the_official_image(rendered: dict[str
         assert args[args.index("--name") + 1] == name
         routes = args[args.index("--routes") + 1].split(",")
         assert sorted(re.sub(r".*@", "", r) for r in routes) == ["nats-1:6222", "nats-2:6222", "nats-3:6222"]
-        mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in node["volumes"] if isinstance(v, str)} | {
-            v["target"]: Path(v["source"]) for v in node["volumes"] if isinstance(v, dict) and v["type"] == "bind"}
+        mounts = _mounts(node)
         assert mounts["/etc/nats/servemesh.conf"].resolve() == (DEPLOY / "nats" / "container.conf").resolve()
         assert mounts["/etc/nats/accounts.conf"].resolve() == (DEPLOY / "nats" / "accounts.conf").resolve()
         assert "nats" in node["networks"]["mesh"]["aliases"]  # one name for the three
@@ -60,7 +71,8 @@ def test_a_three_node_jetstream_cluster_of_the_official_image(rendered: dict[str
 def test_two_routers_two_workers_one_gateway_on_the_cluster(rendered: dict[str, Any]) -> None:
     assert len(_roles(rendered, "router")) == 2 and len(_roles(rendered, "worker")) == 2
     assert len(_roles(rendered, "gateway")) == 1
-    for name, svc in {**_roles(rendered, "router"), **_roles(rendered, "worker"), **_roles(rendered, "gateway")}.items():
+    processes = {**_roles(rendered, "router"), **_roles(rendered, "worker"), **_roles(rendered, "gateway")}
+    for name, svc in processes.items():
         env = svc["environment"]
         assert env["SERVEMESH_NATS_URL"] == "nats://nats:4222", name
         assert env.get("SERVEMESH_USER") and env.get("SERVEMESH_PASSWORD"), f"{name} connects without credentials"
@@ -90,9 +102,7 @@ def test_prometheus_scrapes_every_servemesh_process_that_serves_metrics(rendered
 
 
 def test_grafana_provisions_the_dashboard_and_prometheus(rendered: dict[str, Any]) -> None:
-    grafana = rendered["services"]["grafana"]
-    mounts = {v["target"] if isinstance(v, dict) else v.split(":")[1]:
-              Path(v["source"] if isinstance(v, dict) else v.split(":")[0]) for v in grafana["volumes"]}  # fmt: skip
+    mounts = _mounts(rendered["services"]["grafana"])
     provisioning = mounts["/etc/grafana/provisioning"]
     (provider,) = yaml.safe_load((provisioning / "dashboards" / "servemesh.yaml").read_text())["providers"]
     dashboards = mounts[provider["options"]["path"]]
@@ -113,9 +123,6 @@ def test_the_collector_receives_what_the_processes_send(rendered: dict[str, Any]
 def test_each_node_starts_from_its_command_line_and_environment(rendered: dict[str, Any], tmp_path: Path) -> None:
     for name in ("nats-1", "nats-2", "nats-3"):
         node = rendered["services"][name]
-        files = {}
-        for volume in node["volumes"]:
-            source, target = (volume["source"], volume["target"]) if isinstance(volume, dict) else volume.split(":")[:2]
-            if target.startswith("/etc/nats/"):
-                files[target.removeprefix("/etc/nats/")] = Path(source).read_text()
+        files = {target.removeprefix("/etc/nats/"): source.read_text()
+                 for target, source in _mounts(node).items() if target.startswith("/etc/nats/")}  # fmt: skip
         check_nats_config(files, node["command"], {k: str(v) for k, v in node["environment"].items()}, tmp_path / name)

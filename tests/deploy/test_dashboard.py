@@ -102,10 +102,11 @@ async def test_every_metric_the_dashboard_queries_is_exported(exported: Exported
             assert not missing, f"{query.where}: labels {missing} are on none of {sorted(query.metrics)}"
     # The panels the deployment story promises, each present.
     asked = set().union(*(q.metrics for q in queries))
-    for name in ("servemesh_router_lag_messages", "servemesh_router_replicas_desired", "servemesh_router_replicas_ready",
-                 "servemesh_inference_request_success_total", "servemesh_inference_request_failure_total",
-                 "servemesh_inference_queue_duration_seconds_bucket", "servemesh_inference_compute_duration_seconds_bucket",
-                 "servemesh_inference_batch_size_bucket", "servemesh_shadow_agreement_ratio"):  # fmt: skip
+    promised = ["router_lag_messages", "router_replicas_desired", "router_replicas_ready",
+                "inference_request_success_total", "inference_request_failure_total",
+                "inference_queue_duration_seconds_bucket", "inference_compute_duration_seconds_bucket",
+                "inference_batch_size_bucket", "shadow_agreement_ratio"]  # fmt: skip
+    for name in (f"servemesh_{p}" for p in promised):
         assert name in asked, f"the dashboard has no panel on {name}"
 
 
