@@ -69,11 +69,12 @@ async def test_rollout_moves_traffic_only_when_ready_and_rolls_back_under_load(
 
     name = unique("roll")
     model_dir = build_versions(tmp_path, name, {"1": 1.0})
-    set_config(model_dir, memory_mb=60)  # one version per 100 MiB worker
+    set_config(model_dir, memory_mb=60)  # as declared: one version per worker
     assert cluster.registry is not None
     await cluster.registry.put_spec(read_model(model_dir))
     cluster.router("r1")
-    cluster.worker("w1", memory_mb=100)
+    # Exactly one version as declared; once version 1 is measured (a few MB), still no room for 60 more.
+    cluster.worker("w1", memory_mb=60)
     await eventually(lambda: _ready(cluster, name, "1"), 30, "version 1 ready")
     url = cluster.server.url
     async with await MeshClient.connect(url) as client:
