@@ -178,7 +178,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         raise UsageError(f"SERVEMESH_GATEWAY_{'_'.join(map(str, first['loc'])).upper()}: {first['msg']}") from None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    settings = _settings(args)
+    settings = _settings(args, http_port=args.metrics_port, http_host=args.metrics_host)
 
     def listening(where: Listening) -> None:
         print(f"gateway: REST {where.http or 'off'}, gRPC {where.grpc or 'off'}", flush=True)
@@ -442,6 +442,10 @@ def _parser() -> argparse.ArgumentParser:
                          "(default $SERVEMESH_GATEWAY_KEYS_FILE; unset: no key is asked for)")  # fmt: skip
     gateway.add_argument("--tls-cert", help="PEM certificate: both listeners speak TLS (with --tls-key)")
     gateway.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    gateway.add_argument("--metrics-port", type=_port, help="serve /metrics and /health/* on this port (default "
+                         "$SERVEMESH_HTTP_PORT, else off; with --processes, process i takes this + i)")  # fmt: skip
+    gateway.add_argument("--metrics-host", help="address the metrics endpoint binds (default $SERVEMESH_HTTP_HOST, "
+                         "else 127.0.0.1)")  # fmt: skip
     gateway.set_defaults(run=_cmd_gateway)
 
     top = command("top", "live view of models, workers, lag and storage")

@@ -26,6 +26,7 @@ from schemas.errors import BadInput, Forbidden, MeshError, UnknownModel
 from schemas.spec import ModelSpec, TensorSpec
 from schemas.subjects import PRIORITIES, claims_bucket_of
 from servemesh.client import MeshClient
+from servemesh.gateway.metrics import GatewayMetrics
 
 __all__ = ["Caller", "Gateway", "GatewaySettings", "Unauthenticated", "grpc_code", "model_config", "platform_of"]
 
@@ -119,6 +120,7 @@ class Gateway:
     """One per gateway process. Clients are opened on first use, one per tenant, and kept."""
 
     def __init__(self, settings: Settings, keys: KeyFile | None = None) -> None:
+        self.metrics = GatewayMetrics()
         self._settings = settings
         self._keys = keys
         self._clients: dict[str | None, asyncio.Task[MeshClient]] = {}

@@ -3,7 +3,9 @@ server, with the standard gRPC health service beside it. A cancelled call cancel
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -14,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from schemas.errors import BadInput, MeshError
 from servemesh.gateway.core import Caller, Gateway, grpc_code, model_config, platform_of, tensor_metadata
+from servemesh.gateway.metrics import CLIENT_CLOSED
 from servemesh.gateway.proto import grpc_predict_v2_pb2 as pb
 from servemesh.gateway.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from servemesh.gateway.rest import EXTENSIONS, _server_version
@@ -44,20 +47,38 @@ def _key(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
+class _Call:
+    """What one call learns that its metrics carry: the model, once found and allowed."""
+
+    model = ""
+
+
 class _Service(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
-    async def _guarded(self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
+    async def _guarded(
+        self, context: grpc.aio.ServicerContext, endpoint: str, work: Callable[[_Call], Awaitable[T]]
+    ) -> T:
+        """Runs a call: a mesh error becomes its gRPC code, and the call is counted in the metrics."""
+        call, started, status = _Call(), time.perf_counter(), 500
         try:
-            return await work()
+            result = await work(call)
+            status = 200
+            return result
         except MeshError as err:
+            status = err.status
             await context.abort(getattr(grpc.StatusCode, grpc_code(err)), err.message)
         except grpc.aio.AbortError:
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
             raise
         except Exception:
             log.exception("gateway: gRPC call failed")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in the gateway")
+        finally:
+            self.gateway.metrics.record("grpc", endpoint, call.model, status, time.perf_counter() - started)
         raise AssertionError("abort returned")  # context.abort always raises
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
@@ -73,18 +94,20 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name="servemesh", version=_server_version(), extensions=EXTENSIONS)
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def work() -> Any:
+        async def work(call: _Call) -> Any:
             spec = await self.gateway.spec(await self._caller(context), request.name, request.version or None)
+            call.model = spec.name
             ready = await self.gateway.ready_versions(spec)
             is_ready = ready.get(request.version, 0) > 0 if request.version else any(ready.values())
             return pb.ModelReadyResponse(ready=is_ready)
 
-        return await self._guarded(context, work)
+        return await self._guarded(context, "model_ready", work)
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def work() -> Any:
+        async def work(call: _Call) -> Any:
             wanted = request.version or None
             spec = await self.gateway.spec(await self._caller(context), request.name, wanted)
+            call.model = spec.name
             batched = spec.max_batch_size > 0
 
             def tensors(meta: list[dict[str, Any]]) -> list[Any]:
@@ -96,13 +119,14 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
                 outputs=tensors(tensor_metadata(spec.outputs, batched)),
             )  # fmt: skip
 
-        return await self._guarded(context, work)
+        return await self._guarded(context, "metadata", work)
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def work() -> Any:
+        async def work(call: _Call) -> Any:
             caller = await self._caller(context)
             wanted = request.model_version or None
             spec = await self.gateway.spec(caller, request.model_name, wanted)
+            call.model = spec.name
             inputs = _inputs(request)
             answered, outputs = await self.gateway.infer(caller, spec, wanted, inputs, _parameters(request.parameters))
             names = [o.name for o in request.outputs] or list(outputs)
@@ -116,45 +140,46 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
                 response.raw_output_contents.append(raw)
             return response
 
-        return await self._guarded(context, work)
+        return await self._guarded(context, "infer", work)
 
     # -- Triton's extensions: the same documents as REST's, parsed into Triton's messages ----------
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def work() -> Any:
+        async def work(call: _Call) -> Any:
             spec = await self.gateway.spec(await self._caller(context), request.name, request.version or None)
+            call.model = spec.name
             return pb.ModelConfigResponse(config=json_format.ParseDict(model_config(spec), pb.ModelConfig()))
 
-        return await self._guarded(context, work)
+        return await self._guarded(context, "config", work)
 
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def work() -> Any:
+        async def work(call: _Call) -> Any:
             caller = await self._caller(context)
             stats = await self.gateway.statistics(caller, request.name or None, request.version or None)
             return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
-        return await self._guarded(context, work)
+        return await self._guarded(context, "stats", work)
 
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def work() -> Any:
+        async def work(call: _Call) -> Any:
             index = await self.gateway.index(await self._caller(context), request.ready)
             return json_format.ParseDict({"models": index}, pb.RepositoryIndexResponse())
 
-        return await self._guarded(context, work)
+        return await self._guarded(context, "index", work)
 
     async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def work() -> Any:
+        async def work(call: _Call) -> Any:
             await self.gateway.load(await self._caller(context), request.model_name)
             return pb.RepositoryModelLoadResponse()
 
-        return await self._guarded(context, work)
+        return await self._guarded(context, "load", work)
 
     async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def work() -> Any:
+        async def work(call: _Call) -> Any:
             await self.gateway.unload(await self._caller(context), request.model_name)
             return pb.RepositoryModelUnloadResponse()
 
-        return await self._guarded(context, work)
+        return await self._guarded(context, "unload", work)
 
 
 def _inputs(request: Any) -> dict[str, np.ndarray[Any, Any]]:

@@ -20,6 +20,7 @@ from servemesh.gateway.core import Gateway, GatewaySettings, KeyFile, load_keys
 from servemesh.gateway.grpc_server import add_services, set_serving
 from servemesh.gateway.rest import rest_app
 from telemetry import tracing
+from telemetry.endpoint import HttpEndpoint
 
 __all__ = ["Listening", "check_gateway_settings", "run_gateway"]
 
@@ -61,6 +62,10 @@ async def run_gateway(
     await gateway.start()
     runner: web.AppRunner | None = None
     server: grpc.aio.Server | None = None
+    endpoint = None
+    if settings.http_port:
+        ready = lambda: gateway.connected  # noqa: E731
+        endpoint = await HttpEndpoint(settings.http_port, gateway.metrics.registry, ready, settings.http_host).start()
     try:
         http_url = grpc_target = None
         tls = None
@@ -100,6 +105,8 @@ async def run_gateway(
             await server.stop(grace=5)
         if runner is not None:
             await runner.cleanup()
+        if endpoint is not None:
+            await endpoint.close()
         await gateway.close()
         for child in helpers:
             child.terminate()
@@ -121,6 +128,9 @@ def _start_helpers(gw: GatewaySettings, settings: Settings) -> list[subprocess.P
         return []
     own = gw.model_dump(exclude_none=True, exclude={"processes", "share_ports"})
     env = {**os.environ, **{f"SERVEMESH_GATEWAY_{k.upper()}": str(v) for k, v in own.items()},
-           "SERVEMESH_GATEWAY_SHARE_PORTS": "1", "SERVEMESH_NATS_URL": settings.nats_url}  # fmt: skip
+           "SERVEMESH_GATEWAY_SHARE_PORTS": "1", "SERVEMESH_NATS_URL": settings.nats_url,
+           "SERVEMESH_HTTP_HOST": settings.http_host}  # fmt: skip
     args = [sys.executable, "-m", "servemesh", "gateway", "--processes", "1"]
-    return [subprocess.Popen(args, env=env) for _ in range(gw.processes - 1)]
+    # Each process its own metrics port (a shared one would answer a scrape from a process at random).
+    ports = [settings.http_port + i if settings.http_port else 0 for i in range(1, gw.processes)]
+    return [subprocess.Popen(args, env={**env, "SERVEMESH_HTTP_PORT": str(port)}) for port in ports]

@@ -3,9 +3,11 @@ aiohttp. A client that disconnects cancels its handler, and so its mesh request.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import logging
+import time
 import zlib
 from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -18,6 +20,7 @@ from aiohttp import web
 from schemas.errors import BadInput, MeshError
 from schemas.spec import ModelSpec
 from servemesh.gateway.core import Caller, Gateway, model_config, platform_of, tensor_metadata
+from servemesh.gateway.metrics import CLIENT_CLOSED, GatewayMetrics
 from servemesh.gateway.tensors import from_binary, from_json, to_binary, to_json
 
 __all__ = ["EXTENSIONS", "rest_app"]
@@ -28,6 +31,8 @@ EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "
 _HEADER_LENGTH = "Inference-Header-Content-Length"
 _MAX_BODY = 256 * 1024 * 1024
 _COMPRESS_FROM = 4096  # bytes: a smaller reply costs more to compress than it saves
+_METRICS = web.AppKey("metrics", GatewayMetrics)
+_MODEL = "servemesh.model"  # the request's model, once found and allowed
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -49,18 +54,31 @@ def _error(status: int, message: str) -> web.Response:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure as ``{"error": "..."}`` with the mesh error's status (the one mapping, in core)."""
+    """Every failure as ``{"error": "..."}`` with the mesh error's status (the one mapping, in core), and
+    every call counted in the gateway's metrics."""
+    started, status = time.perf_counter(), 500
     try:
-        return await handler(request)
+        response = await handler(request)
+        status = response.status
+        return response
     except MeshError as err:
+        status = err.status
         return _error(err.status, err.message)
     except web.HTTPException as exc:
+        status = exc.status
         if exc.status >= 400:
             return _error(exc.status, exc.reason)
+        raise
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED
         raise
     except Exception:
         log.exception("gateway: %s %s failed", request.method, request.path)
         return _error(500, "internal error in the gateway")
+    finally:
+        endpoint = getattr(request.match_info.route.handler, "__name__", "") if request.match_info.route else ""
+        metrics: GatewayMetrics = request.app[_METRICS]
+        metrics.record("rest", endpoint or "unmatched", request.get(_MODEL, ""), status, time.perf_counter() - started)
 
 
 def _key(request: web.Request) -> str | None:
@@ -81,6 +99,7 @@ class _Routes:
         caller = await self._caller(request)
         wanted = request.match_info.get("version")
         spec = await self.gateway.spec(caller, request.match_info["model"], wanted)
+        request[_MODEL] = spec.name  # found and allowed: a name the metrics may carry
         return caller, spec, wanted
 
     async def server(self, request: web.Request) -> web.Response:
@@ -262,6 +281,7 @@ def _wanted_outputs(
 def rest_app(gateway: Gateway) -> web.Application:
     routes = _Routes(gateway)
     app = web.Application(middlewares=[_errors], client_max_size=_MAX_BODY)
+    app[_METRICS] = gateway.metrics
     app.router.add_get("/v2/models/stats", routes.stats)  # before /v2/models/{model}, which would take it
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         app.router.add_get(prefix, routes.metadata)

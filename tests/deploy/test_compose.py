@@ -94,7 +94,7 @@ def test_workers_get_the_time_their_drain_takes(rendered: dict[str, Any]) -> Non
 def test_prometheus_scrapes_every_servemesh_process_that_serves_metrics(rendered: dict[str, Any]) -> None:
     prometheus = yaml.safe_load((DEPLOY / "compose" / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
-    processes = {**_roles(rendered, "router"), **_roles(rendered, "worker")}
+    processes = {**_roles(rendered, "router"), **_roles(rendered, "worker"), **_roles(rendered, "gateway")}
     for name, svc in processes.items():
         port = svc["environment"].get("SERVEMESH_HTTP_PORT")
         assert port, f"{name} serves no /metrics (SERVEMESH_HTTP_PORT unset)"

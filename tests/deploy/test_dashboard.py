@@ -1,7 +1,8 @@
 """The Grafana dashboard (deploy/compose/grafana/dashboards/servemesh.json) against what servemesh
-really exports: a router and a worker run as processes, serve traffic (good requests, a bad one,
-shadow mirrors), and their /metrics are scraped. Every metric a panel or variable queries must be
-exported by one of them, and every label it names must be on that metric."""
+really exports: a router, a worker and a gateway run as processes, serve traffic (good requests, a
+bad one, shadow mirrors, one through the gateway), and their /metrics are scraped. Every metric a
+panel or variable queries must be exported by one of them, and every label it names must be on that
+metric."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tests.conftest import unique
 from tests.deploy.promql import dashboard_queries, parse
 from tests.integration.cluster import Cluster, eventually
 from tests.integration.secure_mesh import free_ports
+from tests.integration.test_gateway import start_gateway, stop
 from tests.integration.test_rollout import _ready, _routes, build_versions
 from workers.repository import read_model
 
@@ -83,9 +85,20 @@ async def exported(cluster: Cluster, tmp_path: Path) -> Exported:
         return "servemesh_shadow_agreement_ratio{" in _scrape(router_port)
 
     await eventually(shadow_tallied, 30, "the router's shadow agreement for the mirrored requests", poll=0.5)
+    (gateway_port,) = free_ports(1)
+    gateway = await asyncio.to_thread(start_gateway, url, "--metrics-port", str(gateway_port))
+    try:
+        body = json.dumps({"inputs": [{"name": "raw", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]})
+        request = urllib.request.Request(f"{gateway.http}/v2/models/{name}/infer", body.encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200
+        gateway_metrics = _scrape(gateway_port)
+    finally:
+        stop(gateway)
     seen = Exported()
     seen.add(_scrape(worker_port))
     seen.add(_scrape(router_port))
+    seen.add(gateway_metrics)
     return seen
 
 
@@ -105,7 +118,8 @@ async def test_every_metric_the_dashboard_queries_is_exported(exported: Exported
     promised = ["router_lag_messages", "router_replicas_desired", "router_replicas_ready",
                 "inference_request_success_total", "inference_request_failure_total",
                 "inference_queue_duration_seconds_bucket", "inference_compute_duration_seconds_bucket",
-                "inference_batch_size_bucket", "shadow_agreement_ratio"]  # fmt: skip
+                "inference_batch_size_bucket", "shadow_agreement_ratio", "gateway_requests_total",
+                "gateway_request_seconds_bucket"]  # fmt: skip
     for name in (f"servemesh_{p}" for p in promised):
         assert name in asked, f"the dashboard has no panel on {name}"
 

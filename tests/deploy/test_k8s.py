@@ -239,14 +239,14 @@ def test_the_nats_nodes_start_from_the_rendered_configuration(overlay: tuple[str
     assert _one(docs, "Service", "nats-headless")["spec"]["clusterIP"] == "None"
 
 
-def test_prometheus_scrapes_every_router_and_worker(overlay: tuple[str, list[Doc]]) -> None:
+def test_prometheus_scrapes_every_router_worker_and_gateway(overlay: tuple[str, list[Doc]]) -> None:
     _, docs = overlay
     monitor = _one(docs, "ServiceMonitor", "servemesh")
     wanted = monitor["spec"]["selector"]["matchLabels"].items()
     services = [d for d in docs if d["kind"] == "Service" and wanted <= d["metadata"].get("labels", {}).items()]
     ports = {e["port"] for e in monitor["spec"]["endpoints"]}
-    for name in ("servemesh-router", "servemesh-worker"):
-        kind = "Deployment" if name == "servemesh-router" else "StatefulSet"
+    for name in ("servemesh-router", "servemesh-worker", "servemesh-gateway"):
+        kind = "StatefulSet" if name == "servemesh-worker" else "Deployment"
         pod_labels = _one(docs, kind, name)["spec"]["template"]["metadata"]["labels"]
         chosen = [s for s in services if s["spec"]["selector"].items() <= pod_labels.items()]
         assert chosen, f"no monitored Service selects {name}"
@@ -304,9 +304,10 @@ def test_network_policies_let_through_what_the_mesh_needs_and_no_more(overlay: t
     assert not allowed("nats", 8222, "servemesh-gateway")
     assert allowed("nats", 4222, ns={"servemesh.io/client": "true", "kubernetes.io/metadata.name": "apps"})
     assert not allowed("nats", 4222, ns={"kubernetes.io/metadata.name": "elsewhere"})
-    for scraped in ("servemesh-router", "servemesh-worker"):
+    for scraped in ("servemesh-router", "servemesh-worker", "servemesh-gateway"):
         assert allowed(scraped, 9090, ns={"kubernetes.io/metadata.name": "monitoring"})
-        assert not allowed(scraped, 9090, "servemesh-gateway")
+        assert not allowed(scraped, 9090, "servemesh-worker" if scraped == "servemesh-gateway" else "servemesh-gateway")
+    assert not allowed("servemesh-gateway", 9090, ns={"kubernetes.io/metadata.name": "ingress"})
     assert allowed("servemesh-gateway", 8000, ns={"kubernetes.io/metadata.name": "ingress"})
     assert allowed("servemesh-gateway", 8001, ns={"kubernetes.io/metadata.name": "ingress"})
 

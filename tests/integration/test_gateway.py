@@ -444,6 +444,51 @@ async def test_gateway_mistakes_are_one_line(nats_server: NatsServer, tmp_path: 
         assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+async def test_metrics_count_calls_without_callers_names(nats_server: NatsServer, model_repo: Path) -> None:
+    from tests.integration.secure_mesh import free_ports
+
+    (metrics_port,) = free_ports(1)
+    async with serving(nats_server.url, model_repo, ["iris"]) as worker:
+        await worker.beat_now()
+        gateway = await asyncio.to_thread(start_gateway, nats_server.url, "--metrics-port", str(metrics_port))
+        try:
+            body = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
+            assert (await _post(gateway, "/v2/models/iris/infer", body))[0] == 200
+            assert (await _post(gateway, "/v2/models/iris/infer", {"inputs": []}))[0] == 400
+            assert (await _post(gateway, "/v2/models/secret-probe-7/infer", body))[0] == 404
+
+            def grpc_calls() -> None:
+                client = triton_grpc.InferenceServerClient(gateway.grpc)
+                inp = triton_grpc.InferInput("input", [1, 4], "FP32")
+                inp.set_data_from_numpy(np.array([[5.1, 3.5, 1.4, 0.2]], np.float32))
+                client.infer("iris", [inp])
+                with pytest.raises(InferenceServerException):
+                    client.infer("secret-probe-8", [inp])
+                client.close()
+
+            await asyncio.to_thread(grpc_calls)
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{metrics_port}/health/ready") as answer:
+                    assert answer.status == 200
+                async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as answer:
+                    text = await answer.text()
+        finally:
+            stop(gateway)
+    counted = {}
+    for line in text.splitlines():
+        found = re.match(r"servemesh_gateway_requests_total\{(.*)\} ([\d.]+)$", line)
+        if found:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1)))
+            counted[(labels["transport"], labels["endpoint"], labels["model"], labels["status"])] = float(found.group(2))
+    assert counted[("rest", "infer", "iris", "200")] == 1
+    assert counted[("rest", "infer", "iris", "400")] == 1
+    assert counted[("rest", "infer", "", "404")] == 1
+    assert counted[("grpc", "infer", "iris", "200")] == 1
+    assert counted[("grpc", "infer", "", "404")] == 1
+    assert "secret-probe" not in text  # a caller's text never becomes a label
+    assert 'servemesh_gateway_request_seconds_count{endpoint="infer",transport="rest"} 3.0' in text
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
