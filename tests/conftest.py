@@ -9,7 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -18,6 +18,9 @@ from examples import build_models
 from servemesh import MeshClient
 from workers.repository import read_model
 from workers.worker import Worker
+
+if TYPE_CHECKING:
+    from tests.integration.cluster import Cluster
 
 
 def provisioned(server: NatsServer, **settings: Any) -> NatsServer:
@@ -88,6 +91,19 @@ async def serving(
     finally:
         await worker.drain()
         await conn.close()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """A nats-server of its own, for routers and workers this test starts (stopped by PID at the end)."""
+    from tests.integration.cluster import Cluster
+
+    with NatsServer() as server:
+        mesh = await Cluster(server, tmp_path).open()
+        try:
+            yield mesh
+        finally:
+            await mesh.close()
 
 
 @pytest.fixture

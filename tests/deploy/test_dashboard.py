@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker import NatsServer
 from schemas.errors import BadInput
 from servemesh import MeshClient
 from tests.conftest import unique
@@ -50,16 +48,6 @@ class Exported:
 def _scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         return str(response.read().decode())
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    with NatsServer() as server:
-        mesh = await Cluster(server, tmp_path).open()
-        try:
-            yield mesh
-        finally:
-            await mesh.close()
 
 
 @pytest.fixture

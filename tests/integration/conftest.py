@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
-from broker import Connection, NatsServer, provision
-from tests.integration.cluster import Cluster
+from broker import Connection, provision
 from tests.integration.secure_mesh import TENANTS, ConfigServer, Mesh, connected, deploy_copy
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    """A nats-server of its own, for routers and workers this test starts (stopped by PID at the end)."""
-    with NatsServer() as server:
-        mesh = await Cluster(server, tmp_path).open()
-        try:
-            yield mesh
-        finally:
-            await mesh.close()
 
 
 @pytest.fixture(scope="module")

@@ -479,7 +479,8 @@ async def test_metrics_count_calls_without_callers_names(nats_server: NatsServer
         found = re.match(r"servemesh_gateway_requests_total\{(.*)\} ([\d.]+)$", line)
         if found:
             labels = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1)))
-            counted[(labels["transport"], labels["endpoint"], labels["model"], labels["status"])] = float(found.group(2))
+            key = (labels["transport"], labels["endpoint"], labels["model"], labels["status"])
+            counted[key] = float(found.group(2))
     assert counted[("rest", "infer", "iris", "200")] == 1
     assert counted[("rest", "infer", "iris", "400")] == 1
     assert counted[("rest", "infer", "", "404")] == 1
